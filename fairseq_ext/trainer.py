@@ -1,0 +1,189 @@
+"""BitFit inside fairseq's training loop: the ``--bitfit`` options and a Trainer
+that freezes the model before fairseq builds the optimizer.
+
+fairseq builds the optimizer, the fp16/bf16 master copies, gradient clipping
+and the DDP wrapper lazily, from ``filter(lambda p: p.requires_grad, ...)``
+(trainer.py ``_build_optimizer``), the first time ``load_checkpoint`` or a step
+needs them.  Freezing when the Trainer is constructed is therefore enough for
+all of them.
+"""
+import logging
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.trainer import Trainer
+from omegaconf import OmegaConf, open_dict
+
+from . import bitfit
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BitFitConfig(FairseqDataclass):
+    bitfit: bool = field(
+        default=False,
+        metadata={"help": "train only bias terms (and the task heads); freeze every other weight"},
+    )
+    bitfit_terms: str = field(
+        default="ofa",
+        metadata={
+            "help": "which bias terms --bitfit trains: 'ofa' (OFA's layer_norm/fc bias filter), "
+            "'all' (every bias, as in the paper), 'none' (heads only), paper symbols joined by "
+            "commas (q,k,v,m1,ln1,m2,m3,ln2,emb_ln; e.g. 'q,m2'), or 're:REGEX' on parameter names"
+        },
+    )
+    bitfit_freeze_heads: bool = field(
+        default=False,
+        metadata={
+            "help": "freeze the task heads (classification_heads.*) too, exactly as OFA's filter "
+            "does; a newly initialised head then stays at its random init"
+        },
+    )
+
+
+def add_bitfit_args(parser) -> None:
+    """Add the ``--bitfit*`` options to a fairseq training parser (once, before parsing)."""
+    gen_parser_from_dataclass(parser.add_argument_group("BitFit"), BitFitConfig())
+
+
+def attach_bitfit_config(cfg, args) -> None:
+    """Store the BitFit options in ``cfg.bitfit``.
+
+    convert_namespace_to_omegaconf keeps only dataclass fields, so a plain argparse
+    flag would vanish for dataclass models; a config node survives, is pickled to
+    spawned workers and is saved in every checkpoint's cfg.
+    """
+    values = {name: getattr(args, name) for name in BitFitConfig.__dataclass_fields__ if name != "_name"}
+    with open_dict(cfg):
+        cfg.bitfit = OmegaConf.structured(BitFitConfig(**values))
+
+
+def validate_bitfit_args(args) -> None:
+    """Reject impossible BitFit options before anything is built."""
+    try:
+        bitfit.parse_terms(args.bitfit_terms)
+    except bitfit.SelectionError as error:
+        raise UserError(f"argument --bitfit-terms: {error}") from None
+    if args.bitfit and getattr(args, "ddp_backend", None) == "fully_sharded":
+        raise UserError(
+            "--bitfit cannot be used with --ddp-backend fully_sharded: it flattens and renames "
+            "parameters, so no bias filter can see them; use pytorch_ddp, c10d or legacy_ddp"
+        )
+
+
+def _probe_sample(task, cfg):
+    """A two-example batch from the first loaded validation set, or None."""
+    for split in cfg.dataset.valid_subset.split(",") + ["valid"]:
+        try:
+            dataset = task.dataset(split)
+        except KeyError:
+            continue
+        if len(dataset) > 0:
+            return dataset.collater([dataset[i] for i in range(min(2, len(dataset)))])
+    return None
+
+
+class BitFitTrainer(Trainer):
+    """fairseq's Trainer, freezing everything but the BitFit selection when ``--bitfit`` is on.
+
+    Without ``--bitfit`` it is fairseq's Trainer unchanged, so train.py reproduces
+    fairseq-train exactly.
+    """
+
+    def __init__(self, cfg, task, model, criterion, quantizer=None):
+        bitfit_cfg = cfg.get("bitfit", None)
+        self.bitfit_selection: Optional[bitfit.Selection] = None
+        self._checking_resumed_selection = False
+        if bitfit_cfg is not None and bitfit_cfg.bitfit:
+            self.bitfit_selection = self._apply_bitfit(bitfit_cfg, cfg, task, model, criterion)
+        super().__init__(cfg, task, model, criterion, quantizer)
+
+    @staticmethod
+    def _apply_bitfit(bitfit_cfg, cfg, task, model, criterion) -> bitfit.Selection:
+        sample = _probe_sample(task, cfg)
+        forward_backward = None
+        if sample is not None:
+
+            def forward_backward():
+                # One real loss on two validation examples shows which selected
+                # tensors get a gradient; fork the RNG so training is unaffected.
+                with torch.random.fork_rng(devices=[]):
+                    loss, _, _ = criterion(model, sample)
+                    loss.backward()
+
+        else:
+            logger.warning(
+                "BitFit: no validation data to probe which biases the forward pass uses; "
+                "every selected tensor stays trainable"
+            )
+        try:
+            selection = bitfit.apply(
+                model,
+                terms=bitfit_cfg.bitfit_terms,
+                train_heads=not bitfit_cfg.bitfit_freeze_heads,
+                forward_backward=forward_backward,
+            )
+        except bitfit.SelectionError as error:
+            raise UserError(f"--bitfit-terms: {error}") from None
+        for line in bitfit.report(model, selection).splitlines():
+            logger.info(line)
+        return selection
+
+    # -- checkpoints: the selection travels with the optimizer state it shapes ------
+
+    def _trainable_names(self) -> List[str]:
+        return [name for name, p in self._model.named_parameters() if p.requires_grad]
+
+    def state_dict(self):
+        state = super().state_dict()
+        if self.bitfit_selection is not None:
+            state["optimizer_history"][-1]["bitfit"] = {
+                "terms": self.bitfit_selection.terms,
+                "train_heads": self.bitfit_selection.train_heads,
+                "trainable": self._trainable_names(),
+            }
+        return state
+
+    def load_checkpoint(self, filename, reset_optimizer=False, *args, **kwargs):
+        # fairseq rebuilds the optimizer from the checkpoint's history right before
+        # loading its state: the check runs there, before any size mismatch can hide.
+        self._checking_resumed_selection = not reset_optimizer
+        try:
+            return super().load_checkpoint(filename, reset_optimizer, *args, **kwargs)
+        finally:
+            self._checking_resumed_selection = False
+
+    def _build_optimizer(self):
+        if self._checking_resumed_selection and self._optim_history:
+            self._check_resumed_selection(self._optim_history[-1].get("bitfit"))
+        super()._build_optimizer()
+
+    def _check_resumed_selection(self, saved) -> None:
+        current = self.bitfit_selection
+        if saved is None and current is None:
+            return
+        if saved is None:
+            raise UserError(
+                "the checkpoint being resumed was trained without --bitfit, so its optimizer "
+                "state covers every parameter; resume without --bitfit, or start BitFit from it "
+                "with --reset-optimizer"
+            )
+        if current is None:
+            raise UserError(
+                f"the checkpoint being resumed was trained with --bitfit --bitfit-terms "
+                f"{saved['terms']!r}; resume with the same --bitfit flags, or pass --reset-optimizer"
+            )
+        if saved["trainable"] != self._trainable_names():
+            raise UserError(
+                f"the checkpoint being resumed trained {len(saved['trainable'])} tensors "
+                f"(--bitfit-terms {saved['terms']!r}, heads "
+                f"{'trained' if saved['train_heads'] else 'frozen'}), this run selects "
+                f"{len(self._trainable_names())} (--bitfit-terms {current.terms!r}, heads "
+                f"{'trained' if current.train_heads else 'frozen'}); use the same selection, "
+                "or pass --reset-optimizer"
+            )

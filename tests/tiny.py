@@ -1,0 +1,104 @@
+"""Tiny real data and a tiny pretrained masked LM, built by the tests themselves.
+
+The corpus is synthetic text with a learnable label (sentiment words), binarized
+with fairseq-preprocess into the layouts fairseq's masked_lm and
+sentence_prediction tasks read.  The pretrained model is a real fairseq RoBERTa
+trained by train.py for a few masked-LM updates.
+"""
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_GLUE = REPO.parent / "shared" / "glue"
+
+# A 2-layer, 32-dim RoBERTa: big enough to have every parameter role, fast on CPU.
+TINY_ROBERTA = [
+    "--arch", "roberta", "--encoder-layers", "2", "--encoder-embed-dim", "32",
+    "--encoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
+    "--max-positions", "64",
+]
+COMMON = ["--cpu", "--num-workers", "0", "--seed", "1", "--log-format", "simple", "--log-interval", "1"]
+
+_POSITIVE = ["good", "great", "fine", "nice", "happy"]
+_NEGATIVE = ["bad", "awful", "poor", "sad", "ugly"]
+_FILLER = [f"w{i}" for i in range(40)]
+
+
+def _sentence(rng: random.Random, label: int) -> str:
+    words = rng.choices(_FILLER, k=rng.randint(4, 12))
+    sentiment = _POSITIVE if label else _NEGATIVE
+    for _ in range(rng.randint(1, 3)):
+        words.insert(rng.randrange(len(words) + 1), rng.choice(sentiment))
+    return " ".join(words)
+
+
+def run(args, cwd=REPO, env=None, check=True, **kwargs):
+    """Run a command with the test interpreter; fail with its output on error."""
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))
+    result = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, **kwargs
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, args))} exited {result.returncode}\n"
+            f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def _preprocess(pref_args, destdir, srcdict=None):
+    args = ["-m", "fairseq_cli.preprocess", "--only-source", "--destdir", str(destdir), "--workers", "1"]
+    args += pref_args
+    if srcdict:
+        args += ["--srcdict", str(srcdict)]
+    run(args)
+
+
+def make_classification_data(root: Path, n_train=160, n_valid=40, seed=0) -> Path:
+    """Binarized sentence-classification data (input0/, label/) plus a masked-LM copy (mlm/)."""
+    rng = random.Random(seed)
+    raw = root / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, size in (("train", n_train), ("valid", n_valid)):
+        labels = [rng.randint(0, 1) for _ in range(size)]
+        (raw / f"{split}.input0").write_text("\n".join(_sentence(rng, y) for y in labels) + "\n")
+        (raw / f"{split}.label").write_text("\n".join(str(y) for y in labels) + "\n")
+    data = root / "bin"
+    _preprocess(["--trainpref", raw / "train.input0", "--validpref", raw / "valid.input0"], data / "input0")
+    _preprocess(["--trainpref", raw / "train.label", "--validpref", raw / "valid.label"], data / "label")
+    _preprocess(
+        ["--trainpref", raw / "train.input0", "--validpref", raw / "valid.input0"],
+        data / "mlm",
+        srcdict=data / "input0" / "dict.txt",
+    )
+    return data
+
+
+def pretrain_masked_lm(data: Path, save_dir: Path, updates=20) -> Path:
+    """A real pretrained tiny RoBERTa: a few masked-LM updates with train.py."""
+    run(
+        ["train.py", str(data / "mlm"), "--task", "masked_lm", "--criterion", "masked_lm",
+         *TINY_ROBERTA, "--tokens-per-sample", "32", "--batch-size", "16",
+         "--optimizer", "adam", "--lr", "1e-3", "--max-update", str(updates),
+         "--save-dir", str(save_dir), "--no-epoch-checkpoints", *COMMON]
+    )
+    return save_dir / "checkpoint_last.pt"
+
+
+def glue_recipe(data: Path, pretrained: Path, save_dir: Path, updates=12, extra=()):
+    """fairseq's RoBERTa GLUE fine-tuning recipe, shrunk: restore a pretrained LM, new head."""
+    return [
+        "train.py", str(data), "--task", "sentence_prediction", "--criterion", "sentence_prediction",
+        "--num-classes", "2", "--init-token", "0", "--separator-token", "2",
+        *TINY_ROBERTA, "--restore-file", str(pretrained),
+        "--reset-optimizer", "--reset-dataloader", "--reset-meters",
+        "--batch-size", "16", "--optimizer", "adam", "--lr", "1e-2",
+        "--lr-scheduler", "polynomial_decay", "--total-num-update", str(updates),
+        "--warmup-updates", "2", "--max-update", str(updates),
+        "--save-dir", str(save_dir), "--no-epoch-checkpoints",
+        "--best-checkpoint-metric", "accuracy", "--maximize-best-checkpoint-metric",
+        *COMMON, *extra,
+    ]

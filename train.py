@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""fairseq-train with BitFit: every fairseq-train option, plus ``--bitfit``.
+
+The training loop is fairseq's own (``fairseq_cli.train.main``); this file only
+adds the BitFit options, a few guards fairseq lacks, and a Trainer that freezes
+the model before the optimizer exists.  Without ``--bitfit`` the run is
+fairseq-train's, number for number.
+
+    python train.py DATA --task sentence_prediction ... --bitfit --bitfit-terms ofa
+"""
+import logging
+import os
+import sys
+
+import fairseq_cli.train
+from fairseq import options
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.distributed import utils as distributed_utils
+
+import fairseq_ext  # noqa: F401  (registers the plugin's tasks, models and tokenizers)
+from fairseq_ext.errors import UserError, exit_on_user_error
+from fairseq_ext.trainer import BitFitTrainer, add_bitfit_args, attach_bitfit_config, validate_bitfit_args
+
+logger = logging.getLogger("train")
+
+DEFAULT_RESTORE_FILE = "checkpoint_last.pt"
+
+
+def resolve_restore_file(cfg) -> None:
+    """Fail on a missing --restore-file, and resume an interrupted fine-tuning run.
+
+    Stock fairseq silently trains from random init when --restore-file does not
+    exist, and with the RoBERTa GLUE recipe (--restore-file PRETRAINED --reset-*)
+    a restarted run starts over from PRETRAINED.  Here, once the run has saved a
+    checkpoint_last.pt, a restart continues from it, as --finetune-from-model does.
+    """
+    ckpt = cfg.checkpoint
+    if ckpt.restore_file == DEFAULT_RESTORE_FILE:
+        return
+    last = os.path.join(ckpt.save_dir, DEFAULT_RESTORE_FILE)
+    if os.path.isfile(last) and os.path.abspath(last) != os.path.abspath(ckpt.restore_file):
+        logger.info(f"resuming the interrupted run from {last}; --restore-file {ckpt.restore_file} "
+                    "was used on its first launch")
+        ckpt.restore_file = DEFAULT_RESTORE_FILE
+        ckpt.reset_optimizer = ckpt.reset_lr_scheduler = False
+        ckpt.reset_meters = ckpt.reset_dataloader = False
+    elif not os.path.isfile(ckpt.restore_file):
+        raise UserError(f"--restore-file {ckpt.restore_file}: no such file")
+
+
+@exit_on_user_error
+def cli_main(argv=None) -> None:
+    parser = options.get_training_parser()
+    add_bitfit_args(parser)
+    args = options.parse_args_and_arch(parser, input_args=argv)
+    validate_bitfit_args(args)
+
+    cfg = convert_namespace_to_omegaconf(args)
+    attach_bitfit_config(cfg, args)
+    resolve_restore_file(cfg)
+
+    # fairseq_cli.train.main builds the model, then the Trainer: ours freezes the
+    # model in between, before the optimizer is created.
+    fairseq_cli.train.Trainer = BitFitTrainer
+    distributed_utils.call_main(cfg, fairseq_cli.train.main)
+
+
+if __name__ == "__main__":
+    cli_main(sys.argv[1:])
