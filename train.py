@@ -11,6 +11,7 @@ fairseq-train's, number for number.
 import logging
 import os
 import sys
+import warnings
 
 import fairseq_cli.train
 from fairseq import options
@@ -26,7 +27,7 @@ logger = logging.getLogger("train")
 DEFAULT_RESTORE_FILE = "checkpoint_last.pt"
 
 
-def resolve_restore_file(cfg) -> None:
+def resolve_restore_file(args) -> None:
     """Fail on a missing --restore-file, and resume an interrupted fine-tuning run.
 
     Stock fairseq silently trains from random init when --restore-file does not
@@ -34,18 +35,17 @@ def resolve_restore_file(cfg) -> None:
     a restarted run starts over from PRETRAINED.  Here, once the run has saved a
     checkpoint_last.pt, a restart continues from it, as --finetune-from-model does.
     """
-    ckpt = cfg.checkpoint
-    if ckpt.restore_file == DEFAULT_RESTORE_FILE:
+    if args.restore_file == DEFAULT_RESTORE_FILE:
         return
-    last = os.path.join(ckpt.save_dir, DEFAULT_RESTORE_FILE)
-    if os.path.isfile(last) and os.path.abspath(last) != os.path.abspath(ckpt.restore_file):
-        logger.info(f"resuming the interrupted run from {last}; --restore-file {ckpt.restore_file} "
+    last = os.path.join(args.save_dir, DEFAULT_RESTORE_FILE)
+    if os.path.isfile(last) and os.path.abspath(last) != os.path.abspath(args.restore_file):
+        logger.info(f"resuming the interrupted run from {last}; --restore-file {args.restore_file} "
                     "was used on its first launch")
-        ckpt.restore_file = DEFAULT_RESTORE_FILE
-        ckpt.reset_optimizer = ckpt.reset_lr_scheduler = False
-        ckpt.reset_meters = ckpt.reset_dataloader = False
-    elif not os.path.isfile(ckpt.restore_file):
-        raise UserError(f"--restore-file {ckpt.restore_file}: no such file")
+        args.restore_file = DEFAULT_RESTORE_FILE
+        args.reset_optimizer = args.reset_lr_scheduler = False
+        args.reset_meters = args.reset_dataloader = False
+    elif not os.path.isfile(args.restore_file):
+        raise UserError(f"--restore-file {args.restore_file}: no such file")
 
 
 @exit_on_user_error
@@ -54,10 +54,13 @@ def cli_main(argv=None) -> None:
     add_bitfit_args(parser)
     args = options.parse_args_and_arch(parser, input_args=argv)
     validate_bitfit_args(args)
+    resolve_restore_file(args)
 
-    cfg = convert_namespace_to_omegaconf(args)
+    with warnings.catch_warnings():
+        # fairseq composes its config through hydra's deprecated APIs: noise for users.
+        warnings.simplefilter("ignore")
+        cfg = convert_namespace_to_omegaconf(args)
     attach_bitfit_config(cfg, args)
-    resolve_restore_file(cfg)
 
     # fairseq_cli.train.main builds the model, then the Trainer: ours freezes the
     # model in between, before the optimizer is created.

@@ -1,0 +1,126 @@
+"""train.py end to end: the RoBERTa GLUE recipe with --bitfit, resume, and parity with fairseq-train."""
+import re
+
+import pytest
+import torch
+
+import fairseq_ext  # noqa: F401  (allow-lists fairseq checkpoint types for torch.load)
+import tiny
+
+
+def load(path):
+    return torch.load(path, map_location="cpu")
+
+
+def bitfit_history(checkpoint):
+    return checkpoint["optimizer_history"][-1].get("bitfit")
+
+
+@pytest.mark.parametrize(
+    "terms, expected_roles",
+    [
+        ("ofa", {"fc1.bias", "fc2.bias", "self_attn_layer_norm.bias", "final_layer_norm.bias"}),
+        ("all", {"q_proj.bias", "k_proj.bias", "v_proj.bias", "out_proj.bias", "fc1.bias", "fc2.bias",
+                 "self_attn_layer_norm.bias", "final_layer_norm.bias", "layernorm_embedding.bias"}),
+        ("q,m2", {"q_proj.bias", "fc1.bias"}),
+    ],
+)
+def test_bitfit_trains_only_the_selection(tiny_data, tiny_pretrained, tmp_path, terms, expected_roles):
+    result = tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, extra=["--bitfit", "--bitfit-terms", terms]))
+    assert "trainable params:" in result.stdout
+
+    pretrained = load(tiny_pretrained)["model"]
+    finetuned = load(tmp_path / "checkpoint_last.pt")
+    trained = set(bitfit_history(finetuned)["trainable"])
+    assert finetuned["cfg"]["bitfit"] == {"_name": None, "bitfit": True, "bitfit_terms": terms, "bitfit_freeze_heads": False}
+
+    body = {n for n in trained if not n.startswith("classification_heads.")}
+    roles = {".".join(n.split(".")[-2:]) for n in body}
+    assert roles == expected_roles
+    assert {n for n in trained if n.startswith("classification_heads.")} == {
+        f"classification_heads.sentence_classification_head.{m}.{p}"
+        for m in ("dense", "out_proj") for p in ("weight", "bias")}
+    # The LM head's biases are unused in sentence classification: left frozen.
+    assert not any("lm_head" in n for n in trained)
+
+    for name, before in pretrained.items():
+        after = finetuned["model"][name]
+        if name in trained:
+            assert not torch.equal(before, after), f"{name} was selected but did not change"
+        else:
+            assert torch.equal(before, after), f"{name} is frozen but changed"
+
+
+def test_freeze_heads_reproduces_ofa_exactly(tiny_data, tiny_pretrained, tmp_path):
+    tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=2,
+                              extra=["--bitfit", "--bitfit-freeze-heads"]))
+    trained = bitfit_history(load(tmp_path / "checkpoint_last.pt"))["trainable"]
+    assert trained and not any(n.startswith("classification_heads.") for n in trained)
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_data, tiny_pretrained, tmp_path):
+    """Stopping after 6 updates and relaunching the same command equals one 12-update run."""
+    straight = tmp_path / "straight"
+    tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, straight, extra=["--bitfit"]))
+
+    resumed = tmp_path / "resumed"
+    tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, resumed, extra=["--bitfit", "--max-update", "6"]))
+    second = tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, resumed, extra=["--bitfit"]))
+    assert "resuming the interrupted run" in second.stdout
+    assert "@ 6 updates" in second.stdout
+
+    a = load(straight / "checkpoint_last.pt")
+    b = load(resumed / "checkpoint_last.pt")
+    assert b["optimizer_history"][-1]["num_updates"] == 12
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_resume_with_another_selection_is_refused(tiny_data, tiny_pretrained, tmp_path):
+    tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=2, extra=["--bitfit"]))
+    for extra, message in (
+        (["--bitfit", "--bitfit-terms", "q,m2"], "--bitfit-terms 'q,m2'"),
+        ([], "resume with the same --bitfit flags"),
+    ):
+        result = tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=4, extra=extra), check=False)
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_without_bitfit_matches_fairseq_train_exactly(tiny_data, tiny_pretrained, tmp_path):
+    ours = tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path / "ours")
+    theirs = ["-m", "fairseq_cli.train", *tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path / "theirs")[1:]]
+    ours_log = tiny.run(ours).stdout
+    # Stock fairseq cannot read its own checkpoints under torch >= 2.6 without this.
+    theirs_log = tiny.run(theirs, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}).stdout
+
+    def stats(log):
+        """Per-update and validation stats, without timings."""
+        return [re.sub(r"\b(wps|ups|wall|train_wall)[= ][\d.]+", "", line.split("|", 3)[3])
+                for line in log.splitlines() if "| train_inner |" in line or "| valid |" in line]
+
+    assert stats(ours_log) == stats(theirs_log)
+    assert len(stats(ours_log)) >= 12
+    a = load(tmp_path / "ours" / "checkpoint_last.pt")["model"]
+    b = load(tmp_path / "theirs" / "checkpoint_last.pt")["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--bitfit", "--bitfit-terms", "q,bogus"], "--bitfit-terms"),
+        (["--bitfit", "--bitfit-terms", "none", "--bitfit-freeze-heads"], "trains no parameter"),
+        (["--bitfit", "--ddp-backend", "fully_sharded"], "fully_sharded"),
+        (["--restore-file", "/nonexistent/model.pt"], "--restore-file /nonexistent/model.pt"),
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_2(tiny_data, tiny_pretrained, tmp_path, extra, needle):
+    args = tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=2, extra=extra)
+    result = tiny.run(args, check=False)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error:") and needle in lines[0], result.stderr
+    assert not (tmp_path / "checkpoint_last.pt").exists()
