@@ -1,0 +1,45 @@
+"""fairseq-bitfit: BitFit (bias-only fine-tuning) for fairseq.
+
+fairseq itself comes from PyPI's ve-fairseq==0.12.3, installed with --no-deps by
+run_scripts/install.sh: its metadata requires torchaudio, which would replace
+the installed torch with a multi-GB CUDA build, and text training never imports
+it.  Its real runtime needs are listed here instead.
+"""
+from setuptools import find_packages, setup
+
+FAIRSEQ_RUNTIME = [
+    "hydra-core>=1.0.7,<1.4",
+    "omegaconf>=2.0.6,<2.4",
+    "numpy>=1.21",
+    "regex",
+    "sacrebleu>=1.4.12",
+    "tqdm",
+    "bitarray",
+    "scikit-learn",
+    "scipy",
+    "packaging",
+    "cffi",
+    "cython",
+]
+
+setup(
+    name="fairseq-bitfit",
+    version="0.1.0",
+    description="BitFit: bias-only fine-tuning of pretrained transformer encoders, on fairseq",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fairseq_ext", "fairseq_ext.*"]),
+    py_modules=["train"],
+    install_requires=[
+        "torch>=2.6",  # install.sh pins the build first; a bare 'torch' would pull CUDA
+        *FAIRSEQ_RUNTIME,
+        "sentencepiece",
+        "tokenizers>=0.15",
+        "safetensors>=0.4",
+        "matplotlib",
+    ],
+    extras_require={
+        # transformers is only the reference implementation in parity tests.
+        "test": ["pytest>=7", "transformers>=4.40"],
+    },
+    entry_points={"console_scripts": ["fairseq-bitfit-train=train:cli_main"]},
+)
