@@ -23,3 +23,26 @@ def _numpy_scalar_types():
 FAIRSEQ_CHECKPOINT_TYPES = [argparse.Namespace, *_numpy_scalar_types()]
 
 torch.serialization.add_safe_globals(FAIRSEQ_CHECKPOINT_TYPES)
+
+
+def _broadcast_object(obj, src_rank, group, dist_device):
+    """Send a Python object from ``src_rank`` to every rank of ``group``.
+
+    fairseq broadcasts the loaded checkpoint (minus its tensors) to the other
+    ranks with torch.save/torch.load, and its cfg is by then an omegaconf
+    DictConfig, which the safe loader rejects.  The object comes from our own
+    rank 0, which read the file with the safe loader, so plain pickling between
+    ranks (torch.distributed.broadcast_object_list) is sound.
+    """
+    objects = [obj]
+    torch.distributed.broadcast_object_list(objects, src=src_rank, group=group, device=dist_device)
+    return objects[0]
+
+
+def _install_rank_broadcast():
+    from fairseq.distributed import utils as distributed_utils
+
+    distributed_utils._broadcast_object_slow = _broadcast_object
+
+
+_install_rank_broadcast()

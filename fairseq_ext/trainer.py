@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import torch
 from fairseq.dataclass import FairseqDataclass
+from fairseq.distributed import LegacyDistributedDataParallel, ModuleProxyWrapper
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.trainer import Trainer
 from omegaconf import OmegaConf, open_dict
@@ -133,6 +134,58 @@ class BitFitTrainer(Trainer):
         for line in bitfit.report(model, selection).splitlines():
             logger.info(line)
         return selection
+
+    # -- distributed: reduce only what is trained ----------------------------------
+
+    @property
+    def model(self):
+        if self._wrapped_model is None and self.use_distributed_wrapper:
+            wrapped = self._build_distributed_wrapper()
+            if wrapped is not None:
+                self._wrapped_model = wrapped
+        return super().model
+
+    def _build_distributed_wrapper(self):
+        """The DDP wrapper where fairseq's own does not fit; None to use fairseq's.
+
+        - legacy_ddp: fairseq sizes its all-reduce buffer by the whole model; size it
+          by the trained tensors (the same for full fine-tuning).
+        - c10d/pytorch_ddp on CPU: fairseq passes ``device_ids=[id]``, which torch
+          rejects for CPU modules.
+        """
+        dt = self.cfg.distributed_training
+        trainable = [p for p in self._model.parameters() if p.requires_grad]
+        self._log_all_reduce_volume(trainable)
+        module = self._model.to(self.device)
+        if dt.ddp_backend in ("legacy_ddp", "no_c10d"):
+            wrapped = LegacyDistributedDataParallel(
+                module=module,
+                process_group=self.data_parallel_process_group,
+                buffer_size=min(2**28, max(1, sum(p.numel() for p in trainable))),
+            )
+        elif dt.ddp_backend in ("c10d", "pytorch_ddp") and not self.cuda:
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                module=module,
+                device_ids=None,
+                broadcast_buffers=dt.broadcast_buffers,
+                bucket_cap_mb=dt.bucket_cap_mb,
+                process_group=self.data_parallel_process_group,
+                find_unused_parameters=dt.find_unused_parameters,
+                gradient_as_bucket_view=dt.gradient_as_bucket_view,
+            )
+        else:
+            return None
+        # fairseq reaches model attributes and state_dict through the wrapper.
+        return ModuleProxyWrapper(wrapped)
+
+    def _log_all_reduce_volume(self, trainable) -> None:
+        if self.data_parallel_rank == 0:
+            size = sum(p.numel() * p.element_size() for p in trainable)
+            logger.info(
+                f"gradient all-reduce per step: {len(trainable)} tensors, {size:,} bytes "
+                f"({self.cfg.distributed_training.ddp_backend}, "
+                f"{self.data_parallel_world_size} workers)"
+            )
 
     # -- checkpoints: the selection travels with the optimizer state it shapes ------
 

@@ -115,6 +115,8 @@ def test_without_bitfit_matches_fairseq_train_exactly(tiny_data, tiny_pretrained
         (["--bitfit", "--bitfit-terms", "none", "--bitfit-freeze-heads"], "trains no parameter"),
         (["--bitfit", "--ddp-backend", "fully_sharded"], "fully_sharded"),
         (["--restore-file", "/nonexistent/model.pt"], "--restore-file /nonexistent/model.pt"),
+        pytest.param(["--amp"], "--amp needs a CUDA device", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="--amp is valid on a GPU")),
     ],
 )
 def test_bad_input_gets_one_line_and_exit_2(tiny_data, tiny_pretrained, tmp_path, extra, needle):

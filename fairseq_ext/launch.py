@@ -1,0 +1,57 @@
+"""Fit parsed fairseq-train options to the machine: torchrun and precision on CPU.
+
+Stock fairseq 0.12 misreads both (see the project's FAIRSEQ_NOTES): under
+torchrun on CPU it runs N independent single-process trainings, and ``--bf16``
+switches on TPU mode everywhere.
+"""
+import logging
+import os
+
+import torch
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def uses_cuda(args) -> bool:
+    return torch.cuda.is_available() and not args.cpu and not getattr(args, "tpu", False)
+
+
+def configure_torchrun(args) -> None:
+    """Take rank, world size and init method from torchrun's environment.
+
+    fairseq only looks at WORLD_SIZE when its own world size (the CUDA device
+    count) is above 1, and then computes ``rank % cuda.device_count()``: on CPU
+    that is zero processes, then a ZeroDivisionError.  Explicit
+    ``--distributed-init-method`` options are left alone.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.distributed_init_method is not None or world_size <= 1 or "RANK" not in os.environ:
+        return
+    args.distributed_world_size = world_size
+    args.distributed_rank = int(os.environ["RANK"])
+    args.device_id = int(os.environ.get("LOCAL_RANK", "0"))
+    args.distributed_init_method = "env://"
+    args.distributed_no_spawn = True  # torchrun already started one process per rank
+    if not uses_cuda(args) and args.distributed_backend == "nccl":
+        args.distributed_backend = "gloo"  # NCCL needs GPUs
+    if args.distributed_rank == 0:
+        logger.info(
+            f"torchrun: {world_size} workers, backend {args.distributed_backend}, "
+            f"ddp backend {args.ddp_backend}"
+        )
+
+
+def configure_precision(args, argv) -> None:
+    """Make --bf16 mean bf16, not TPU, and refuse precision flags the device lacks."""
+    if args.bf16 and args.tpu and "--tpu" not in argv:
+        # fairseq's options.py sets tpu whenever bf16 is on.
+        args.tpu = False
+    if uses_cuda(args):
+        return
+    if args.amp:
+        raise UserError("--amp needs a CUDA device (on CPU it would silently train in fp32); use --bf16 on CPU")
+    if (args.fp16 or args.bf16) and not args.fp16_no_flatten_grads:
+        # The flattened fp32 master copy is allocated with torch.cuda; per-tensor copies work on CPU.
+        args.fp16_no_flatten_grads = True

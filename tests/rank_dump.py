@@ -1,0 +1,27 @@
+"""train.py's CLI, then each rank saves its final parameters to $RANK_DUMP_DIR/rank<R>.pt.
+
+fairseq saves checkpoints from rank 0 only; tests that compare ranks need all.
+"""
+import os
+import sys
+
+import torch
+
+import train
+from fairseq_ext.trainer import BitFitTrainer
+
+
+class RecordingTrainer(BitFitTrainer):
+    last = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        RecordingTrainer.last = self
+
+
+if __name__ == "__main__":
+    train.BitFitTrainer = RecordingTrainer
+    train.cli_main(sys.argv[1:])
+    rank = int(os.environ.get("RANK", "0"))
+    parameters = {name: p.detach().clone() for name, p in RecordingTrainer.last._model.named_parameters()}
+    torch.save(parameters, os.path.join(os.environ["RANK_DUMP_DIR"], f"rank{rank}.pt"))
