@@ -4,4 +4,6 @@ its tasks, models, criterions and tokenizers.
 Like fairseq's own plugins, each line imports one small module that registers one
 component.
 """
+from .models import bert  # noqa: F401  (keep first: models/__init__ hushes fairseq's import-time log)
 from . import checkpoint_safety  # noqa: F401  (allow-lists fairseq checkpoint types for torch.load)
+from . import wordpiece_bpe  # noqa: F401
