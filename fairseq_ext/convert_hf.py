@@ -35,14 +35,15 @@ import torch
 
 from . import wordpiece_bpe
 from .errors import UserError, exit_on_user_error
-from .model_dir import MODEL_INFO, write_model_info
+from .model_dir import write_model_info
 from .models import bert as bert_model
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 POOLING_CONFIG = os.path.join("1_Pooling", "config.json")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
 # Hugging Face's hidden_act -> fairseq's activation_fn ("gelu" is the exact erf form in both).
 ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "gelu_new": "gelu_accurate", "gelu_pytorch_tanh": "gelu_accurate"}
 # fairseq's Dictionary ids 0-3, then dict.txt, then <mask>, which fairseq's tasks append.
@@ -171,7 +172,8 @@ def bert_vocabulary(folder: Path) -> Vocabulary:
         ids_by_token[token] = i
     hf_ids = fairseq_order(ids_by_token, special_tokens(folder, BERT_SPECIAL_DEFAULTS), vocab_path)
 
-    tokenizer_config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    config_path = folder / "tokenizer_config.json"
+    tokenizer_config = read_json(config_path) if config_path.is_file() else {}
     lowercase = tokenizer_config.get("do_lower_case")
     if not isinstance(lowercase, bool):
         lowercase = wordpiece_bpe.is_uncased_vocab(tokens)
@@ -361,11 +363,12 @@ class DictionaryOnlyTask:
 def build_fairseq_model(model_cfg: dict, dictionary):
     from fairseq.models import ARCH_MODEL_REGISTRY
 
-    return ARCH_MODEL_REGISTRY[model_cfg["arch"]].build_model(argparse.Namespace(**model_cfg), DictionaryOnlyTask(dictionary))
+    model_class = ARCH_MODEL_REGISTRY[model_cfg["arch"]]
+    return model_class.build_model(argparse.Namespace(**model_cfg), DictionaryOnlyTask(dictionary))
 
 
-def map_weights(family: str, weights: Dict[str, torch.Tensor], vocabulary: Vocabulary, expected: Dict[str, torch.Tensor],
-                weights_path: Path, untied_decoder: bool = False) -> Conversion:
+def map_weights(family: str, weights: Dict[str, torch.Tensor], vocabulary: Vocabulary,
+                expected: Dict[str, torch.Tensor], weights_path: Path, untied_decoder: bool = False) -> Conversion:
     """Source tensors -> fairseq state dict entries; fails on any tensor left on either side."""
     result = Conversion()
     source = {}
@@ -394,9 +397,9 @@ def map_weights(family: str, weights: Dict[str, torch.Tensor], vocabulary: Vocab
     order = torch.tensor(vocabulary.hf_ids)
     put(WORD_EMBEDDINGS, SENTENCE_ENCODER + "embed_tokens.weight", words[order], "(rows in dict.txt order)")
 
-    positions = take(POSITION_EMBEDDINGS) if POSITION_EMBEDDINGS in source else None
-    if positions is None:
+    if POSITION_EMBEDDINGS not in source:
         raise UserError(f"{weights_path}: no {POSITION_EMBEDDINGS}")
+    positions = take(POSITION_EMBEDDINGS)
     if family == "bert":
         # fairseq's learned positions start at padding_idx + 1 = 2; rows 0-1 are never used.
         positions = torch.cat([positions.new_zeros(2, positions.shape[1]), positions])
@@ -414,7 +417,8 @@ def map_weights(family: str, weights: Dict[str, torch.Tensor], vocabulary: Vocab
         put(lm_bias, "encoder.lm_head.bias", take(lm_bias)[order], "(rows in dict.txt order)")
         decoder_weight, decoder_bias = LM_DECODER[family] + ".weight", LM_DECODER[family] + ".bias"
         if decoder_weight in source and untied_decoder:
-            put(decoder_weight, "encoder.lm_head.weight", take(decoder_weight)[order], "(untied, rows in dict.txt order)")
+            put(decoder_weight, "encoder.lm_head.weight", take(decoder_weight)[order],
+                "(untied, rows in dict.txt order)")
         elif decoder_weight in source:
             if not torch.equal(take(decoder_weight), words):
                 raise UserError(f"{weights_path}: {source[decoder_weight][0]} differs from the word embeddings "
@@ -445,23 +449,26 @@ def map_weights(family: str, weights: Dict[str, torch.Tensor], vocabulary: Vocab
     return result
 
 
-def fill_derived(family: str, conversion: Conversion, model) -> None:
+def fill_derived(family: str, conversion: Conversion, model, weights_path: Path) -> None:
     """Entries the model derives itself (tied weights, buffers) or, for roberta, a missing MLM head."""
     expected = model.state_dict()
-    words = conversion.state_dict[SENTENCE_ENCODER + "embed_tokens.weight"]
+    lm_head = [name for name in expected if name.startswith("encoder.lm_head.")]
+    if family == "roberta" and not any(name in conversion.state_dict for name in lm_head):
+        # fairseq's roberta always has an MLM head; a checkpoint without one (RobertaModel)
+        # gets a fresh head, which fine-tuning never uses.
+        for name in lm_head:
+            if name != "encoder.lm_head.weight":
+                conversion.state_dict[name] = expected[name]
+                conversion.report.append(f"{name}: initialised (the source has no MLM head)")
     if "encoder.lm_head.weight" in expected and "encoder.lm_head.weight" not in conversion.state_dict:
-        conversion.state_dict["encoder.lm_head.weight"] = words  # tied, as in the source
+        # tied to the token embeddings, as in the source
+        words = conversion.state_dict[SENTENCE_ENCODER + "embed_tokens.weight"]
+        conversion.state_dict["encoder.lm_head.weight"] = words
     conversion.state_dict.setdefault(SENTENCE_ENCODER + "version", expected[SENTENCE_ENCODER + "version"])
     missing = [name for name in expected if name not in conversion.state_dict]
-    if family == "roberta" and missing and all(name.startswith("encoder.lm_head.") for name in missing):
-        # fairseq's roberta always has an MLM head; a checkpoint without one gets a fresh head,
-        # which fine-tuning never uses.
-        for name in missing:
-            conversion.state_dict[name] = expected[name]
-            conversion.report.append(f"{name}: initialised (the source has no MLM head)")
-        missing = []
     if missing:
-        raise UserError(f"the source has no tensor for {len(missing)} fairseq parameters, e.g. {missing[0]}")
+        raise UserError(f"{weights_path}: no tensor for {len(missing)} parameters of the fairseq {family} model, "
+                        f"e.g. {missing[0]}")
 
 
 def write_dictionary(path: Path, symbols: List[str]) -> None:
@@ -531,7 +538,7 @@ def convert(src_dir, out_dir, pooling: Optional[str] = None, report: Optional[Ca
         model = build_fairseq_model(model_cfg, dictionary)
         conversion = map_weights(family, weights, vocabulary, model.state_dict(), weights_path,
                                  untied_decoder=bool(model_cfg.get("untie_weights_roberta")))
-        fill_derived(family, conversion, model)
+        fill_derived(family, conversion, model, weights_path)
         model.load_state_dict(conversion.state_dict, strict=True)
         for name, write in vocabulary.files.items():
             write(staging)

@@ -36,7 +36,8 @@ PAIRS = [("the movie is good.", "it is not."), ("where is it?", "in the 2nd room
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
 BERT_VOCAB = (["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "is", "good", "film"]
-              + list("abcdefghijklmnopqrstuvwxyz0123456789.,'!?") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+              + list("abcdefghijklmnopqrstuvwxyz0123456789.,'!?")
+              + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
               + ["##ing", "##ed"])
 BERT_FAIRSEQ_SPECIALS = {"<s>": "[CLS]", "<pad>": "[PAD]", "</s>": "[SEP]", "<unk>": "[UNK]", "<mask>": "[MASK]"}
 ROBERTA_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "s"), ("Ġ", "is"), ("Ġ", "m"), ("o", "v"), ("i", "e"),
@@ -192,6 +193,29 @@ def test_tiny_roberta_matches_transformers(tiny_roberta_src, tmp_path):
     check_parity(model_dir, hf_model, tokenizer, lambda s: specials[s] if s in specials else int(s), tmp_path)
 
 
+def test_roberta_without_mlm_head_gets_a_fresh_one(tiny_roberta_src, tmp_path):
+    """A RobertaModel folder (pooler, no MLM head): same features; the pooler is reported as left out."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tiny_roberta_src / name, src / name)
+    hf_model = transformers.RobertaModel.from_pretrained(str(tiny_roberta_src), add_pooling_layer=True)
+    perturbed(hf_model).save_pretrained(src)
+    report = []
+    convert_hf.convert(src, tmp_path / "out", report=report.append)
+    assert any(line.startswith("pooler.dense.weight: not carried over") for line in report)
+    assert "encoder.lm_head.dense.weight: initialised (the source has no MLM head)" in report
+    model, dictionary = fairseq_model_from_checkpoint(load_model_dir(tmp_path / "out"))
+    tokens = torch.tensor([[0, 5, 100, 200, 2, 1]])  # fairseq ids: <s> ... </s> <pad>
+    vocab = json.loads((src / "vocab.json").read_text(encoding="utf-8"))
+    specials = {name: vocab[name] for name in ("<s>", "<pad>", "</s>", "<unk>", "<mask>")}
+    to_source = source_ids_of(dictionary, lambda s: specials[s] if s in specials else int(s))
+    with torch.no_grad():
+        features, _ = model(tokens, features_only=True)
+        expected = hf_model(input_ids=to_source[tokens], attention_mask=tokens.ne(1).long()).last_hidden_state
+    assert (features - expected)[:, :5].abs().max() < 1e-5
+
+
 def test_fairseq_roberta_folder_without_model_info_loads(tiny_roberta_src, tmp_path):
     """A fairseq RoBERTa release layout (model.pt with args, dict.txt, encoder.json, vocab.bpe)."""
     source = converted(tiny_roberta_src, tmp_path / "converted")
@@ -251,6 +275,13 @@ def _bad_cases():
         weights["classifier.weight"] = torch.zeros(2, 32)
         save_file(weights, str(src / "model.safetensors"))
 
+    def missing_tensor(src):
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(str(src / "model.safetensors"))
+        del weights["bert.encoder.layer.1.intermediate.dense.weight"]
+        save_file(weights, str(src / "model.safetensors"))
+
     def unsafe_bin(src):
         (src / "model.safetensors").unlink()
         torch.save({"weights": Unsafe()}, src / "pytorch_model.bin")
@@ -267,8 +298,11 @@ def _bad_cases():
                  "unsupported model_type 'gpt2'"),
         "bert as a decoder": (lambda src: edit_json(src / "config.json", is_decoder=True), "as a decoder"),
         "vocab size": (extra_token, f"has {len(BERT_VOCAB) + 1} tokens but"),
-        "shape": (lambda src: edit_json(src / "config.json", intermediate_size=48), "intermediate.dense.bias has shape (64,), but config.json"),
+        "shape": (lambda src: edit_json(src / "config.json", intermediate_size=48),
+                  "intermediate.dense.bias has shape (64,), but config.json"),
         "leftover tensor": (extra_tensor, "have no place in the fairseq bert model, e.g. classifier.weight"),
+        "missing tensor": (missing_tensor, "no tensor for 1 parameters of the fairseq bert model, "
+                                           "e.g. encoder.sentence_encoder.layers.1.fc1.weight"),
         "unsafe pickle": (unsafe_bin, "pytorch_model.bin: cannot read the weights"),
     }
 
