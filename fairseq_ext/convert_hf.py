@@ -35,7 +35,7 @@ import torch
 
 from . import wordpiece_bpe
 from .errors import UserError, exit_on_user_error
-from .model_dir import write_model_info
+from .model_dir import architecture_config, options_beyond_arch, write_model_info
 from .models import bert as bert_model
 
 logger = logging.getLogger(__name__)
@@ -319,15 +319,6 @@ def structure_args(family: str, config: dict, config_path: Path) -> Dict[str, ob
     return args
 
 
-def architecture_config(arch: str, /, **explicit) -> Dict[str, object]:
-    """Every option of ``arch``: ``explicit`` values, the arch's defaults for the rest."""
-    from fairseq.models import ARCH_CONFIG_REGISTRY
-
-    args = argparse.Namespace(**explicit)
-    ARCH_CONFIG_REGISTRY[arch](args)
-    return vars(args)
-
-
 def pick_architecture(family: str, structure: Dict[str, object]) -> Tuple[str, Dict[str, object]]:
     """The registered arch whose defaults build this model, and the options it still needs."""
     from fairseq.models import ARCH_MODEL_INV_REGISTRY
@@ -335,8 +326,7 @@ def pick_architecture(family: str, structure: Dict[str, object]) -> Tuple[str, D
     generic = "bert" if family == "bert" else "roberta"
     named = [arch for arch in ARCH_MODEL_INV_REGISTRY[generic] if arch != generic and arch.startswith(generic + "_")]
     for arch in named + [generic]:
-        defaults = architecture_config(arch)
-        differing = {key: value for key, value in structure.items() if defaults.get(key) != value}
+        differing = options_beyond_arch(arch, structure)
         if not differing:
             return arch, {}
     return generic, differing

@@ -31,6 +31,11 @@ POOLINGS = ("first", "mean")
 BPE_FILE_OPTIONS = ("wordpiece_vocab", "gpt2_encoder_json", "gpt2_vocab_bpe", "sentencepiece_model")
 # fairseq models that are RoBERTa encoders (same classification interface and pair format).
 ROBERTA_MODELS = ("roberta", "xlmr", "camembert", "gottbert")
+# Model options that set the network's shape or arithmetic: to load a checkpoint strictly,
+# train.py needs the checkpoint's value wherever its --arch default differs.
+STRUCTURE_OPTIONS = ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads", "encoder_ffn_embed_dim",
+                     "max_positions", "type_vocab_size", "layer_norm_eps", "activation_fn",
+                     "encoder_normalize_before", "layernorm_embedding", "untie_weights_roberta")
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,26 @@ def build_bpe(model_dir: Union[ModelDir, str, Path]):
     return encoders.build_bpe(argparse.Namespace(**model_dir.bpe_args))
 
 
+def architecture_config(arch: str, /, **explicit) -> Dict[str, object]:
+    """Every option of the registered fairseq ``arch``: ``explicit`` values, its defaults for the rest."""
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+
+    from .models import bert  # noqa: F401  (registers the bert archs)
+
+    args = argparse.Namespace(**explicit)
+    ARCH_CONFIG_REGISTRY[arch](args)
+    return vars(args)
+
+
+def options_beyond_arch(arch: str, model_cfg: Dict[str, object]) -> Dict[str, object]:
+    """The structural options of ``model_cfg`` that ``--arch arch`` alone would not reproduce."""
+    defaults = architecture_config(arch)
+    # fairseq's roberta archs leave max_positions to the task; their position table defaults to 512.
+    defaults.setdefault("max_positions", defaults.get("max_source_positions"))
+    return {key: model_cfg[key] for key in STRUCTURE_OPTIONS
+            if model_cfg.get(key) is not None and model_cfg[key] != defaults.get(key)}
+
+
 def _require(folder: Path, name: str, what: str) -> Path:
     path = folder / name
     if not path.is_file():
@@ -159,7 +184,7 @@ def _infer_model_info(folder: Path) -> Dict[str, object]:
     else:
         raise UserError(f"{checkpoint}: arch {arch!r} is not a BERT or RoBERTa encoder")
     return {"family": family, "arch": arch, "bpe_args": bpe_args, "pair_separator": family == "roberta",
-            "pooling": model_cfg.get("pooling") or "first"}
+            "pooling": model_cfg.get("pooling") or "first", "model_args": options_beyond_arch(arch, model_cfg)}
 
 
 def read_checkpoint_model_config(path: Union[str, Path]) -> Dict[str, object]:

@@ -146,6 +146,21 @@ def test_tiny_bert_with_pretraining_heads_matches_transformers(tiny_bert_src, tm
     assert model.encoder.lm_head is not None  # the checkpoint has one, so its config asks for it
 
 
+@pytest.mark.parametrize("config, arch", [
+    (dict(model_type="bert", num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+          max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12), "bert_base"),
+    (dict(model_type="bert", num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096,
+          max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12), "bert_large"),
+    (dict(model_type="roberta", num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
+          intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5), "roberta_base"),
+    (dict(model_type="roberta", num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
+          intermediate_size=4096, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5), "roberta_large"),
+])
+def test_base_and_large_configs_get_their_named_arch(config, arch):
+    structure = convert_hf.structure_args(config["model_type"], config, Path("config.json"))
+    assert convert_hf.pick_architecture(config["model_type"], structure) == (arch, {})
+
+
 def test_bin_weights_with_tied_decoder_give_the_same_checkpoint(tiny_bert_src, tmp_path):
     """pytorch_model.bin (read with weights_only=True) holding the tied decoder tensors too."""
     src = tmp_path / "bin"
@@ -239,6 +254,8 @@ def test_fairseq_roberta_folder_without_model_info_loads(tiny_roberta_src, tmp_p
         ("roberta", "roberta", True, "first")
     assert model_dir.bpe_args == {"bpe": "gpt2", "gpt2_encoder_json": str(folder / "encoder.json"),
                                   "gpt2_vocab_bpe": str(folder / "vocab.bpe")}
+    assert model_dir.model_args == {"encoder_layers": 2, "encoder_embed_dim": 32, "encoder_attention_heads": 2,
+                                    "encoder_ffn_embed_dim": 64, "max_positions": 64}
     bpe = build_bpe(model_dir)  # local files: no download
     from fairseq.models.roberta import RobertaModel
 
@@ -349,6 +366,13 @@ def test_cli_process_reports_one_line_and_exit_2(tiny_bert_src, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("convert_hf.py: error: ") and "supported: bert, roberta" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_model_dir_without_model_info_is_inferred_from_the_checkpoint(tiny_bert_src, tmp_path):
+    written = converted(tiny_bert_src, tmp_path / "bert")
+    (Path(written.path) / "model_info.json").unlink()
+    (Path(written.path) / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    assert load_model_dir(written.path) == written
 
 
 def test_model_dir_errors_name_the_folder_and_file(tiny_bert_src, tmp_path):
