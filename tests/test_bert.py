@@ -231,6 +231,11 @@ def test_default_model_dir_converts_once(minilm_source, converted, tmp_path, mon
     assert pretrained.default_model_dir() == first and len(calls) == 1
     assert load_model_dir(first).arch == "bert_minilm_l6_h384"
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no staging left
+    # A cache from another converter version is converted again, in place.
+    info = Path(first, "model_info.json")
+    info.write_text(info.read_text().replace('"format_version": 1', '"format_version": 0'))
+    assert pretrained.default_model_dir() == first and len(calls) == 2
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["all-minilm-l6-v2"]
     # The CLI prints just the folder (run scripts capture it).
     result = subprocess.run([sys.executable, "-m", "fairseq_ext.pretrained"], cwd=REPO, capture_output=True,
                             text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
