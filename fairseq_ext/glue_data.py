@@ -336,7 +336,7 @@ def _resolve_tokenizer(model_dir_or_bpe, dictionary, tokenizer_files: Sequence) 
             if isinstance(value, (str, os.PathLike)) and Path(value).is_file():
                 files[key] = _file_sha256(value)
             else:
-                settings[key] = repr(value)
+                settings[key] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
         fingerprint = {"family": getattr(model_dir, "family", None), "bpe_args": settings, "files": files}
         if dictionary is None:
             dictionary = model_dir.dictionary
@@ -452,7 +452,7 @@ def prepare_task(
             return cached
     else:
         logger.info("a BPE object without tokenizer_files cannot be fingerprinted: preparing without the cache")
-    _check_replaceable(out_dir)
+    _check_replaceable(out_dir, spec)
 
     read = {split.name: _read_tsv(spec, split, path) for split, path in present}
     for rows in read.values():
@@ -471,8 +471,8 @@ def prepare_task(
             absent_splits=[split.name for split in absent],
             train_subset=None if train_subset is None else {"size": train_subset, "seed": train_subset_seed},
         )
-        _write_json_atomically(staging / MANIFEST_NAME, manifest)
-        _replace_dir(staging, out_dir)
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(staging, out_dir)  # the manifest, written last, marks a complete preparation
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info(f"{spec.name}: prepared {out_dir}")
@@ -499,9 +499,15 @@ def _cached_manifest(out_dir: Path, cache_key: str) -> Optional[dict]:
     return manifest if manifest.get("cache_key") == cache_key else None
 
 
-def _check_replaceable(out_dir: Path) -> None:
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+def _check_replaceable(out_dir: Path, spec: GlueTaskSpec) -> None:
+    """Only an older preparation of the same task may be replaced."""
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not (out_dir / MANIFEST_NAME).is_file():
         raise UserError(f"--out {out_dir} exists and is not a prepared GLUE directory; refusing to replace it")
+    prepared_for = load_manifest(out_dir).get("task")
+    if prepared_for != spec.name:
+        raise UserError(f"--out {out_dir} holds prepared {prepared_for} data; refusing to replace it with {spec.name}")
 
 
 def _apply_train_subset(rows: SplitRows, size: Optional[int], seed: int) -> int:
@@ -639,12 +645,6 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
     staging.rename(out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json_atomically(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- prepared data

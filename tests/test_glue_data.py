@@ -309,6 +309,20 @@ def test_cache_skips_unchanged_inputs_and_redoes_changed_ones(tmp_path, tiny_tok
     assert not list(tmp_path.glob(".out.*"))  # no staging or old copies left
 
 
+def test_out_dir_of_another_kind_is_never_replaced(tmp_path, tiny_tokenizer):
+    write_synthetic_task(tmp_path / "glue", "RTE")
+    write_synthetic_task(tmp_path / "glue", "WNLI")
+    prepare(tiny_tokenizer, "RTE", tmp_path / "glue", tmp_path / "out")
+    with pytest.raises(glue_data.UserError, match="holds prepared RTE data; refusing to replace it with WNLI"):
+        prepare(tiny_tokenizer, "WNLI", tmp_path / "glue", tmp_path / "out")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(glue_data.UserError, match="is not a prepared GLUE directory"):
+        prepare(tiny_tokenizer, "WNLI", tmp_path / "glue", tmp_path / "notes")
+    assert glue_data.load_manifest(tmp_path / "out")["task"] == "RTE"
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
 def test_absent_test_split_is_recorded(tmp_path, tiny_tokenizer):
     write_synthetic_task(tmp_path / "glue", "WNLI")
     (tmp_path / "glue" / "WNLI" / "test.tsv").unlink()

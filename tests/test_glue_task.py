@@ -5,7 +5,6 @@ known predictions); subprocess tests run fairseq_cli.train on a tiny random
 RoBERTa, once with 1 worker and once with 2 gloo workers.
 """
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from sklearn.metrics import accuracy_score, matthews_corrcoef
 
 from fairseq_ext.errors import UserError
 from fairseq_ext.glue_data import prepare_task
-from test_glue_data import GLUE, needs_real_glue, tiny_tokenizer, write_synthetic_task  # noqa: F401  (fixture)
+from test_glue_data import GLUE, tiny_tokenizer, write_synthetic_task  # noqa: F401  (tiny_tokenizer: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ROBERTA = (
