@@ -102,6 +102,8 @@ class BitFitTrainer(Trainer):
         self._checking_resumed_selection = False
         if bitfit_cfg is not None and bitfit_cfg.bitfit:
             self.bitfit_selection = self._apply_bitfit(bitfit_cfg, cfg, task, model, criterion)
+        else:
+            logger.info(bitfit.trainable_summary(model))
         super().__init__(cfg, task, model, criterion, quantizer)
 
     @staticmethod
