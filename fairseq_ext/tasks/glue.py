@@ -40,6 +40,13 @@ class GlueConfig(SentencePredictionConfig):
             "sets --num-classes, regression and the logged metrics (default: the task in DATA/manifest.json)"
         },
     )
+    max_seq_len: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "truncate examples to N tokens (default: --max-positions). --max-positions also sizes "
+            "the model's position table, so it must stay at the pretrained value (512 for BERT/RoBERTa)"
+        },
+    )
     shorten_method: SHORTEN_METHOD_CHOICES = field(
         default="truncate",
         metadata={"help": "how sequences longer than --max-positions are shortened (default: truncate)"},
@@ -103,6 +110,12 @@ class GlueTask(SentencePredictionTask):
                 f"{data_dir}/label/dict.txt lists the classes {', '.join(found)}; {spec.name} needs "
                 f"{', '.join(spec.labels)} in that order: prepare it with `python -m fairseq_ext.glue_data prepare`"
             )
+
+    def max_positions(self):
+        # Where examples are truncated and batches filtered; the model keeps --max-positions.
+        if self.cfg.max_seq_len is None:
+            return self.cfg.max_positions
+        return min(self.cfg.max_seq_len, self.cfg.max_positions)
 
     def build_criterion(self, cfg, from_checkpoint=False):
         from fairseq_ext.criterions.glue_prediction import GluePredictionCriterion

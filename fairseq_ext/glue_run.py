@@ -1,0 +1,471 @@
+"""GLUE end to end: prepare, fine-tune with train.py, collect results, predict test sets.
+
+``run_scripts/glue_bitfit.sh`` maps its environment variables onto this CLI::
+
+    python -m fairseq_ext.glue_run --glue-dir glue_data --tasks "CoLA STS-B" --mode bitfit \\
+        --output-dir outputs/glue -- --max-update 30      # after --: passed to train.py
+
+For every task, mode, learning rate and seed, one train.py run is made in
+``OUTPUT_DIR/runs/<TASK>/<mode>/lr<LR>-seed<SEED>/``; a run that finished is
+not run again, and an interrupted one resumes from its last checkpoint.  The
+results of all runs in OUTPUT_DIR (this call's and earlier ones', other modes
+included) are written to results.json, results.md and curves.png.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from fairseq_ext.errors import UserError, exit_on_user_error
+
+logger = logging.getLogger("fairseq_ext.glue_run")
+
+REPO_TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
+MODES = ("bitfit", "full", "head")
+
+# fairseq's RoBERTa GLUE recipe (examples/roberta/README.glue.md): lr and batch size per task.
+FULL_FT_LR = {"MNLI": 1e-5, "QNLI": 1e-5, "QQP": 1e-5, "RTE": 2e-5, "SST-2": 1e-5,
+              "MRPC": 1e-5, "CoLA": 1e-5, "STS-B": 2e-5, "WNLI": 1e-5}
+FULL_FT_BATCH = {"MNLI": 32, "QNLI": 32, "QQP": 32, "RTE": 16, "SST-2": 32,
+                 "MRPC": 16, "CoLA": 16, "STS-B": 16, "WNLI": 16}
+BITFIT_LR = 1e-3  # the official BitFit code's default
+BITFIT_BATCH = 32
+SMALL_TASK_ROWS = 10_000  # BitFit trains these longer: its updates are small
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -- settings -------------------------------------------------------------------
+
+
+def default_epochs(mode: str, train_rows: int) -> int:
+    if mode == "full":
+        return 10  # fairseq's RoBERTa GLUE recipe
+    return 20 if train_rows < SMALL_TASK_ROWS else 10
+
+
+def default_lrs(mode: str, task: str) -> List[float]:
+    return [FULL_FT_LR[task]] if mode == "full" else [BITFIT_LR]
+
+
+def mode_label(mode: str, bitfit_terms: str) -> str:
+    return f"bitfit-{bitfit_terms}" if mode == "bitfit" else mode
+
+
+def _passthrough_value(passthrough: List[str], flag: str) -> Optional[str]:
+    for i, arg in enumerate(passthrough):
+        if arg == flag and i + 1 < len(passthrough):
+            return passthrough[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def train_command(spec, model, data_dir: Path, save_dir: Path, mode: str, bitfit_terms: str,
+                  lr: float, seed: int, train_rows: int, nproc: int, passthrough: List[str],
+                  epochs: Optional[int], max_seq_len: int) -> List[str]:
+    """The train.py arguments of one run: the RoBERTa GLUE recipe with this project's defaults."""
+    batch = FULL_FT_BATCH[spec.name] if mode == "full" else BITFIT_BATCH
+    epochs = epochs or default_epochs(mode, train_rows)
+    updates_per_epoch = max(1, math.ceil(train_rows / (batch * nproc)))
+    max_update = _passthrough_value(passthrough, "--max-update")
+    total_updates = int(max_update) if max_update else epochs * updates_per_epoch
+    args = [
+        str(data_dir), "--task", "glue", "--glue-task", spec.name, "--criterion", "glue_prediction",
+        *model.arch_args(), "--restore-file", model.checkpoint,
+        "--reset-optimizer", "--reset-dataloader", "--reset-meters",
+        "--max-seq-len", str(max_seq_len), "--batch-size", str(batch), "--max-epoch", str(epochs),
+        "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--adam-eps", "1e-06",
+        "--weight-decay", "0.1" if mode == "full" else "0.0", "--clip-norm", "0.0",
+        "--lr", str(lr), "--lr-scheduler", "polynomial_decay", "--total-num-update", str(total_updates),
+        "--warmup-updates", str(int(round(0.06 * total_updates))),
+        "--seed", str(seed), "--save-dir", str(save_dir), "--no-epoch-checkpoints",
+        "--best-checkpoint-metric", spec.primary_metric, "--maximize-best-checkpoint-metric",
+        "--valid-subset", ",".join(spec.valid_subsets),
+        "--log-format", "json", "--log-interval", "50", "--num-workers", "0",
+        "--find-unused-parameters" if (mode == "full" and nproc > 1) else "--no-progress-bar",
+    ]
+    if model.pair_separator:
+        args += ["--separator-token", "2"]  # RoBERTa pairs: <s> a </s> </s> b </s>
+    if mode == "bitfit":
+        args += ["--bitfit", "--bitfit-terms", bitfit_terms]
+    elif mode == "head":
+        args += ["--bitfit", "--bitfit-terms", "none"]
+    return args + passthrough
+
+
+def launcher(nproc: int, nnodes: int, node_rank: int, master_addr: str, master_port: int) -> List[str]:
+    if nproc <= 1 and nnodes <= 1:
+        return [sys.executable, str(REPO_TRAIN_PY)]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
+            f"--master_port={master_port}", str(REPO_TRAIN_PY)]
+
+
+# -- reading a run's log ----------------------------------------------------------
+
+_JSON_LINE = re.compile(r"\| (train|valid\d*) \| (\{.*\})\s*$")
+_SUMMARY = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)")
+
+
+def parse_log(text: str, spec) -> dict:
+    """Per-epoch dev metrics, parameter counts and updates from a train.py json log."""
+    epochs: Dict[int, dict] = {}
+    updates = 0
+    for line in text.splitlines():
+        match = _JSON_LINE.search(line)
+        if not match:
+            continue
+        subset, record = match.group(1), json.loads(match.group(2))
+        if subset == "train":
+            updates = max(updates, int(float(record.get("train_num_updates", 0))))
+            continue
+        epoch = int(record["epoch"])
+        suffix = "" if subset == "valid" else "_mm" if spec.name == "MNLI" else f"_{subset}"
+        values = epochs.setdefault(epoch, {})
+        for name in spec.logged_metrics:
+            key = f"{subset}_{name}"
+            if key in record:
+                values[name + suffix] = float(record[key])
+        updates = max(updates, int(float(record.get(f"{subset}_num_updates", 0))))
+    counts = _SUMMARY.findall(text)
+    trainable, total = (int(v.replace(",", "")) for v in counts[-1]) if counts else (None, None)
+    return {"epochs": epochs, "trainable": trainable, "total": total, "updates": updates}
+
+
+def best_epoch(epochs: Dict[int, dict], primary: str) -> Optional[int]:
+    scored = [(values[primary], -epoch, epoch) for epoch, values in epochs.items() if primary in values]
+    return max(scored)[2] if scored else None
+
+
+# -- results ------------------------------------------------------------------------
+
+
+def run_key(row: dict) -> tuple:
+    return (row["task"], row["mode"], row["lr"], row["seed"])
+
+
+def load_results(path: Path) -> List[dict]:
+    if not path.exists():
+        return []
+    try:
+        return json.loads(path.read_text())["runs"]
+    except (ValueError, KeyError) as error:
+        raise UserError(f"{path}: not a results file of this tool ({error})") from None
+
+
+def best_rows(rows: List[dict]) -> Dict[tuple, List[dict]]:
+    """Per (task, mode): the runs of the learning rate with the best mean dev score."""
+    by_config: Dict[tuple, Dict[float, List[dict]]] = {}
+    for row in rows:
+        by_config.setdefault((row["task"], row["mode"]), {}).setdefault(row["lr"], []).append(row)
+    best = {}
+    for key, by_lr in by_config.items():
+        def mean_primary(lr):
+            scores = [r["dev"].get(r["primary_metric"], float("-inf")) for r in by_lr[lr]]
+            return sum(scores) / len(scores)
+        best[key] = by_lr[max(by_lr, key=mean_primary)]
+    return best
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value, digits=1):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def results_markdown(rows: List[dict], specs: dict) -> str:
+    best = best_rows(rows)
+    tasks = [t for t in specs if any(k[0] == t for k in best)]
+    modes = sorted({k[1] for k in best}, key=lambda m: (m != "full", m))
+    header_metrics = {t: specs[t].metrics + (("accuracy_mm",) if t == "MNLI" else ()) for t in tasks}
+    lines = [
+        "# GLUE dev results",
+        "",
+        "Best learning rate per task and mode (by the task's primary dev metric, mean over seeds); "
+        "each cell is the mean over seeds at each run's best epoch. Metrics in %. "
+        "`mean` averages each task's GLUE score (the mean of its official metrics).",
+        "",
+        "| mode | trainable % | " + " | ".join(f"{t} ({'/'.join(header_metrics[t])})" for t in tasks) + " | mean |",
+        "|---|---|" + "---|" * len(tasks) + "---|",
+    ]
+    for mode in modes:
+        cells, scores, fractions = [], [], []
+        for task in tasks:
+            runs = best.get((task, mode))
+            if not runs:
+                cells.append("–")
+                continue
+            values = [_mean([r["dev"].get(m) for r in runs]) for m in header_metrics[task]]
+            cells.append("/".join(_fmt(v) for v in values))
+            scores.append(_mean([r["dev"].get("glue_score") for r in runs]))
+            fractions += [100.0 * r["trainable"] / r["total"] for r in runs if r.get("trainable") and r.get("total")]
+        lines.append(f"| {mode} | {_fmt(_mean(fractions), 3)} | " + " | ".join(cells) + f" | {_fmt(_mean(scores))} |")
+    lines += [
+        "",
+        "## Every run",
+        "",
+        "| task | mode | lr | seed | dev metrics | best epoch | updates | trainable / total | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(rows, key=lambda r: (r["task"], r["mode"], r["lr"], r["seed"])):
+        dev = ", ".join(f"{k} {_fmt(v)}" for k, v in row["dev"].items())
+        params = (f"{row['trainable']:,} / {row['total']:,}" if row.get("trainable") else "–")
+        lines.append(f"| {row['task']} | {row['mode']} | {row['lr']:g} | {row['seed']} | {dev} | "
+                     f"{row['best_epoch']} | {row['updates']} | {params} | {row['wall_time_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(rows: List[dict], specs: dict, path: Path) -> None:
+    """Dev metric per epoch, one panel per task, one line per mode (its best lr, first seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = best_rows(rows)
+    tasks = [t for t in specs if any(k[0] == t for k in best)]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        primary = specs[task].primary_metric
+        for (t, mode), runs in sorted(best.items()):
+            if t != task:
+                continue
+            run = min(runs, key=lambda r: r["seed"])
+            epochs = sorted(int(e) for e in run["curve"])
+            ax.plot(epochs, [run["curve"][str(e)].get(primary) for e in epochs], marker="o", label=f"{mode} (lr {run['lr']:g})")
+        ax.set_title(task)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"dev {primary} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_results(output_dir: Path, new_rows: List[dict]) -> List[dict]:
+    from fairseq_ext import glue_data
+
+    path = output_dir / "results.json"
+    rows = {run_key(r): r for r in load_results(path)}
+    rows.update({run_key(r): r for r in new_rows})
+    rows = sorted(rows.values(), key=run_key)
+    specs = {name: glue_data.TASKS[name] for name in glue_data.TASK_NAMES}
+    _write_atomically(path, json.dumps({"runs": rows}, indent=1) + "\n")
+    _write_atomically(output_dir / "results.md", results_markdown(rows, specs))
+    plot_curves(rows, specs, output_dir / "curves.png")
+    return rows
+
+
+# -- the pipeline --------------------------------------------------------------------
+
+
+def resolve_model(model: Optional[str], output_dir: Path):
+    """The model folder: the embedded default, a converted folder, or a Hugging Face folder to import."""
+    from fairseq_ext import model_dir, pretrained
+
+    if not model:
+        return model_dir.load_model_dir(pretrained.default_model_dir())
+    path = Path(model)
+    if not path.is_dir():
+        raise UserError(f"MODEL {model}: not a directory (a converted model folder or a Hugging Face folder)")
+    if (path / "model.pt").exists():
+        return model_dir.load_model_dir(path)
+    if (path / "config.json").exists():
+        from fairseq_ext import convert_hf
+
+        target = output_dir / "models" / path.resolve().name
+        if not (target / "model.pt").exists():
+            logger.info(f"importing the Hugging Face folder {path} into {target}")
+            convert_hf.convert(path, target)
+        return model_dir.load_model_dir(target)
+    raise UserError(f"MODEL {model}: holds neither model.pt (fairseq) nor config.json (Hugging Face)")
+
+
+def present_tasks(glue_dir: Path) -> List[str]:
+    from fairseq_ext import glue_data
+
+    return [name for name in glue_data.TASK_NAMES if (glue_dir / name / "train.tsv").is_file()]
+
+
+def _progress_line(line: str) -> Optional[str]:
+    """The train.py log lines worth echoing: parameter counts, resumes, dev metrics per epoch."""
+    if "trainable params:" in line or "resuming" in line:
+        return line.split(" | ", 3)[-1].strip()
+    match = _JSON_LINE.search(line)
+    if not match or not match.group(1).startswith("valid"):
+        return None
+    subset, record = match.group(1), json.loads(match.group(2))
+    shown = ", ".join(f"{k[len(subset) + 1:]} {v}" for k, v in record.items()
+                      if k.startswith(subset + "_") and not k.endswith(("_wps", "_wpb", "_bsz", "_nll_loss")))
+    return f"epoch {record.get('epoch')} {subset}: {shown}"
+
+
+def run_training(command: List[str], log_path: Path) -> None:
+    """Run train.py, keep its whole log, and echo epoch-level progress."""
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        last_lines = []
+        for line in process.stdout:
+            log.write(line)
+            last_lines = (last_lines + [line])[-20:]
+            progress = _progress_line(line)
+            if progress:
+                print("    " + progress, flush=True)
+        code = process.wait()
+    if code == 2:
+        raise UserError(last_lines[-1].strip() if last_lines else f"train.py failed; see {log_path}")
+    if code != 0:
+        raise RuntimeError(f"train.py exited {code}; the end of {log_path}:\n{''.join(last_lines)}")
+
+
+def one_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, mode: str, args, lr: float,
+            seed: int, passthrough: List[str]) -> dict:
+    done = run_dir / "result.json"
+    if done.exists():
+        print(f"  {spec.name} {mode} lr {lr:g} seed {seed}: done earlier ({done})", flush=True)
+        return json.loads(done.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_rows = manifest["splits"]["train"]["rows_written"]
+    command = launcher(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port) + train_command(
+        spec, model, prepared, run_dir, mode, args.bitfit_terms, lr, seed, train_rows, args.nproc,
+        passthrough, args.epochs, args.max_seq_len)
+    print(f"  {spec.name} {mode} lr {lr:g} seed {seed}: training ({run_dir})", flush=True)
+    start = time.time()
+    run_training(command, run_dir / "train.log")
+    wall = time.time() - start
+    parsed = parse_log((run_dir / "train.log").read_text(), spec)
+    best = best_epoch(parsed["epochs"], spec.primary_metric)
+    row = {
+        "task": spec.name, "mode": mode_label(mode, args.bitfit_terms), "lr": lr, "seed": seed,
+        "primary_metric": spec.primary_metric, "dev": parsed["epochs"].get(best, {}), "best_epoch": best,
+        "curve": {str(e): v for e, v in sorted(parsed["epochs"].items())},
+        "trainable": parsed["trainable"], "total": parsed["total"], "updates": parsed["updates"],
+        "wall_time_s": round(wall, 1), "train_rows": train_rows, "run_dir": str(run_dir),
+    }
+    if args.node_rank == 0:
+        row["predictions"] = predict_test_sets(spec, prepared, run_dir / "checkpoint_best.pt", run_dir)
+        _write_atomically(done, json.dumps(row, indent=1) + "\n")
+    return row
+
+
+def predict_test_sets(spec, prepared: Path, checkpoint: Path, run_dir: Path) -> Dict[str, str]:
+    """GLUE leaderboard files for the task's test splits, from the best checkpoint."""
+    from fairseq_ext import glue_data
+    from fairseq_ext.glue_predict import predict_split
+
+    written = {}
+    for split in spec.test_splits:
+        if not (prepared / "input0" / f"{split.name}.idx").exists() or not checkpoint.exists():
+            continue
+        indices = glue_data.read_test_indices(prepared, split.name)
+        predictions = predict_split(checkpoint, prepared, split.name)
+        path = glue_data.write_leaderboard_tsv(spec, indices, predictions, run_dir / split.leaderboard_file)
+        written[split.name] = str(path)
+    return written
+
+
+def collect_predictions(output_dir: Path, rows: List[dict]) -> None:
+    """OUTPUT_DIR/predictions/<mode>/: each task's leaderboard files from its best run."""
+    for (task, mode), runs in best_rows(rows).items():
+        best = max(runs, key=lambda r: r["dev"].get(r["primary_metric"], float("-inf")))
+        for path in (best.get("predictions") or {}).values():
+            if Path(path).exists():
+                target = output_dir / "predictions" / mode / Path(path).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glue_bitfit", description="Fine-tune on GLUE with BitFit, full fine-tuning or head-only.")
+    parser.add_argument("--glue-dir", default="glue_data", help="GLUE's glue_data folder (default: ./glue_data)")
+    parser.add_argument("--tasks", default="", help="space-separated tasks (default: every task present)")
+    parser.add_argument("--mode", default="bitfit", choices=MODES)
+    parser.add_argument("--bitfit-terms", default="ofa", help="--bitfit-terms of train.py (MODE=bitfit)")
+    parser.add_argument("--model", default="", help="model folder (default: the embedded all-MiniLM-L6-v2)")
+    parser.add_argument("--output-dir", default="outputs/glue")
+    parser.add_argument("--seeds", default="1")
+    parser.add_argument("--lrs", default="", help="space-separated learning rates: each is trained, the best on dev reported")
+    parser.add_argument("--epochs", type=int, default=None, help="max epochs (default: by mode and task size)")
+    parser.add_argument("--max-seq-len", type=int, default=128)
+    parser.add_argument("--train-subset", type=int, default=None, help="train on the first N training rows (seeded sample)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes per node (torchrun when > 1)")
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--node-rank", type=int, default=0)
+    parser.add_argument("--master-addr", default="127.0.0.1")
+    parser.add_argument("--master-port", type=int, default=29500)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+    return parser
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    try:
+        return [kind(v) for v in text.split()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected space-separated numbers") from None
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    from fairseq_ext import glue_data
+
+    argv = sys.argv[1:] if argv is None else argv
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", force=True)
+    for noisy in ("fairseq", "matplotlib"):  # train.py keeps fairseq's full log in each run's train.log
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    glue_dir = glue_data.check_glue_dir(args.glue_dir)
+    tasks = args.tasks.split() or present_tasks(glue_dir)
+    if not tasks:
+        raise UserError(f"GLUE_DIR {glue_dir}: no task folder with a train.tsv; expected "
+                        f"{glue_dir}/<TASK>/{{train,dev,test}}.tsv. {glue_data.GLUE_SOURCE_HINT}")
+    specs = [glue_data.get_task_spec(task) for task in tasks]
+    seeds = _numbers(args.seeds, int, "SEEDS")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = resolve_model(args.model, output_dir)
+    print(f"GLUE {args.mode}: tasks {' '.join(s.name for s in specs)}; model {model.path} ({model.arch})", flush=True)
+
+    rows = []
+    for spec in specs:
+        prepared = output_dir / "data" / spec.name
+        manifest = glue_data.prepare_task(spec, glue_dir, model, model.dictionary, prepared, args.workers,
+                                          train_subset=args.train_subset)
+        lrs = _numbers(args.lrs, float, "LRS") or default_lrs(args.mode, spec.name)
+        for lr in lrs:
+            for seed in seeds:
+                run_dir = output_dir / "runs" / spec.name / mode_label(args.mode, args.bitfit_terms) / f"lr{lr:g}-seed{seed}"
+                rows.append(one_run(spec, model, prepared, manifest, run_dir, args.mode, args, lr, seed, passthrough))
+    if args.node_rank != 0:
+        return
+    all_rows = write_results(output_dir, rows)
+    collect_predictions(output_dir, all_rows)
+    print(f"\n{(output_dir / 'results.md').read_text().split('## Every run')[0].strip()}\n", flush=True)
+    print(f"results: {output_dir / 'results.json'}, {output_dir / 'results.md'}, {output_dir / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main()

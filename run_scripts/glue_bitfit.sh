@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# BitFit on GLUE, end to end: prepare the data with the model's tokenizer, fine-tune
+# with train.py, and write results.json, results.md, curves.png and GLUE leaderboard
+# predictions to OUTPUT_DIR.  Arguments after the script name go to train.py:
+#
+#   GLUE_DIR=glue_data TASKS="CoLA STS-B" bash run_scripts/glue_bitfit.sh --max-update 30
+#
+# Environment (defaults in brackets):
+#   GLUE_DIR      GLUE's glue_data folder, <TASK>/{train,dev,test}.tsv     [./glue_data]
+#   TASKS         space-separated GLUE tasks                               [every task present]
+#   MODE          bitfit | full | head (head-only baseline)                [bitfit]
+#   BITFIT_TERMS  train.py --bitfit-terms for MODE=bitfit                  [ofa]
+#   MODEL         converted model folder or Hugging Face folder            [embedded all-MiniLM-L6-v2]
+#   OUTPUT_DIR    where data, runs and results go                          [outputs/glue]
+#   SEEDS         space-separated seeds                                    [1]
+#   LRS           space-separated learning rates, best on dev reported     [1e-3; full: fairseq's per task]
+#   EPOCHS        max epochs                                               [bitfit/head 20 (<10k rows) or 10; full 10]
+#   MAX_SEQ_LEN   tokens per example                                       [128]
+#   TRAIN_SUBSET  train on a seeded sample of N training rows              [all]
+#   NPROC         processes per node; torchrun when > 1                    [1]
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT  multi-node torchrun       [1, 0, 127.0.0.1, 29500]
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="${here}${PYTHONPATH:+:${PYTHONPATH}}"
+args=(
+  --glue-dir "${GLUE_DIR:-glue_data}" --tasks "${TASKS:-}" --mode "${MODE:-bitfit}"
+  --bitfit-terms "${BITFIT_TERMS:-ofa}" --model "${MODEL:-}" --output-dir "${OUTPUT_DIR:-outputs/glue}"
+  --seeds "${SEEDS:-1}" --lrs "${LRS:-}" --max-seq-len "${MAX_SEQ_LEN:-128}"
+  --nproc "${NPROC:-1}" --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}"
+  --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}"
+)
+if [[ -n "${EPOCHS:-}" ]]; then args+=(--epochs "${EPOCHS}"); fi
+if [[ -n "${TRAIN_SUBSET:-}" ]]; then args+=(--train-subset "${TRAIN_SUBSET}"); fi
+exec python -m fairseq_ext.glue_run "${args[@]}" -- "$@"
