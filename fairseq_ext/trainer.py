@@ -19,6 +19,7 @@ from fairseq.trainer import Trainer
 from omegaconf import OmegaConf, open_dict
 
 from . import bitfit
+from . import delta  # BitFit deltas next to checkpoints (issue 6)
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,13 @@ class BitFitConfig(FairseqDataclass):
         metadata={
             "help": "freeze the task heads (classification_heads.*) too, exactly as OFA's filter "
             "does; a newly initialised head then stays at its random init"
+        },
+    )
+    bitfit_delta_only: bool = field(
+        default=False,
+        metadata={
+            "help": "save BitFit deltas (NAME.delta.safetensors: the trained tensors) for every checkpoint, "
+            "but a full checkpoint only as checkpoint_last.pt, which resuming needs (fairseq_ext.delta)"
         },
     )
 
@@ -70,6 +78,8 @@ def validate_bitfit_args(args) -> None:
         bitfit.parse_terms(args.bitfit_terms)
     except bitfit.SelectionError as error:
         raise UserError(f"argument --bitfit-terms: {error}") from None
+    if args.bitfit_delta_only and not args.bitfit:
+        raise UserError("--bitfit-delta-only needs --bitfit: only BitFit runs write deltas")
     if args.bitfit and getattr(args, "ddp_backend", None) == "fully_sharded":
         raise UserError(
             "--bitfit cannot be used with --ddp-backend fully_sharded: it flattens and renames "
@@ -242,3 +252,13 @@ class BitFitTrainer(Trainer):
                 f"{'trained' if current.train_heads else 'frozen'}); use the same selection, "
                 "or pass --reset-optimizer"
             )
+
+    # -- BitFit deltas (issue 6): the trained tensors next to every checkpoint -----
+
+    def save_checkpoint(self, filename, extra_state):
+        """fairseq's save, plus NAME.delta.safetensors beside NAME.pt (see fairseq_ext.delta)."""
+        if self.bitfit_selection is None:
+            return super().save_checkpoint(filename, extra_state)
+        if getattr(self, "_delta_writer", None) is None:
+            self._delta_writer = delta.CheckpointDeltaWriter(self)
+        return self._delta_writer.save(filename, extra_state, super().save_checkpoint)
