@@ -1,0 +1,418 @@
+"""Predict many BitFit tasks with one base model in memory.
+
+A BitFit task differs from its pretrained base only in a few bias vectors and
+its classification head, which is what its delta holds (``fairseq_ext.delta``).
+``MultiTaskPredictor`` loads the base once; each task keeps its delta's small
+tensors and its own classification head (registered under the task's key).
+Switching tasks copies the task's bias vectors into the shared model in place,
+and puts back the base values of those another task had changed: no reload.
+
+    from fairseq_ext.predict import MultiTaskPredictor
+    predictor = MultiTaskPredictor(model_dir)            # a model folder, or a checkpoint (+ dictionary=)
+    predictor.add_task("cola", "runs/cola/checkpoint_best.delta.safetensors")
+    predictor.add_task("rte", "runs/rte/checkpoint_best.delta.safetensors")
+    predictor.predict("cola", ["The book was read by Mary."])
+    predictor.predict("rte", [("A man sleeps.", "A person rests.")])
+    # -> [Prediction(label='1', score=0.93, logits=[...], probabilities=[...])]
+
+Examples are encoded as the run's training data was: the model folder's
+tokenizer (none for a bare checkpoint: whitespace-separated tokens, as
+fairseq-preprocess without --bpe) and dictionary, then the task's --init-token
+and --separator-token (BERT pairs ``<s> a </s> b </s>``, RoBERTa pairs
+``<s> a </s> </s> b </s>``), truncated to the task's length; batches group
+examples of similar length.  Logits are bit-identical to the run's full
+checkpoint for the same batches.
+
+    python -m fairseq_ext.predict --base MODEL_DIR --delta cola=D1.safetensors --delta rte=D2.safetensors \\
+        --task cola --input glue/CoLA/test.tsv --output CoLA.tsv
+
+GLUE test files (``index`` + text columns, for a delta of the glue task or a
+--task named like a GLUE task) give GLUE leaderboard files; plain text (one
+sentence a line, or two tab-separated) gives ``prediction<TAB>score...`` lines:
+the label and the class probabilities in class order, or the regression value.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .delta import (SHARED_MODEL_OPTIONS, Delta, build_model, check_base_fingerprint, check_delta_fits,
+                    dictionary_identity, load_base, load_checkpoint_file, read_delta,
+                    register_head, write_atomically)
+from .errors import UserError, exit_on_user_error
+
+logger = logging.getLogger(__name__)
+
+Example = Union[str, Sequence[str]]  # a sentence, or a pair of sentences
+
+
+@dataclass
+class Prediction:
+    label: Optional[str]  # the predicted class's name; None for regression
+    score: float  # the predicted class's probability; the predicted value for regression
+    logits: List[float]
+    probabilities: Optional[List[float]]  # softmax over the classes, in class order; None for regression
+
+
+@dataclass
+class _Task:
+    name: str
+    delta: Delta
+    head_key: str  # its head in model.classification_heads
+    body: Dict[str, torch.Tensor]  # its trained non-head tensors, on the model's device and dtype
+    pair: Optional[bool]  # True/False when known (a GLUE task), None: either
+
+
+class MultiTaskPredictor:
+    """One base model, many task deltas; see the module docstring."""
+
+    def __init__(self, base, *, dictionary=None, trust_checkpoint: bool = False, batch_size: int = 32,
+                 device: str = "cpu"):
+        from fairseq.data import Dictionary
+
+        from .model_dir import build_bpe, load_model_dir
+
+        base = Path(base)
+        if base.is_dir():
+            model_dir = load_model_dir(base)
+            checkpoint, dictionary = model_dir.checkpoint, dictionary or model_dir.dictionary
+            self._bpe = build_bpe(model_dir)
+        elif base.is_file():
+            checkpoint, dictionary = base, dictionary or base.parent / "dict.txt"
+            self._bpe = None
+        else:
+            raise UserError(f"--base {base}: no such model folder or checkpoint")
+        if not Path(dictionary).is_file():
+            raise UserError(f"{dictionary}: no such dictionary (the base model's fairseq dict.txt)")
+        if batch_size < 1:
+            raise UserError(f"--batch-size {batch_size}: must be at least 1")
+        self.dictionary = Dictionary.load(str(dictionary))
+        self.dictionary.add_symbol("<mask>")  # as sentence_prediction and masked_lm load it
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.base_source = str(checkpoint)
+        self._base_state: Optional[dict] = load_checkpoint_file(checkpoint, trust_checkpoint)["model"]
+        self.model = None  # built from the first task's model config
+        self._model_delta: Optional[Delta] = None
+        self._parameters: Dict[str, torch.nn.Parameter] = {}
+        self._base_values: Dict[str, torch.Tensor] = {}  # base values of every tensor some task trains
+        self._tasks: Dict[str, _Task] = {}
+        self._active: Optional[str] = None
+
+    # -- tasks ------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> List[str]:
+        return list(self._tasks)
+
+    def add_task(self, name: str, delta: Union[str, Path, Delta]) -> None:
+        """Add a task from its delta file; the delta must come from a run on this base."""
+        if name in self._tasks:
+            raise UserError(f"task {name!r} is added twice")
+        if not isinstance(delta, Delta):
+            delta = read_delta(delta)
+        source = f"--delta {name}={delta.path}"
+        if delta.head_name not in delta.head_names():
+            raise UserError(f"{source}: holds no classification head {delta.head_name!r}")
+        if self.model is None:
+            self._build(delta, source)
+        else:
+            self._check_same_model(delta, source)
+        if dictionary_identity(self.dictionary) != delta.dictionary:
+            raise UserError(f"{source}: trained with another dictionary ({delta.dictionary['size']} symbols) than "
+                            f"the base's ({len(self.dictionary)} symbols)")
+        check_base_fingerprint(self._base_view(), delta, f"--base {self.base_source}", force_flag=None)
+        body = delta.body_tensors()
+        check_delta_fits(self.model, body, source)
+        for tensor_name in body:
+            if tensor_name not in self._base_values:
+                # Only tensors some task trains are ever overwritten: this one still holds its base value.
+                self._base_values[tensor_name] = self._parameters[tensor_name].detach().clone()
+        head_key = f"task{len(self._tasks)}"
+        register_head(self.model, head_key, delta.head_tensors(delta.head_name))
+        head = self.model.classification_heads[head_key].to(device=self.device, dtype=delta.dtype).eval()
+        head.load_state_dict(delta.head_tensors(delta.head_name), strict=True)
+        self._parameters = dict(self.model.named_parameters())
+        glue_task = delta.glue_task
+        pair = _glue_spec(glue_task).is_pair if glue_task else None
+        self._tasks[name] = _Task(name, delta, head_key, {n: t.to(self.device) for n, t in body.items()}, pair)
+
+    def _build(self, delta: Delta, source: str) -> None:
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG be
+            model = build_model(delta, self.dictionary)
+        # load_base upgrades (renames) keys in the dict it gets: keep ours intact for a later, fitting delta.
+        load_base(model, dict(self._base_state), delta, source)
+        self.model = model.to(device=self.device, dtype=delta.dtype).eval()
+        self._model_delta = delta
+        self._base_state = None  # the model holds the base now
+        self._parameters = dict(model.named_parameters())
+
+    def _check_same_model(self, delta: Delta, source: str) -> None:
+        ours = {**self._model_delta.model["args"], "arch": self._model_delta.arch}
+        theirs = {**delta.model["args"], "arch": delta.arch}
+        for option in SHARED_MODEL_OPTIONS:
+            if ours.get(option) != theirs.get(option):
+                raise UserError(f"{source}: model {option} {theirs.get(option)!r} differs from the loaded model's "
+                                f"{ours.get(option)!r} (from {self._model_delta.path}); tasks of one predictor "
+                                "share one model")
+        if delta.dtype != self._model_delta.dtype:
+            raise UserError(f"{source}: trained in {delta.base['dtype']}, the loaded model is "
+                            f"{self._model_delta.base['dtype']}")
+
+    def _base_view(self) -> Dict[str, torch.Tensor]:
+        """The model's state with every tensor some task changed put back to its base value."""
+        return {name: self._base_values.get(name, tensor) for name, tensor in self.model.state_dict().items()}
+
+    def _task(self, name: str) -> _Task:
+        if name not in self._tasks:
+            raise UserError(f"no task {name!r}; added: {', '.join(self._tasks) or 'none'}")
+        return self._tasks[name]
+
+    def use(self, name: str) -> None:
+        """Switch the shared model to task ``name``: copy its bias tensors in place."""
+        task = self._task(name)
+        if self._active == name:
+            return
+        previous = self._tasks[self._active].body if self._active is not None else {}
+        with torch.no_grad():
+            for tensor_name in previous.keys() - task.body.keys():
+                self._parameters[tensor_name].copy_(self._base_values[tensor_name])
+            for tensor_name, tensor in task.body.items():
+                self._parameters[tensor_name].copy_(tensor)
+        self._active = name
+
+    # -- encoding and batching ----------------------------------------------------------
+
+    def encode(self, name: str, examples: Sequence[Example]) -> List[torch.Tensor]:
+        """Token ids per example, exactly as the task's training data was encoded."""
+        task = self._task(name)
+        return [self._encode(task, example) for example in examples]
+
+    def _encode(self, task: _Task, example: Example) -> torch.Tensor:
+        texts = (example,) if isinstance(example, str) else tuple(example)
+        if not 1 <= len(texts) <= 2 or not all(isinstance(text, str) for text in texts):
+            raise UserError(f"an example is a sentence or a pair of sentences, not {example!r}")
+        if task.pair is not None and (len(texts) == 2) != task.pair:
+            raise UserError(f"task {task.name!r} ({task.delta.glue_task}) takes "
+                            f"{'sentence pairs' if task.pair else 'single sentences'}")
+        cfg = task.delta.task_cfg
+        segments = []
+        for position, text in enumerate(texts):
+            line = self._bpe.encode(text) if self._bpe is not None else text
+            ids = self.dictionary.encode_line(line, append_eos=True, add_if_not_exist=False).long()
+            # sentence_prediction: <init> first sentence, then <separator> second sentence.
+            prefix = cfg.get("init_token") if position == 0 else cfg.get("separator_token")
+            if prefix is not None:
+                ids = torch.cat([ids.new_tensor([prefix]), ids])
+            segments.append(ids)
+        tokens = torch.cat(segments)
+        truncate_to = task.delta.task.get("truncate_to") or cfg.get("max_positions")
+        return tokens[:truncate_to] if truncate_to else tokens
+
+    def batches(self, tokens: Sequence[torch.Tensor]) -> Iterator[Tuple[List[int], torch.Tensor]]:
+        """(example indices, right-padded src_tokens) batches of similar length, longest first."""
+        from fairseq.data.data_utils import collate_tokens
+
+        order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start:start + self.batch_size]
+            yield indices, collate_tokens([tokens[i] for i in indices], self.dictionary.pad(), left_pad=False)
+
+    # -- prediction -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logits(self, name: str, examples: Sequence[Example]) -> torch.Tensor:
+        """[N, classes] head outputs in the order of ``examples`` (the model's dtype)."""
+        task = self._task(name)
+        tokens = self.encode(name, examples)
+        self.use(name)
+        rows: List[Optional[torch.Tensor]] = [None] * len(tokens)
+        for indices, src_tokens in self.batches(tokens):
+            output, _ = self.model(src_tokens.to(self.device), features_only=True,
+                                   classification_head_name=task.head_key)
+            for index, row in zip(indices, output.cpu()):
+                rows[index] = row
+        if not rows:
+            return torch.empty(0, self.model.classification_heads[task.head_key].out_proj.out_features)
+        return torch.stack(rows)
+
+    def predict(self, name: str, examples: Sequence[Example]) -> List[Prediction]:
+        """One Prediction per example: label, score, logits and class probabilities."""
+        delta = self._task(name).delta
+        logits = self.logits(name, examples).float()
+        if delta.regression:
+            return [Prediction(None, float(row[0]), row.tolist(), None) for row in logits]
+        probabilities = torch.softmax(logits, dim=-1)
+        labels = delta.label_symbols or [str(i) for i in range(logits.shape[1])]
+        predictions = []
+        for row, probs in zip(logits, probabilities):
+            best = int(probs.argmax())
+            predictions.append(Prediction(labels[best], float(probs[best]), row.tolist(), probs.tolist()))
+        return predictions
+
+
+# --------------------------------------------------------------------------- input and output files
+
+
+def _glue_spec(name: str):
+    from .glue_data import get_task_spec
+
+    return get_task_spec(name)
+
+
+def glue_spec_for(name: str, delta: Delta):
+    """The GLUE task of a delta (its glue task, or a --task named like a GLUE task), or None."""
+    from .glue_data import TASK_NAMES
+
+    glue_name = delta.glue_task or next((t for t in TASK_NAMES if t.lower() == name.lower()), None)
+    if glue_name is None:
+        return None
+    spec = _glue_spec(glue_name)
+    labels = None if spec.regression else list(spec.labels)
+    if delta.regression != spec.regression or (labels is not None and delta.label_symbols != labels):
+        raise UserError(f"--task {name}: GLUE {spec.name} has "
+                        f"{'a regression target' if spec.regression else 'classes ' + ', '.join(labels)}, "
+                        f"but {delta.path} predicts "
+                        f"{'a regression target' if delta.regression else 'classes ' + ', '.join(delta.label_symbols or [])}")
+    return spec
+
+
+def read_glue_tsv(spec, path: Path) -> Tuple[List[str], List[Tuple[str, ...]]]:
+    """(GLUE ids, texts) of a GLUE test file; the columns are checked against the task's."""
+    from . import glue_data
+
+    tests = spec.test_splits
+    split = next((s for s in tests if s.file_name == path.name), tests[0])
+    rows = glue_data._read_tsv(spec, split, path)  # header and columns checked, errors name file:line
+    return rows.indices, rows.texts
+
+
+def read_lines(path: Path) -> List[Tuple[str, ...]]:
+    """One example a line: a sentence, or two tab-separated sentences (every line alike)."""
+    lines = _read_text(path).split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise UserError(f"{path}: empty file, expected one sentence (or two tab-separated) a line")
+    examples, width = [], None
+    for number, line in enumerate(lines, start=1):
+        fields = tuple(line[:-1].split("\t") if line.endswith("\r") else line.split("\t"))
+        if len(fields) > 2:
+            raise UserError(f"{path}:{number}: {len(fields)} tab-separated fields; expected a sentence or a pair")
+        if width is not None and len(fields) != width:
+            raise UserError(f"{path}:{number}: {len(fields)} sentences, but line 1 has {width}")
+        if not all(field.strip() for field in fields):
+            raise UserError(f"{path}:{number}: empty sentence")
+        width = len(fields)
+        examples.append(fields)
+    return examples
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise UserError(f"--input {path}: cannot read: {error.strerror}") from None
+
+
+def looks_like_glue_tsv(spec, path: Path) -> bool:
+    """A first line naming the task's columns is a GLUE header."""
+    first_line = _read_text(path).split("\n", 1)[0].rstrip("\r")
+    header = set(first_line.split("\t"))
+    return bool(header & {spec.test_index_column, *spec.text_columns})
+
+
+def format_lines(predictions: Sequence[Prediction]) -> str:
+    lines = []
+    for prediction in predictions:
+        if prediction.probabilities is None:
+            lines.append(f"{prediction.score:.6f}")
+        else:
+            lines.append("\t".join([prediction.label] + [f"{p:.6f}" for p in prediction.probabilities]))
+    return "".join(line + "\n" for line in lines)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_delta_option(value: str) -> Tuple[str, str]:
+    name, separator, path = value.partition("=")
+    if not separator or not name.strip() or not path:
+        raise UserError(f"--delta {value!r}: expected TASK=PATH, e.g. --delta cola=runs/cola/checkpoint_best.delta.safetensors")
+    return name.strip(), path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fairseq_ext.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="the pretrained model folder (model.pt, dict.txt, tokenizer), "
+                        "or a fairseq checkpoint with dict.txt beside it (then inputs are pre-tokenized text)")
+    parser.add_argument("--delta", action="append", required=True, metavar="TASK=PATH",
+                        help="a task and its delta (repeatable)")
+    parser.add_argument("--task", required=True, help="the task to predict (one of the --delta names)")
+    parser.add_argument("--input", required=True, help="a GLUE test TSV, or one sentence (or two tab-separated) a line")
+    parser.add_argument("--output", required=True, help="GLUE leaderboard TSV, or prediction<TAB>score... lines")
+    parser.add_argument("--input-format", choices=("auto", "glue", "lines"), default="auto",
+                        help="auto: a GLUE TSV when the task is a GLUE task and the first line is its header")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dictionary", help="the base's dict.txt (default: the model folder's, or beside --base)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle --base without torch's weights_only safety (only for files you trust)")
+    return parser
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(levelname)s | %(name)s | %(message)s", level=logging.WARNING, stream=sys.stderr,
+                        force=True)
+    deltas = dict(parse_delta_option(value) for value in args.delta)
+    if len(deltas) != len(args.delta):
+        raise UserError("--delta: a task name is given twice")
+    if args.task not in deltas:
+        raise UserError(f"--task {args.task}: no --delta for it (given: {', '.join(deltas)})")
+    input_path, output_path = Path(args.input), Path(args.output)
+    if not input_path.is_file():
+        raise UserError(f"--input {input_path}: no such file")
+    if output_path.exists() and output_path.resolve() == input_path.resolve():
+        raise UserError(f"--output {output_path} is the --input file")
+    loaded = {name: read_delta(path) for name, path in deltas.items()}
+
+    # Read (and check) the input before the model is loaded: bad input fails fast.
+    spec = glue_spec_for(args.task, loaded[args.task])
+    glue_input = args.input_format == "glue" or (
+        args.input_format == "auto" and spec is not None and looks_like_glue_tsv(spec, input_path))
+    if glue_input:
+        if spec is None:
+            raise UserError(f"--input-format glue: --task {args.task} is not a GLUE task")
+        indices, examples = read_glue_tsv(spec, input_path)
+    else:
+        examples = read_lines(input_path)
+
+    predictor = MultiTaskPredictor(args.base, dictionary=args.dictionary, trust_checkpoint=args.trust_checkpoint,
+                                   batch_size=args.batch_size, device=args.device)
+    for name, delta in loaded.items():
+        predictor.add_task(name, delta)
+    predictions = predictor.predict(args.task, examples)
+    if glue_input:
+        import numpy as np
+
+        from .glue_data import write_leaderboard_tsv
+
+        values = [p.score if p.probabilities is None else spec.labels.index(p.label) for p in predictions]
+        write_leaderboard_tsv(spec, indices, np.asarray(values), output_path)
+    else:
+        write_atomically(output_path, lambda tmp: Path(tmp).write_text(format_lines(predictions), encoding="utf-8"))
+    print(f"wrote {len(predictions)} predictions of task {args.task} to {output_path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
