@@ -1,0 +1,28 @@
+"""The benchmark runs and writes valid results (a tiny model; no assertion on time)."""
+import json
+import os
+import subprocess
+
+import tiny
+
+
+def test_benchmark_writes_json_and_markdown(tmp_path):
+    env = dict(os.environ, MODELS="bert_tiny", MODES="full bitfit-ofa head", STEPS="2", WARMUP="1",
+               BATCH="4", SEQ_LEN="16", DEVICE="cpu", OUTPUT_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    result = subprocess.run(["bash", str(tiny.REPO / "run_scripts" / "benchmark.sh")], env=env,
+                            capture_output=True, text=True, cwd=tiny.REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [r["mode"] for r in rows] == ["full", "bitfit-ofa", "head"]
+    fields = {"model", "mode", "device", "batch", "seq_len", "step_ms_median", "tokens_per_s",
+              "peak_mem_bytes", "trainable", "total", "ratio_to_full"}
+    for row in rows:
+        assert fields <= set(row)
+        assert row["step_ms_median"] > 0 and row["peak_mem_bytes"] > 0
+        assert abs(row["tokens_per_s"] - 4 * 16 / (row["step_ms_median"] / 1000)) < 0.01 * row["tokens_per_s"] + 1
+    full, bitfit, head = rows
+    assert full["trainable"] == full["total"] and full["ratio_to_full"] == 1.0
+    assert head["trainable"] < bitfit["trainable"] < full["trainable"]
+    assert bitfit["ratio_to_full"] == round(bitfit["step_ms_median"] / full["step_ms_median"], 3)
+    table = (tmp_path / "benchmark.md").read_text()
+    assert table.count("| bert_tiny |") == 3
