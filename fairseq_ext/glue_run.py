@@ -324,10 +324,14 @@ def _progress_line(line: str) -> Optional[str]:
 def run_training(command: List[str], log_path: Path) -> None:
     """Run train.py, keep its whole log, and echo epoch-level progress."""
     with open(log_path, "a") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        # Unbuffered: progress shows as it happens, and the log is whole if the run dies.
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   bufsize=1, env=env)
         last_lines = []
         for line in process.stdout:
             log.write(line)
+            log.flush()
             last_lines = (last_lines + [line])[-20:]
             progress = _progress_line(line)
             if progress:
