@@ -7,8 +7,9 @@ checkpoint ``NAME.pt`` it saves (checkpoint_best.pt -> checkpoint_best.delta.saf
 
 * tensors: every trained tensor (``requires_grad``) and the task heads
   (``classification_heads.*``: the pretrained base has none, so they travel in
-  the delta even when ``--bitfit-freeze-heads`` leaves them frozen), in the dtype
-  the checkpoint holds them;
+  the delta even when ``--bitfit-freeze-heads`` leaves them frozen), in the
+  training model's dtype (bf16/fp16 runs: half the bytes; fairseq's full
+  checkpoint holds the same values upcast to float32);
 * header metadata, one JSON string per section (``Delta`` lists them): the
   selection, the task config and its label symbols, the model config, the
   dictionary's identity, the training progress, the run's other config groups,
@@ -26,8 +27,9 @@ change (they have no gradient and are not in the optimizer).
     python -m fairseq_ext.delta apply --base BASE.pt --delta D.delta.safetensors --out MERGED.pt
 
 ``apply`` rebuilds the model from the delta's config, loads BASE into it as
-fairseq's --restore-file does, checks the fingerprint, copies the delta in and
-writes a normal fairseq checkpoint: tensor for tensor the run's full one.
+fairseq's --restore-file does (rounded to the training dtype, if not float32),
+checks the fingerprint, copies the delta in and writes a normal fairseq
+checkpoint: tensor for tensor the run's full one (float32, as fairseq saves).
 Deltas are read without pickle (safetensors); checkpoints with torch's
 weights_only loader and fairseq_ext's allow-list, unless --trust-checkpoint.
 """
@@ -262,7 +264,10 @@ class CheckpointDeltaWriter:
         names = self._run_sections["names"]
         iterator = extra_state.get("train_iterator") or {}
         score = extra_state.get("val_loss")  # fairseq's name for the --best-checkpoint-metric value
-        progress = {"num_updates": self.trainer.get_num_updates(), "epoch": iterator.get("epoch"),
+        epoch = iterator.get("epoch")
+        if epoch is not None and not iterator.get("iterations_in_epoch"):
+            epoch -= 1  # fairseq's iterator state points at the next epoch once one ends
+        progress = {"num_updates": self.trainer.get_num_updates(), "epoch": epoch,
                     "valid_metric": self.trainer.cfg.checkpoint.best_checkpoint_metric,
                     "valid_score": None if score is None else float(score)}
         return Delta(tensors={name: state[name].detach().cpu().clone() for name in names},
@@ -285,7 +290,7 @@ class CheckpointDeltaWriter:
         sections = {
             "selection": {"terms": selection.terms, "train_heads": selection.train_heads, "trained": trained,
                           "unused": list(selection.unused), "delta_only": self.delta_only},
-            "task": _task_section(trainer.task, plain_cfg["task"]),
+            "task": _task_section(trainer.task),
             "model": {"arch": model_args.get("arch") or model_args.get("_name"), "args": model_args,
                       "namespace": namespace},
             "dictionary": dictionary_identity(trainer.task.source_dictionary),
@@ -296,7 +301,14 @@ class CheckpointDeltaWriter:
         return {"names": names, "sections": sections}
 
 
-def _task_section(task, task_cfg: dict) -> dict:
+def _task_section(task) -> dict:
+    from omegaconf import OmegaConf
+
+    # The task's own config: setup_task resolved it (the glue task fills in --num-classes, --init-token...);
+    # the run's cfg.task keeps the command line's values.
+    task_cfg = task.cfg
+    task_cfg = OmegaConf.to_container(task_cfg, resolve=True, enum_to_str=True) if OmegaConf.is_config(task_cfg) \
+        else dict(vars(task_cfg) if isinstance(task_cfg, argparse.Namespace) else task_cfg)
     labels = getattr(task, "label_dictionary", None)
     num_classes = task_cfg.get("num_classes")
     label_symbols = None
@@ -447,7 +459,9 @@ def load_base(model, base_state: dict, delta: Delta, source: str) -> None:
 def check_base_fingerprint(state: Mapping[str, torch.Tensor], delta: Delta, source: str, force: bool = False,
                            force_flag: Optional[str] = "--force") -> None:
     """Refuse a base other than the one the delta was trained from (``force``: warn only)."""
-    found = tensors_fingerprint(frozen_base_tensors(state, delta.tensors))
+    frozen = frozen_base_tensors(state, delta.tensors)
+    # In the training dtype: lossless for a model already rounded to it (fp32 upcasts of bf16 values).
+    found = tensors_fingerprint({name: t.to(delta.dtype) if t.is_floating_point() else t for name, t in frozen.items()})
     expected = delta.base["fingerprint"]
     if found == expected:
         return
@@ -507,13 +521,15 @@ def merged_checkpoint(delta: Delta, model_state: Dict[str, torch.Tensor]) -> dic
 
     Like a converted pretrained model.pt it is a model file, not a resume point.
     """
+    from fairseq import utils
+
     cfg = dict(delta.training_cfg)
     cfg["task"] = delta.task_cfg
     cfg["model"] = model_args(delta) if delta.model["namespace"] else dict(delta.model["args"])
     return {
         "args": None,
         "cfg": cfg,
-        "model": model_state,
+        "model": utils.move_to_cpu(model_state),  # fp16/bf16 become float32, as fairseq saves checkpoints
         "criterion": None,
         # fairseq's checkpoint upgrade reads optimizer_history[-1]; no optimizer state is stored.
         "optimizer_history": [{"criterion_name": "none", "optimizer_name": "none",
@@ -542,7 +558,7 @@ def describe(delta: Delta) -> str:
     lines = [
         f"{delta.path}: BitFit delta (format {FORMAT_VERSION}), {file_bytes:,} bytes",
         f"tensors: {len(delta.tensors)}, {sum(c[1] for c in per_role.values()):,} params, {tensor_bytes:,} bytes "
-        f"({100.0 * sum(c[1] for c in per_role.values()) / max(total, 1):.4f}% of {total:,} model params), "
+        f"({100.0 * sum(c[1] for c in per_role.values()) / max(total, 1):.4f}% of the model's {total:,} values), "
         f"dtype {base['dtype']}",
     ]
     order = list(bitfit.PAPER_TERMS) + ["other", "head"]

@@ -128,7 +128,8 @@ class MultiTaskPredictor:
             raise UserError(f"{source}: trained with another dictionary ({delta.dictionary['size']} symbols) than "
                             f"the base's ({len(self.dictionary)} symbols)")
         check_base_fingerprint(self._base_view(), delta, f"--base {self.base_source}", force_flag=None)
-        body = delta.body_tensors()
+        # float32 like the model (see _build); bf16/fp16 deltas upcast losslessly.
+        body = {name: tensor.float() for name, tensor in delta.body_tensors().items()}
         check_delta_fits(self.model, body, source)
         for tensor_name in body:
             if tensor_name not in self._base_values:
@@ -136,7 +137,7 @@ class MultiTaskPredictor:
                 self._base_values[tensor_name] = self._parameters[tensor_name].detach().clone()
         head_key = f"task{len(self._tasks)}"
         register_head(self.model, head_key, delta.head_tensors(delta.head_name))
-        head = self.model.classification_heads[head_key].to(device=self.device, dtype=delta.dtype).eval()
+        head = self.model.classification_heads[head_key].to(self.device).eval()
         head.load_state_dict(delta.head_tensors(delta.head_name), strict=True)
         self._parameters = dict(self.model.named_parameters())
         glue_task = delta.glue_task
@@ -148,7 +149,9 @@ class MultiTaskPredictor:
             model = build_model(delta, self.dictionary)
         # load_base upgrades (renames) keys in the dict it gets: keep ours intact for a later, fitting delta.
         load_base(model, dict(self._base_state), delta, source)
-        self.model = model.to(device=self.device, dtype=delta.dtype).eval()
+        # A bf16/fp16 run trained on the base rounded to that dtype; its full checkpoint holds float32
+        # upcasts, which fairseq loads into a float32 model: do the same.
+        self.model = model.to(delta.dtype).float().to(self.device).eval()
         self._model_delta = delta
         self._base_state = None  # the model holds the base now
         self._parameters = dict(model.named_parameters())
