@@ -1,0 +1,271 @@
+"""MultiTaskPredictor and its CLI: one base, task deltas switched in place, logits equal to the full checkpoints.
+
+Two tiny RoBERTa BitFit runs (different selections) share the tiny pretrained
+base; a few BitFit updates of the embedded all-MiniLM-L6-v2 on a CoLA subset
+check the real tokenizer, GLUE test files and the leaderboard output.
+"""
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import fairseq_ext  # noqa: F401  (the glue task, bert model and safe checkpoint loading)
+import tiny
+from fairseq_ext import delta as deltas
+from fairseq_ext import predict
+from fairseq_ext.errors import UserError
+
+SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "glue"
+BEST_DELTA = f"checkpoint_best{deltas.DELTA_SUFFIX}"
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tiny_data, tiny_pretrained, tmp_path_factory):
+    """Two tasks on one base: OFA's biases, and every bias (q/k/v too) with another seed."""
+    root = tmp_path_factory.mktemp("tiny_runs")
+    for name, extra in (("ofa", ["--bitfit"]), ("all", ["--bitfit", "--bitfit-terms", "all", "--seed", "2"])):
+        tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, root / name, extra=extra))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor(tiny_runs, tiny_pretrained, tiny_data):
+    predictor = predict.MultiTaskPredictor(tiny_pretrained, dictionary=tiny_data / "input0" / "dict.txt",
+                                           batch_size=8)
+    predictor.add_task("ofa", tiny_runs / "ofa" / BEST_DELTA)
+    predictor.add_task("all", tiny_runs / "all" / BEST_DELTA)
+    return predictor
+
+
+def tiny_sentences(tiny_data):
+    return (tiny_data.parent / "raw" / "valid.input0").read_text().splitlines()
+
+
+def fairseq_model(checkpoint, data=None):
+    """A full checkpoint as fairseq loads it: (model, task, head name)."""
+    from fairseq import checkpoint_utils
+
+    overrides = {"data": str(data), "no_shuffle": True} if data else None
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)], arg_overrides=overrides)
+    return models[0].eval(), task, cfg.task.classification_head_name
+
+
+@torch.no_grad()
+def reference_logits(predictor, task_name, examples, checkpoint):
+    """The full checkpoint's logits on exactly the predictor's batches."""
+    model, _, head = fairseq_model(checkpoint)
+    rows = [None] * len(examples)
+    for indices, src_tokens in predictor.batches(predictor.encode(task_name, examples)):
+        output, _ = model(src_tokens, features_only=True, classification_head_name=head)
+        for index, row in zip(indices, output):
+            rows[index] = row
+    return torch.stack(rows)
+
+
+def run_cli(capsys, *argv):
+    try:
+        predict.main([str(arg) for arg in argv])
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(result, *fragments):
+    status, _, err = result
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# ------------------------------------------------------------------ tiny RoBERTa
+
+
+def test_switching_tasks_gives_each_full_checkpoints_logits(tiny_predictor, tiny_runs, tiny_data):
+    sentences = tiny_sentences(tiny_data)
+    expected = {name: reference_logits(tiny_predictor, name, sentences, tiny_runs / name / "checkpoint_best.pt")
+                for name in ("ofa", "all")}
+    for name in ("ofa", "all", "ofa", "all"):  # "all" trains q/k/v biases, which "ofa" must get back as base
+        assert torch.equal(tiny_predictor.logits(name, sentences), expected[name]), name
+    assert not torch.equal(expected["ofa"], expected["all"])
+
+
+def test_encoding_matches_the_training_data(tiny_predictor, tiny_runs, tiny_data):
+    _, task, _ = fairseq_model(tiny_runs / "ofa" / "checkpoint_best.pt", tiny_data)
+    task.load_dataset("valid")
+    dataset = task.dataset("valid")
+    encoded = tiny_predictor.encode("ofa", tiny_sentences(tiny_data))
+    assert len(encoded) == len(dataset)
+    for index, tokens in enumerate(encoded):
+        assert torch.equal(tokens, dataset[index]["net_input.src_tokens"]), index
+
+    # Pairs as sentence_prediction builds them: <s> a </s> <separator> b </s>, RoBERTa's separator is </s>.
+    dictionary = tiny_predictor.dictionary
+    (pair,) = tiny_predictor.encode("ofa", [("good w1", "bad")])
+    expected = [dictionary.bos(), dictionary.index("good"), dictionary.index("w1"), dictionary.eos(),
+                dictionary.eos(), dictionary.index("bad"), dictionary.eos()]
+    assert pair.tolist() == expected
+    (long,) = tiny_predictor.encode("ofa", [" ".join(["good"] * 200)])
+    assert len(long) == 64  # the task's --max-positions
+
+
+def test_predictions_hold_label_score_and_probabilities(tiny_predictor, tiny_runs, tiny_data):
+    sentences = tiny_sentences(tiny_data)[:5]
+    delta = deltas.read_delta(tiny_runs / "ofa" / BEST_DELTA)
+    logits = tiny_predictor.logits("ofa", sentences)
+    for prediction, row in zip(tiny_predictor.predict("ofa", sentences), logits):
+        probabilities = torch.softmax(row, dim=-1)
+        assert prediction.label == delta.label_symbols[int(row.argmax())]
+        assert prediction.score == pytest.approx(float(probabilities.max()))
+        assert prediction.probabilities == pytest.approx(probabilities.tolist())
+        assert prediction.logits == row.tolist()
+
+
+def test_regression_tasks_predict_a_value(tiny_runs, tiny_pretrained, tiny_data):
+    # A regression delta made from a trained one: a 1-output head, regression_target on.
+    trained = deltas.read_delta(tiny_runs / "ofa" / BEST_DELTA)
+    head = "classification_heads.sentence_classification_head.out_proj."
+    tensors = dict(trained.tensors, **{head + "weight": trained.tensors[head + "weight"][:1].clone(),
+                                       head + "bias": trained.tensors[head + "bias"][:1].clone()})
+    task = {**trained.task, "cfg": {**trained.task_cfg, "num_classes": 1, "regression_target": True},
+            "label_symbols": None}
+    regression = dataclasses.replace(trained, tensors=tensors, task=task, path="regression")
+    predictor = predict.MultiTaskPredictor(tiny_pretrained, dictionary=tiny_data / "input0" / "dict.txt")
+    predictor.add_task("score", regression)
+    (prediction,) = predictor.predict("score", ["good w1 w2"])
+    assert prediction.label is None and prediction.probabilities is None
+    assert prediction.score == prediction.logits[0]
+
+
+def test_cli_on_plain_lines(tiny_runs, tiny_pretrained, tiny_data, tiny_predictor, tmp_path, capsys):
+    base = tmp_path / "base"
+    base.mkdir()
+    shutil.copyfile(tiny_pretrained, base / "model.pt")
+    shutil.copyfile(tiny_data / "input0" / "dict.txt", base / "dict.txt")  # found beside the checkpoint
+    sentences = tiny_sentences(tiny_data)[:7]
+    lines = tmp_path / "in.txt"
+    lines.write_text("".join(s + "\n" for s in sentences))
+    out = tmp_path / "out.tsv"
+    status, _, err = run_cli(capsys, "--base", base / "model.pt", "--delta", f"ofa={tiny_runs / 'ofa' / BEST_DELTA}",
+                             "--delta", f"all={tiny_runs / 'all' / BEST_DELTA}", "--task", "all",
+                             "--input", lines, "--output", out)
+    assert status == 0, err
+    rows = [line.split("\t") for line in out.read_text().splitlines()]
+    expected = tiny_predictor.predict("all", sentences)
+    assert [row[0] for row in rows] == [p.label for p in expected]
+    assert [[float(v) for v in row[1:]] for row in rows] == [pytest.approx(p.probabilities, abs=1e-6)
+                                                             for p in expected]
+
+
+def test_bad_input_fails_with_one_line_and_no_output(tiny_runs, tiny_pretrained, tiny_data, tiny_predictor,
+                                                     tmp_path, capsys):
+    base = tmp_path / "base"
+    base.mkdir()
+    shutil.copyfile(tiny_pretrained, base / "model.pt")
+    shutil.copyfile(tiny_data / "input0" / "dict.txt", base / "dict.txt")
+    good = tmp_path / "in.txt"
+    good.write_text("good w1\nbad w2\n")
+    out = tmp_path / "out.tsv"
+    ofa = f"ofa={tiny_runs / 'ofa' / BEST_DELTA}"
+
+    def cli(*argv):
+        return run_cli(capsys, "--base", base / "model.pt", "--output", out, *argv)
+
+    assert_one_line_error(cli("--delta", ofa, "--task", "cola", "--input", good), "--task cola: no --delta for it")
+    assert_one_line_error(cli("--delta", "ofa", "--task", "ofa", "--input", good), "expected TASK=PATH")
+    truncated = tmp_path / "truncated.delta.safetensors"
+    truncated.write_bytes((tiny_runs / "ofa" / BEST_DELTA).read_bytes()[:3000])
+    assert_one_line_error(cli("--delta", f"ofa={truncated}", "--task", "ofa", "--input", good), "truncated or corrupt")
+    three = tmp_path / "three.txt"
+    three.write_text("a\tb\tc\n")
+    assert_one_line_error(cli("--delta", ofa, "--task", "ofa", "--input", three), "three.txt:1: 3 tab-separated")
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("good\nbad\tw1\n")
+    assert_one_line_error(cli("--delta", ofa, "--task", "ofa", "--input", mixed), "mixed.txt:2: 2 sentences")
+    assert not out.exists() and not list(tmp_path.glob(".out.tsv*"))
+
+    with pytest.raises(UserError, match="no task 'nope'"):
+        tiny_predictor.predict("nope", ["good"])
+    with pytest.raises(UserError, match="added twice"):
+        tiny_predictor.add_task("ofa", tiny_runs / "ofa" / BEST_DELTA)
+
+
+# ------------------------------------------------------------------ the embedded MiniLM on CoLA
+
+
+@pytest.fixture(scope="module")
+def minilm_cola(tmp_path_factory):
+    """A few BitFit updates of all-MiniLM-L6-v2 on the first rows of the real CoLA files."""
+    if not (SHARED_GLUE / "CoLA").is_dir():
+        pytest.skip(f"no GLUE files at {SHARED_GLUE}")
+    from fairseq_ext.glue_data import prepare_task
+    from fairseq_ext.model_dir import load_model_dir
+    from fairseq_ext.pretrained import default_model_dir
+
+    try:
+        model = load_model_dir(default_model_dir())
+    except UserError as error:
+        pytest.skip(str(error))
+    root = tmp_path_factory.mktemp("minilm_cola")
+    glue = root / "glue" / "CoLA"
+    glue.mkdir(parents=True)
+    for name, lines in (("train.tsv", 64), ("dev.tsv", 32), ("test.tsv", 41)):  # CoLA test.tsv has a header
+        head = (SHARED_GLUE / "CoLA" / name).read_text(encoding="utf-8").split("\n")[:lines]
+        (glue / name).write_text("\n".join(head) + "\n", encoding="utf-8")
+    prepare_task("CoLA", root / "glue", model, None, root / "data", 1)
+    tiny.run(["train.py", str(root / "data"), "--task", "glue", "--criterion", "glue_prediction", *model.arch_args(),
+              "--restore-file", model.checkpoint, "--reset-optimizer", "--reset-dataloader", "--reset-meters",
+              "--max-seq-len", "64", "--batch-size", "16", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "3",
+              "--save-dir", str(root / "run"), "--no-epoch-checkpoints", "--best-checkpoint-metric", "mcc",
+              "--maximize-best-checkpoint-metric", *tiny.COMMON, "--bitfit"])
+    return model, root
+
+
+def test_minilm_cli_writes_the_leaderboard_file_of_the_full_checkpoint(minilm_cola, tmp_path):
+    model, root = minilm_cola
+    out = tmp_path / "CoLA.tsv"
+    tiny.run(["-m", "fairseq_ext.predict", "--base", model.path, "--delta", f"cola={root / 'run' / BEST_DELTA}",
+              "--task", "cola", "--input", str(root / "glue" / "CoLA" / "test.tsv"), "--output", str(out)])
+
+    predictor = predict.MultiTaskPredictor(model.path)
+    predictor.add_task("cola", root / "run" / BEST_DELTA)
+    rows = [line.split("\t") for line in (root / "glue" / "CoLA" / "test.tsv").read_text().splitlines()[1:]]
+    sentences = [row[1] for row in rows]
+    logits = predictor.logits("cola", sentences)
+    assert torch.equal(logits, reference_logits(predictor, "cola", sentences, root / "run" / "checkpoint_best.pt"))
+
+    lines = out.read_text().splitlines()
+    assert lines[0] == "index\tprediction"
+    assert lines[1:] == [f"{row[0]}\t{int(label)}" for row, label in zip(rows, logits.argmax(dim=1))]
+
+    # Same tokens as the prepared (glue_data) test split, through the glue task.
+    _, task, _ = fairseq_model(root / "run" / "checkpoint_best.pt", root / "data")
+    task.load_dataset("test")
+    encoded = predictor.encode("cola", sentences)
+    assert all(torch.equal(tokens, task.dataset("test")[i]["net_input.src_tokens"]) for i, tokens in enumerate(encoded))
+
+
+def test_minilm_rejects_wrong_columns_and_foreign_deltas(minilm_cola, tiny_runs, tiny_pretrained, tiny_data,
+                                                         tmp_path, capsys):
+    model, root = minilm_cola
+    out = tmp_path / "CoLA.tsv"
+    cola = f"cola={root / 'run' / BEST_DELTA}"
+    mrpc_like = tmp_path / "test.tsv"
+    mrpc_like.write_text("index\t#1 ID\t#2 ID\t#1 String\t#2 String\n0\t1\t2\ta\tb\n")
+    assert_one_line_error(run_cli(capsys, "--base", model.path, "--delta", cola, "--task", "cola",
+                                  "--input", mrpc_like, "--output", out), "header has no column 'sentence'")
+    # A tiny RoBERTa delta on the MiniLM base, and the MiniLM delta on the tiny base.
+    lines = tmp_path / "lines.txt"
+    lines.write_text("good w1\n")
+    assert_one_line_error(run_cli(capsys, "--base", model.path, "--delta", f"ofa={tiny_runs / 'ofa' / BEST_DELTA}",
+                                  "--task", "ofa", "--input", lines, "--output", out),
+                          "does not fit the delta's model (arch roberta)")
+    with pytest.raises(UserError, match=r"does not fit the delta's model \(arch bert_minilm_l6_h384\)"):
+        predict.MultiTaskPredictor(tiny_pretrained, dictionary=tiny_data / "input0" / "dict.txt").add_task(
+            "cola", root / "run" / BEST_DELTA)
+    assert not out.exists()
