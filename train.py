@@ -20,7 +20,7 @@ from fairseq.distributed import utils as distributed_utils
 
 import fairseq_ext  # noqa: F401  (registers the plugin's tasks, models and tokenizers)
 from fairseq_ext.errors import UserError, exit_on_user_error
-from fairseq_ext.launch import configure_precision, configure_torchrun
+from fairseq_ext.launch import configure_precision, configure_torchrun, reject_conflicting_precision
 from fairseq_ext.trainer import BitFitTrainer, add_bitfit_args, attach_bitfit_config, validate_bitfit_args
 
 logger = logging.getLogger("train")
@@ -52,12 +52,13 @@ def resolve_restore_file(args) -> None:
 @exit_on_user_error
 def cli_main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    reject_conflicting_precision(argv)
     parser = options.get_training_parser()
     add_bitfit_args(parser)
     args = options.parse_args_and_arch(parser, input_args=argv)
     validate_bitfit_args(args)
     configure_precision(args, argv)
-    configure_torchrun(args)
+    configure_torchrun(args, argv)
     resolve_restore_file(args)
 
     with warnings.catch_warnings():

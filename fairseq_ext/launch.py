@@ -18,7 +18,7 @@ def uses_cuda(args) -> bool:
     return torch.cuda.is_available() and not args.cpu and not getattr(args, "tpu", False)
 
 
-def configure_torchrun(args) -> None:
+def configure_torchrun(args, argv=()) -> None:
     """Take rank, world size and init method from torchrun's environment.
 
     fairseq only looks at WORLD_SIZE when its own world size (the CUDA device
@@ -29,6 +29,11 @@ def configure_torchrun(args) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if args.distributed_init_method is not None or world_size <= 1 or "RANK" not in os.environ:
         return
+    if "--distributed-world-size" in argv and args.distributed_world_size != world_size:
+        raise UserError(
+            f"--distributed-world-size {args.distributed_world_size} contradicts torchrun's "
+            f"WORLD_SIZE={world_size}; drop the flag under torchrun"
+        )
     args.distributed_world_size = world_size
     args.distributed_rank = int(os.environ["RANK"])
     args.device_id = int(os.environ.get("LOCAL_RANK", "0"))
@@ -41,6 +46,13 @@ def configure_torchrun(args) -> None:
             f"torchrun: {world_size} workers, backend {args.distributed_backend}, "
             f"ddp backend {args.ddp_backend}"
         )
+
+
+def reject_conflicting_precision(argv) -> None:
+    """--fp16 with --bf16: fairseq's parser dies on it with a traceback about TPUs."""
+    given = {flag for flag in argv if flag in ("--fp16", "--memory-efficient-fp16", "--bf16", "--memory-efficient-bf16")}
+    if given & {"--fp16", "--memory-efficient-fp16"} and given & {"--bf16", "--memory-efficient-bf16"}:
+        raise UserError(f"{' and '.join(sorted(given))} exclude each other: pick fp16 or bf16")
 
 
 def configure_precision(args, argv) -> None:

@@ -1,5 +1,6 @@
 """torchrun on CPU (gloo): one training across workers, equal to one process; bf16 on CPU."""
 import socket
+import sys
 
 import pytest
 import torch
@@ -18,14 +19,18 @@ def free_port():
         return str(s.getsockname()[1])
 
 
-def dump_run(args, dump_dir, nproc=1):
+def torchrun(nproc, port, nnodes=1, node_rank=0):
+    return ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
+            f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+
+
+def dump_run(args, dump_dir, nproc=1, check=True, env=None):
     """train.py through tests/rank_dump.py, under torchrun when nproc > 1."""
     script = [str(tiny.REPO / "tests" / "rank_dump.py"), *args[1:]]
     if nproc > 1:
-        script = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                  "--master_addr", "127.0.0.1", "--master_port", free_port(), *script]
+        script = torchrun(nproc, free_port()) + script
     dump_dir.mkdir(parents=True, exist_ok=True)
-    return tiny.run(script, env={"RANK_DUMP_DIR": str(dump_dir)}, timeout=300)
+    return tiny.run(script, env={"RANK_DUMP_DIR": str(dump_dir), **(env or {})}, timeout=300, check=check)
 
 
 def recipe(tiny_data, tiny_pretrained, save_dir, batch, extra=()):
@@ -72,3 +77,29 @@ def test_bf16_bitfit_on_cpu_keeps_frozen_weights_and_fp32_masters(tiny_data, tin
     optimizer_state = checkpoint["last_optimizer_state"]["state"]
     assert len(optimizer_state) == len(trained)
     assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer_state.values())
+
+
+def test_two_nodes_on_one_machine_train_as_one_job(tiny_data, tiny_pretrained, tmp_path):
+    """torchrun --nnodes 2: two launchers, one process each, one training."""
+    import subprocess
+    import os
+
+    port = free_port()
+    args = recipe(tiny_data, tiny_pretrained, tmp_path / "save", 8)
+    script = [str(tiny.REPO / "tests" / "rank_dump.py"), *args[1:]]
+    env = dict(os.environ, PYTHONPATH=str(tiny.REPO), OMP_NUM_THREADS="1", RANK_DUMP_DIR=str(tmp_path))
+    nodes = [subprocess.Popen([sys.executable, *torchrun(1, port, nnodes=2, node_rank=rank), *script], env=env,
+                              cwd=tiny.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "torchrun: 2 workers" in outputs[0]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(tiny_data, tiny_pretrained, tmp_path):
+    result = dump_run(recipe(tiny_data, tiny_pretrained, tmp_path / "save", 8), tmp_path / "dump", nproc=2,
+                      check=False, env={"FAIL_RANK": "1"})
+    assert result.returncode != 0
+    assert "injected failure on rank 1" in result.stdout + result.stderr

@@ -115,6 +115,7 @@ def test_without_bitfit_matches_fairseq_train_exactly(tiny_data, tiny_pretrained
         (["--bitfit", "--bitfit-terms", "none", "--bitfit-freeze-heads"], "trains no parameter"),
         (["--bitfit", "--ddp-backend", "fully_sharded"], "fully_sharded"),
         (["--restore-file", "/nonexistent/model.pt"], "--restore-file /nonexistent/model.pt"),
+        (["--fp16", "--bf16"], "--bf16 and --fp16 exclude each other"),
         pytest.param(["--amp"], "--amp needs a CUDA device", marks=pytest.mark.skipif(
             torch.cuda.is_available(), reason="--amp is valid on a GPU")),
     ],
