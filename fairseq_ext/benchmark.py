@@ -87,13 +87,18 @@ class FixedBatch(FairseqDataset):
         return self.sample
 
 
-def measure_one(model: str, mode: str, device: str, batch: int, seq_len: int, steps: int, warmup: int,
-                precision: str) -> dict:
-    """Time one (model, mode) in this process; returns the benchmark.json row."""
+def build_trainer(model: str, mode: str, device: str, batch: int, seq_len: int, precision: str,
+                  extra_args=(), distributed: bool = False):
+    """train.py's model, criterion and BitFitTrainer for one (model, mode), with a fixed batch.
+
+    Returns (trainer, fixed batch). ``extra_args`` are more train.py options;
+    ``distributed`` joins the process group they describe first, as train.py does.
+    """
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     import fairseq_ext  # noqa: F401
+    from fairseq_ext.launch import configure_precision
     from fairseq_ext.trainer import BitFitTrainer, add_bitfit_args, attach_bitfit_config
 
     workdir = Path(tempfile.mkdtemp(prefix="bitfit-bench-"))
@@ -106,15 +111,19 @@ def measure_one(model: str, mode: str, device: str, batch: int, seq_len: int, st
             "--num-classes", "2", *model_args, "--batch-size", str(batch), "--optimizer", "adam",
             "--lr", "1e-4", "--max-positions", "512", "--seed", "1", "--num-workers", "0",
             *(["--cpu"] if device == "cpu" else []),
-            *({"fp16": ["--fp16"], "bf16": ["--bf16"], "fp32": []}[precision]), *mode_flags(mode)]
+            *({"fp16": ["--fp16"], "bf16": ["--bf16"], "fp32": []}[precision]), *mode_flags(mode), *extra_args]
     parser = options.get_training_parser()
     add_bitfit_args(parser)
     args = options.parse_args_and_arch(parser, input_args=argv)
-    from fairseq_ext.launch import configure_precision
-
     configure_precision(args, argv)
     cfg = convert_namespace_to_omegaconf(args)
     attach_bitfit_config(cfg, args)
+    if distributed:
+        from fairseq.distributed import utils as distributed_utils
+
+        if device == "cuda":
+            torch.cuda.set_device(cfg.distributed_training.device_id)
+        cfg.distributed_training.distributed_rank = distributed_utils.distributed_init(cfg)
     task = tasks.setup_task(cfg.task)
     fairseq_model = task.build_model(cfg.model)
     if checkpoint is not None:  # the pretrained weights, as --restore-file loads them
@@ -126,9 +135,16 @@ def measure_one(model: str, mode: str, device: str, batch: int, seq_len: int, st
     data = FixedBatch(batch, seq_len, len(task.source_dictionary), task.source_dictionary.bos(),
                       task.source_dictionary.eos())
     task.datasets["valid"] = data  # what BitFitTrainer probes for unused biases
-    trainer = BitFitTrainer(cfg, task, fairseq_model, criterion)
-    trainable = sum(p.numel() for p in fairseq_model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in fairseq_model.parameters())
+    return BitFitTrainer(cfg, task, fairseq_model, criterion), data
+
+
+def measure_one(model: str, mode: str, device: str, batch: int, seq_len: int, steps: int, warmup: int,
+                precision: str) -> dict:
+    """Time one (model, mode) in this process; returns the benchmark.json row."""
+    trainer, data = build_trainer(model, mode, device, batch, seq_len, precision)
+    parameters = list(trainer.get_model().parameters())
+    trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    total = sum(p.numel() for p in parameters)
 
     if device == "cuda":
         torch.cuda.synchronize()
