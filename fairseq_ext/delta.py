@@ -45,7 +45,7 @@ import pickle
 import shutil
 import sys
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional
 
@@ -193,7 +193,8 @@ def read_delta(path) -> Delta:
             metadata = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"{path}: not a readable safetensors file (truncated or corrupt?): {_one_line(error)}") from None
+        raise UserError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
+                        f"{_one_line(error)}") from None
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path}: a safetensors file, but not a BitFit delta (no '{FORMAT}' metadata)")
     if metadata.get("format_version") != str(FORMAT_VERSION):
@@ -283,7 +284,8 @@ class CheckpointDeltaWriter:
         frozen = frozen_base_tensors(state, names)
         selection = trainer.bitfit_selection
         cfg = trainer.cfg
-        plain_cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if OmegaConf.is_config(cfg) else dict(cfg)
+        plain_cfg = (OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if OmegaConf.is_config(cfg)
+                     else dict(cfg))
         model_cfg = cfg.model
         namespace = isinstance(model_cfg, argparse.Namespace)
         model_args = vars(model_cfg) if namespace else OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True)
@@ -390,7 +392,8 @@ def load_checkpoint_file(path, trust_checkpoint: bool = False, flag: str = "--ba
                         f"allow-list ({_one_line(error)}); pass --trust-checkpoint to unpickle it if you trust "
                         "the file") from None
     except (RuntimeError, OSError, EOFError, ValueError) as error:
-        raise UserError(f"{flag} {path}: cannot read the checkpoint (truncated or corrupt?): {_one_line(error)}") from None
+        raise UserError(f"{flag} {path}: cannot read the checkpoint (truncated or corrupt?): "
+                        f"{_one_line(error)}") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UserError(f"{flag} {path}: not a fairseq checkpoint (no 'model' state dict)")
     return state

@@ -65,7 +65,7 @@ class _Task:
     name: str
     delta: Delta
     head_key: str  # its head in model.classification_heads
-    body: Dict[str, torch.Tensor]  # its trained non-head tensors, on the model's device and dtype
+    body: Dict[str, torch.Tensor]  # its trained non-head tensors, float32 on the model's device
     pair: Optional[bool]  # True/False when known (a GLUE task), None: either
 
 
@@ -129,7 +129,7 @@ class MultiTaskPredictor:
                             f"the base's ({len(self.dictionary)} symbols)")
         check_base_fingerprint(self._base_view(), delta, f"--base {self.base_source}", force_flag=None)
         # float32 like the model (see _build); bf16/fp16 deltas upcast losslessly.
-        body = {name: tensor.float() for name, tensor in delta.body_tensors().items()}
+        body = {tensor_name: tensor.float() for tensor_name, tensor in delta.body_tensors().items()}
         check_delta_fits(self.model, body, source)
         for tensor_name in body:
             if tensor_name not in self._base_values:
@@ -142,7 +142,8 @@ class MultiTaskPredictor:
         self._parameters = dict(self.model.named_parameters())
         glue_task = delta.glue_task
         pair = _glue_spec(glue_task).is_pair if glue_task else None
-        self._tasks[name] = _Task(name, delta, head_key, {n: t.to(self.device) for n, t in body.items()}, pair)
+        body = {tensor_name: tensor.to(self.device) for tensor_name, tensor in body.items()}
+        self._tasks[name] = _Task(name, delta, head_key, body, pair)
 
     def _build(self, delta: Delta, source: str) -> None:
         with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG be
@@ -279,10 +280,11 @@ def glue_spec_for(name: str, delta: Delta):
     spec = _glue_spec(glue_name)
     labels = None if spec.regression else list(spec.labels)
     if delta.regression != spec.regression or (labels is not None and delta.label_symbols != labels):
-        raise UserError(f"--task {name}: GLUE {spec.name} has "
-                        f"{'a regression target' if spec.regression else 'classes ' + ', '.join(labels)}, "
-                        f"but {delta.path} predicts "
-                        f"{'a regression target' if delta.regression else 'classes ' + ', '.join(delta.label_symbols or [])}")
+        def outputs(regression, symbols):
+            return "a regression target" if regression else "classes " + ", ".join(symbols or [])
+
+        raise UserError(f"--task {name}: GLUE {spec.name} has {outputs(spec.regression, labels)}, but {delta.path} "
+                        f"predicts {outputs(delta.regression, delta.label_symbols)}")
     return spec
 
 
@@ -349,7 +351,8 @@ def format_lines(predictions: Sequence[Prediction]) -> str:
 def parse_delta_option(value: str) -> Tuple[str, str]:
     name, separator, path = value.partition("=")
     if not separator or not name.strip() or not path:
-        raise UserError(f"--delta {value!r}: expected TASK=PATH, e.g. --delta cola=runs/cola/checkpoint_best.delta.safetensors")
+        raise UserError(f"--delta {value!r}: expected TASK=PATH, e.g. "
+                        "--delta cola=runs/cola/checkpoint_best.delta.safetensors")
     return name.strip(), path
 
 

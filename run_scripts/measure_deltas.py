@@ -46,10 +46,11 @@ def train_bitfit(model, glue_dir: Path, task: str, out_dir: Path, updates: int) 
     prepare_task(spec, glue_dir, model, None, data, workers=1, train_subset=512)
     save_dir = out_dir / "runs" / spec.name
     if not (save_dir / "checkpoint_best.pt").is_file():
-        command = [sys.executable, str(REPO / "train.py"), str(data), "--task", "glue", "--criterion", "glue_prediction",
-                   *model.arch_args(), "--restore-file", model.checkpoint, "--reset-optimizer", "--reset-dataloader",
-                   "--reset-meters", "--max-seq-len", "128", "--batch-size", "32", "--optimizer", "adam",
-                   "--lr", "1e-3", "--max-update", str(updates), "--save-dir", str(save_dir), "--no-epoch-checkpoints",
+        command = [sys.executable, str(REPO / "train.py"), str(data), "--task", "glue",
+                   "--criterion", "glue_prediction", *model.arch_args(), "--restore-file", model.checkpoint,
+                   "--reset-optimizer", "--reset-dataloader", "--reset-meters", "--max-seq-len", "128",
+                   "--batch-size", "32", "--optimizer", "adam", "--lr", "1e-3", "--max-update", str(updates),
+                   "--save-dir", str(save_dir), "--no-epoch-checkpoints",
                    "--best-checkpoint-metric", spec.primary_metric, "--maximize-best-checkpoint-metric",
                    "--valid-subset", ",".join(spec.valid_subsets), "--cpu", "--num-workers", "0",
                    "--log-format", "simple", "--bitfit", "--bitfit-terms", "ofa"]
