@@ -441,7 +441,10 @@ def main(argv=None) -> None:
     for noisy in ("fairseq", "matplotlib"):  # train.py keeps fairseq's full log in each run's train.log
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    glue_dir = glue_data.check_glue_dir(args.glue_dir)
+    try:
+        glue_dir = glue_data.check_glue_dir(args.glue_dir)
+    except UserError as error:  # name the variable the run script's users set
+        raise UserError(str(error).replace("--glue-dir", "GLUE_DIR")) from None
     tasks = args.tasks.split() or present_tasks(glue_dir)
     if not tasks:
         raise UserError(f"GLUE_DIR {glue_dir}: no task folder with a train.tsv; expected "

@@ -127,3 +127,11 @@ def test_bad_input_gets_one_line_and_exit_2(tiny_data, tiny_pretrained, tmp_path
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train.py: error:") and needle in lines[0], result.stderr
     assert not (tmp_path / "checkpoint_last.pt").exists()
+
+
+def test_user_dir_fairseq_ext_is_accepted(tiny_data, tiny_pretrained, tmp_path):
+    """fairseq users pass --user-dir; train.py has imported the plugin already."""
+    result = tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=2,
+                                       extra=["--bitfit", "--user-dir", str(tiny.REPO / "fairseq_ext")]))
+    assert "has already been imported" in result.stdout
+    assert (tmp_path / "checkpoint_last.pt").exists()
