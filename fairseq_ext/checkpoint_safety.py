@@ -25,6 +25,12 @@ FAIRSEQ_CHECKPOINT_TYPES = [argparse.Namespace, *_numpy_scalar_types()]
 torch.serialization.add_safe_globals(FAIRSEQ_CHECKPOINT_TYPES)
 
 
+def add_trust_checkpoint_argument(parser) -> None:
+    """The one way a CLI of this package turns the safe loader off, for one file."""
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle --base without torch's weights_only safety (only for files you trust)")
+
+
 def _broadcast_object(obj, src_rank, group, dist_device):
     """Send a Python object from ``src_rank`` to every rank of ``group``.
 

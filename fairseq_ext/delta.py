@@ -43,7 +43,6 @@ import logging
 import os
 import pickle
 import shutil
-import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,8 @@ from typing import Dict, Iterable, List, Mapping, Optional
 import torch
 
 from . import bitfit
-from .errors import UserError, exit_on_user_error
+from .checkpoint_safety import add_trust_checkpoint_argument
+from .errors import UserError, exit_on_user_error, quiet_cli_logging
 
 logger = logging.getLogger(__name__)
 
@@ -644,16 +644,14 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--delta", required=True, help="the .delta.safetensors file")
     apply.add_argument("--out", required=True, help="the merged checkpoint to write")
     apply.add_argument("--force", action="store_true", help="merge even if the base's fingerprint differs")
-    apply.add_argument("--trust-checkpoint", action="store_true",
-                       help="unpickle --base without torch's weights_only safety (only for files you trust)")
+    add_trust_checkpoint_argument(apply)
     return parser
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(levelname)s | %(name)s | %(message)s", level=logging.WARNING, stream=sys.stderr,
-                        force=True)
+    quiet_cli_logging()
     if args.command == "info":
         delta = read_delta(args.delta)
         if args.json:

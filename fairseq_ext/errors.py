@@ -4,6 +4,7 @@ Raise ``UserError`` for bad input (a flag, a file, a line in a file); every
 command-line entry point catches it through ``exit_on_user_error``.
 """
 import functools
+import logging
 import os
 import sys
 
@@ -25,3 +26,9 @@ def exit_on_user_error(main):
             sys.exit(2)
 
     return wrapper
+
+
+def quiet_cli_logging() -> None:
+    """Warnings and errors only, on stderr: a CLI's output stays its result."""
+    logging.basicConfig(format="%(levelname)s | %(name)s | %(message)s", level=logging.WARNING,
+                        stream=sys.stderr, force=True)

@@ -45,7 +45,8 @@ import torch
 from .delta import (SHARED_MODEL_OPTIONS, Delta, build_model, check_base_fingerprint, check_delta_fits,
                     dictionary_identity, load_base, load_checkpoint_file, read_delta,
                     register_head, write_atomically)
-from .errors import UserError, exit_on_user_error
+from .checkpoint_safety import add_trust_checkpoint_argument
+from .errors import UserError, exit_on_user_error, quiet_cli_logging
 
 logger = logging.getLogger(__name__)
 
@@ -370,16 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dictionary", help="the base's dict.txt (default: the model folder's, or beside --base)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle --base without torch's weights_only safety (only for files you trust)")
+    add_trust_checkpoint_argument(parser)
     return parser
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(levelname)s | %(name)s | %(message)s", level=logging.WARNING, stream=sys.stderr,
-                        force=True)
+    quiet_cli_logging()
     deltas = dict(parse_delta_option(value) for value in args.delta)
     if len(deltas) != len(args.delta):
         raise UserError("--delta: a task name is given twice")

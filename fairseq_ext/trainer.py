@@ -19,7 +19,7 @@ from fairseq.trainer import Trainer
 from omegaconf import OmegaConf, open_dict
 
 from . import bitfit
-from . import delta  # BitFit deltas next to checkpoints (issue 6)
+from . import delta  # BitFit deltas next to checkpoints
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -119,17 +119,15 @@ class BitFitTrainer(Trainer):
     @staticmethod
     def _apply_bitfit(bitfit_cfg, cfg, task, model, criterion) -> bitfit.Selection:
         sample = _probe_sample(task, cfg)
-        forward_backward = None
-        if sample is not None:
 
-            def forward_backward():
-                # One real loss on two validation examples shows which selected
-                # tensors get a gradient; fork the RNG so training is unaffected.
-                with torch.random.fork_rng(devices=[]):
-                    loss, _, _ = criterion(model, sample)
-                    loss.backward()
+        def forward_backward():
+            # One real loss on two validation examples shows which selected
+            # tensors get a gradient; fork the RNG so training is unaffected.
+            with torch.random.fork_rng(devices=[]):
+                loss, _, _ = criterion(model, sample)
+                loss.backward()
 
-        else:
+        if sample is None:
             logger.warning(
                 "BitFit: no validation data to probe which biases the forward pass uses; "
                 "every selected tensor stays trainable"
@@ -139,7 +137,7 @@ class BitFitTrainer(Trainer):
                 model,
                 terms=bitfit_cfg.bitfit_terms,
                 train_heads=not bitfit_cfg.bitfit_freeze_heads,
-                forward_backward=forward_backward,
+                forward_backward=forward_backward if sample is not None else None,
             )
         except bitfit.SelectionError as error:
             raise UserError(f"--bitfit-terms: {error}") from None
@@ -253,7 +251,7 @@ class BitFitTrainer(Trainer):
                 "or pass --reset-optimizer"
             )
 
-    # -- BitFit deltas (issue 6): the trained tensors next to every checkpoint -----
+    # -- BitFit deltas: the trained tensors next to every checkpoint ---------------
 
     def save_checkpoint(self, filename, extra_state):
         """fairseq's save, plus NAME.delta.safetensors beside NAME.pt (see fairseq_ext.delta)."""

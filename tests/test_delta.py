@@ -46,14 +46,7 @@ def delta_names(folder):
 
 
 def run_cli(capsys, *argv):
-    """fairseq_ext.delta's CLI in-process: (exit status, stdout, stderr)."""
-    try:
-        deltas.main([str(arg) for arg in argv])
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+    return tiny.run_main(deltas.main, capsys, *argv)
 
 
 def head_logits(checkpoint, data, model=None):
@@ -209,13 +202,7 @@ def test_delta_only_needs_bitfit():
 # ------------------------------------------------------------------ bad input
 
 
-def assert_one_line_error(result, *fragments):
-    status, _, err = result
-    assert status == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+assert_one_line_error = tiny.assert_one_line_error
 
 
 @pytest.fixture

@@ -65,22 +65,10 @@ def reference_logits(predictor, task_name, examples, checkpoint):
 
 
 def run_cli(capsys, *argv):
-    try:
-        predict.main([str(arg) for arg in argv])
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+    return tiny.run_main(predict.main, capsys, *argv)
 
 
-def assert_one_line_error(result, *fragments):
-    status, _, err = result
-    assert status == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+assert_one_line_error = tiny.assert_one_line_error
 
 
 # ------------------------------------------------------------------ tiny RoBERTa

@@ -102,3 +102,24 @@ def glue_recipe(data: Path, pretrained: Path, save_dir: Path, updates=12, extra=
         "--best-checkpoint-metric", "accuracy", "--maximize-best-checkpoint-metric",
         *COMMON, *extra,
     ]
+
+
+def run_main(main, capsys, *argv):
+    """A CLI ``main`` in-process: (exit status, stdout, stderr)."""
+    try:
+        main([str(arg) for arg in argv])
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(result, *fragments):
+    """``run_main``'s result is exit status 2 with one stderr line holding every fragment."""
+    status, _, err = result
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
