@@ -237,6 +237,7 @@ def plot_curves(rows: List[dict], specs: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     best = best_rows(rows)
     tasks = [t for t in specs if any(k[0] == t for k in best)]
@@ -252,6 +253,7 @@ def plot_curves(rows: List[dict], specs: dict, path: Path) -> None:
             epochs = sorted(int(e) for e in run["curve"])
             ax.plot(epochs, [run["curve"][str(e)].get(primary) for e in epochs], marker="o", label=f"{mode} (lr {run['lr']:g})")
         ax.set_title(task)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"dev {primary} (%)")
         ax.grid(alpha=0.3)
