@@ -11,7 +11,6 @@ reports the median step time, tokens per second and the process's peak memory
 """
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -24,6 +23,7 @@ from typing import List
 import torch
 from fairseq.data import FairseqDataset
 
+from fairseq_ext.atomic_write import write_text_atomically
 from fairseq_ext.errors import UserError, exit_on_user_error
 
 MODES = ("full", "bitfit-ofa", "bitfit-all", "bitfit-q,m2", "head")
@@ -240,10 +240,8 @@ def main(argv=None) -> None:
     add_ratios(rows)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("benchmark.json", json.dumps(rows, indent=1) + "\n"), ("benchmark.md", markdown(rows))):
-        tmp = out / f".{name}.tmp{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    write_text_atomically(out / "benchmark.json", json.dumps(rows, indent=1) + "\n")
+    write_text_atomically(out / "benchmark.md", markdown(rows))
     print(markdown(rows))
     print(f"written: {out / 'benchmark.json'}, {out / 'benchmark.md'}")
 

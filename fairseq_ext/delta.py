@@ -43,7 +43,6 @@ import logging
 import os
 import pickle
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional
@@ -51,6 +50,7 @@ from typing import Dict, Iterable, List, Mapping, Optional
 import torch
 
 from . import bitfit
+from .atomic_write import write_atomically
 from .checkpoint_safety import add_trust_checkpoint_argument
 from .errors import UserError, exit_on_user_error, quiet_cli_logging
 
@@ -597,21 +597,6 @@ def _plain_json(value):
     if hasattr(value, "item") and callable(value.item):  # numpy and torch scalars
         return value.item()
     return str(value)
-
-
-def write_atomically(path, write) -> None:
-    """``write(tmp)`` next to ``path``, then rename: ``path`` is either the old file or the whole new one."""
-    path = str(path)
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it (some writers make it private)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _remove_if_present(path, reason: Optional[str] = None) -> None:

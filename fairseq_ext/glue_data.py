@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from fairseq_ext import glue_metrics as gm
+from fairseq_ext.atomic_write import write_text_atomically
 from fairseq_ext.errors import UserError, exit_on_user_error
 
 logger = logging.getLogger("fairseq_ext.glue_data")
@@ -693,10 +694,8 @@ def write_leaderboard_tsv(task, indices, predictions, path) -> Path:
         cells = [spec.labels[int(v)] for v in values]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     lines = ["\t".join(LEADERBOARD_HEADER)] + [f"{i}\t{cell}" for i, cell in zip(indices, cells)]
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomically(path, "\n".join(lines) + "\n")
     return path
 
 

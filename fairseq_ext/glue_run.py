@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from fairseq_ext.atomic_write import write_atomically, write_text_atomically
 from fairseq_ext.errors import UserError, exit_on_user_error
 
 logger = logging.getLogger("fairseq_ext.glue_run")
@@ -39,12 +40,6 @@ FULL_FT_BATCH = {"MNLI": 32, "QNLI": 32, "QQP": 32, "RTE": 16, "SST-2": 32,
 BITFIT_LR = 1e-3  # the official BitFit code's default
 BITFIT_BATCH = 32
 SMALL_TASK_ROWS = 10_000  # BitFit trains these longer: its updates are small
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -- settings -------------------------------------------------------------------
@@ -259,10 +254,8 @@ def plot_curves(rows: List[dict], specs: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_results(output_dir: Path, new_rows: List[dict]) -> List[dict]:
@@ -273,8 +266,8 @@ def write_results(output_dir: Path, new_rows: List[dict]) -> List[dict]:
     rows.update({run_key(r): r for r in new_rows})
     rows = sorted(rows.values(), key=run_key)
     specs = {name: glue_data.TASKS[name] for name in glue_data.TASK_NAMES}
-    _write_atomically(path, json.dumps({"runs": rows}, indent=1) + "\n")
-    _write_atomically(output_dir / "results.md", results_markdown(rows, specs))
+    write_text_atomically(path, json.dumps({"runs": rows}, indent=1) + "\n")
+    write_text_atomically(output_dir / "results.md", results_markdown(rows, specs))
     plot_curves(rows, specs, output_dir / "curves.png")
     return rows
 
@@ -371,7 +364,7 @@ def one_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, mode: st
     }
     if args.node_rank == 0:
         row["predictions"] = predict_test_sets(spec, prepared, run_dir / "checkpoint_best.pt", run_dir)
-        _write_atomically(done, json.dumps(row, indent=1) + "\n")
+        write_text_atomically(done, json.dumps(row, indent=1) + "\n")
     return row
 
 

@@ -44,7 +44,8 @@ import torch
 
 from .delta import (SHARED_MODEL_OPTIONS, Delta, build_model, check_base_fingerprint, check_delta_fits,
                     dictionary_identity, load_base, load_checkpoint_file, read_delta,
-                    register_head, write_atomically)
+                    register_head)
+from .atomic_write import write_text_atomically
 from .checkpoint_safety import add_trust_checkpoint_argument
 from .errors import UserError, exit_on_user_error, quiet_cli_logging
 
@@ -415,7 +416,7 @@ def main(argv=None) -> None:
         values = [p.score if p.probabilities is None else spec.labels.index(p.label) for p in predictions]
         write_leaderboard_tsv(spec, indices, np.asarray(values), output_path)
     else:
-        write_atomically(output_path, lambda tmp: Path(tmp).write_text(format_lines(predictions), encoding="utf-8"))
+        write_text_atomically(output_path, format_lines(predictions))
     print(f"wrote {len(predictions)} predictions of task {args.task} to {output_path}", file=sys.stderr)
 
 

@@ -1,0 +1,23 @@
+"""Write a file so that it is either the old one or the whole new one, never half of it."""
+import os
+import uuid
+from pathlib import Path
+
+
+def write_atomically(path, write) -> None:
+    """``write(tmp)`` next to ``path``, then rename: ``path`` is either the old file or the whole new one."""
+    path = str(path)
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it (some writers make it private)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomically(path, text: str) -> None:
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
