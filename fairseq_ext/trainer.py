@@ -21,6 +21,7 @@ from omegaconf import OmegaConf, open_dict
 from . import bitfit
 from . import delta  # BitFit deltas next to checkpoints
 from .errors import UserError
+from .module_walks import cache_module_walks
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +103,13 @@ def _probe_sample(task, cfg):
 class BitFitTrainer(Trainer):
     """fairseq's Trainer, freezing everything but the BitFit selection when ``--bitfit`` is on.
 
-    Without ``--bitfit`` it is fairseq's Trainer unchanged, so train.py reproduces
-    fairseq-train exactly.
+    Without ``--bitfit`` it computes what fairseq's Trainer computes, so train.py
+    reproduces fairseq-train exactly; in both cases the model skips fairseq's
+    redundant per-update module walks (fairseq_ext.module_walks).
     """
 
     def __init__(self, cfg, task, model, criterion, quantizer=None):
+        cache_module_walks(model)
         bitfit_cfg = cfg.get("bitfit", None)
         self.bitfit_selection: Optional[bitfit.Selection] = None
         self._checking_resumed_selection = False

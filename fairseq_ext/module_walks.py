@@ -1,0 +1,80 @@
+"""fairseq's per-update walks over the module tree, done once instead of every update.
+
+Every update, fairseq calls ``model.train()`` twice (Trainer.train_step and
+FairseqTask.train_step) and ``model.set_num_updates(n)``.  Each ``train()`` walks
+every module; ``set_num_updates`` is worse: BaseFairseqModel's calls it on every
+module that has it, and FairseqEncoder's own version walks its subtree again, so
+nested encoders (RoBERTa's) make it quadratic.  On RoBERTa-large that is a few
+milliseconds of Python per update that do nothing: no module changes mode, and
+the modules that actually read the update count are the same every time.  In a
+launch-bound GPU step (BitFit's) those milliseconds are a visible share.
+
+``cache_module_walks(model)`` gives the model a subclass that walks only when the
+mode really changes (training after validation, say), and sends the update count
+straight to the modules that use it.  The result is the same; only the repeated
+walks go.  A caller that switches a submodule's mode directly (``model.encoder.eval()``)
+instead of the model's must call ``model.train()``/``eval()`` on the model itself
+afterwards, as fairseq always does.
+"""
+from typing import Dict, List
+
+from torch import nn
+from fairseq.models import BaseFairseqModel, FairseqEncoder
+
+# set_num_updates implementations that only pass the count on to descendants.
+_FORWARDING = {BaseFairseqModel.set_num_updates, FairseqEncoder.set_num_updates}
+
+
+def _update_count_receivers(model: nn.Module) -> List[nn.Module]:
+    """The modules below ``model`` with a set_num_updates of their own (not a forwarding one)."""
+    receivers = []
+    for module in model.modules():
+        if module is model or not hasattr(module, "set_num_updates"):
+            continue
+        if getattr(type(module), "set_num_updates", None) not in _FORWARDING:
+            receivers.append(module)
+    return receivers
+
+
+class CachedModuleWalks:
+    """Mixin for a fairseq model: ``train``/``eval`` and ``set_num_updates`` without redundant walks."""
+
+    def train(self, mode: bool = True):
+        if self.__dict__.get("_walked_mode") is mode:
+            return self
+        super().train(mode)
+        # The tree may have grown since the last walk (heads registered by a checkpoint load).
+        self.__dict__["_update_count_receivers"] = _update_count_receivers(self)
+        self.__dict__["_walked_mode"] = mode
+        return self
+
+    def set_num_updates(self, num_updates):
+        receivers = self.__dict__.get("_update_count_receivers")
+        if receivers is None:
+            receivers = self.__dict__["_update_count_receivers"] = _update_count_receivers(self)
+        for module in receivers:
+            module.set_num_updates(num_updates)
+
+    def load_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_walked_mode", None)  # a load may add modules: walk again next time
+        self.__dict__.pop("_update_count_receivers", None)
+        return super().load_state_dict(*args, **kwargs)
+
+
+_SUBCLASSES: Dict[type, type] = {}
+
+
+def cache_module_walks(model: nn.Module) -> nn.Module:
+    """Switch a fairseq model (in place) to its CachedModuleWalks subclass; returns it.
+
+    Models that are not BaseFairseqModel are left alone: their set_num_updates
+    semantics are unknown.
+    """
+    cls = type(model)
+    if not isinstance(model, BaseFairseqModel) or isinstance(model, CachedModuleWalks):
+        return model
+    if cls not in _SUBCLASSES:
+        _SUBCLASSES[cls] = type(cls.__name__, (CachedModuleWalks, cls),
+                                {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    model.__class__ = _SUBCLASSES[cls]
+    return model
