@@ -50,7 +50,9 @@ def resolve_restore_file(args) -> None:
 
 
 @exit_on_user_error
-def cli_main(argv=None) -> None:
+def cli_main(argv=None, trainer_class=BitFitTrainer) -> None:
+    """Parse fairseq-train's options plus ``--bitfit*`` and train; ``trainer_class``
+    lets tools such as the benchmark time the real loop with a BitFitTrainer subclass."""
     argv = sys.argv[1:] if argv is None else argv
     reject_conflicting_precision(argv)
     parser = options.get_training_parser()
@@ -69,7 +71,7 @@ def cli_main(argv=None) -> None:
 
     # fairseq_cli.train.main builds the model, then the Trainer: ours freezes the
     # model in between, before the optimizer is created.
-    fairseq_cli.train.Trainer = BitFitTrainer
+    fairseq_cli.train.Trainer = trainer_class
     distributed_utils.call_main(cfg, fairseq_cli.train.main)
 
 

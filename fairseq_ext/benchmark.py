@@ -1,15 +1,16 @@
-"""Speed and memory of BitFit against full fine-tuning, inside train.py's own Trainer.
+"""Speed and memory of BitFit against full fine-tuning, measured in train.py itself.
 
-Each (model, mode) runs in a fresh process: it builds the model the way train.py
-does (fairseq task, model, criterion, BitFitTrainer), then times warm
-``trainer.train_step`` calls on one fixed batch (forward, backward, gradient
-norm, optimizer step: everything a train.py update does but data loading), and
-reports the median step time, tokens per second and the process's peak memory
-(CUDA max allocated on GPU, peak RSS on CPU).
+Each (model, mode) runs in a fresh process: train.py trains on a synthetic
+binarized dataset (random tokens, every batch exactly batch x seq_len) for
+warmup + steps updates, through fairseq's own loop and a BitFitTrainer that
+times each update.  It reports the median update time (one loop iteration: data
+loading, train_step, logging), the median ``train_step`` time alone, tokens per
+second and the process's peak memory (CUDA max allocated on GPU, peak RSS on CPU).
 
     python -m fairseq_ext.benchmark --models minilm roberta_base --device cpu --output-dir outputs/benchmark
 """
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
@@ -26,6 +27,7 @@ from fairseq.data import FairseqDataset
 from fairseq_ext.atomic_write import write_text_atomically
 from fairseq_ext.errors import UserError, exit_on_user_error
 
+REPO_TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
 MODES = ("full", "bitfit-ofa", "bitfit-all", "bitfit-q,m2", "head")
 RANDOM_INIT_VOCAB = {"roberta": 50261, "bert": 30518}  # symbols besides fairseq's 4 specials
 
@@ -138,59 +140,143 @@ def build_trainer(model: str, mode: str, device: str, batch: int, seq_len: int, 
     return BitFitTrainer(cfg, task, fairseq_model, criterion), data
 
 
+def write_synthetic_data(workdir: Path, dictionary: Path, batch: int, seq_len: int, updates: int) -> Path:
+    """A binarized sentence_prediction dataset of random tokens (what fairseq-preprocess writes).
+
+    Every sequence is ``seq_len`` tokens ending in </s>, so every batch is batch x seq_len;
+    there are enough for ``updates`` updates in one epoch, plus a small valid split
+    (BitFitTrainer probes it for unused biases).
+    """
+    from fairseq.data import Dictionary, indexed_dataset
+
+    data = workdir / "data"
+    source = Dictionary.load(str(dictionary))
+    generator = torch.Generator().manual_seed(1)
+    for sub, dict_text in (("input0", dictionary.read_text()), ("label", "0 1\n1 1\n")):
+        (data / sub).mkdir(parents=True)
+        (data / sub / "dict.txt").write_text(dict_text)
+    labels = Dictionary.load(str(data / "label" / "dict.txt"))
+    for split, rows in (("train", batch * (updates + 1)), ("valid", batch)):
+        tokens = indexed_dataset.make_builder(str(data / "input0" / f"{split}.bin"), "mmap", len(source))
+        targets = indexed_dataset.make_builder(str(data / "label" / f"{split}.bin"), "mmap", len(labels))
+        for _ in range(rows):
+            sequence = torch.randint(source.nspecial, len(source), (seq_len,), generator=generator)
+            sequence[-1] = source.eos()
+            tokens.add_item(sequence)
+            label = int(torch.randint(0, 2, (1,), generator=generator))
+            targets.add_item(torch.tensor([labels.index(str(label)), labels.eos()]))
+        tokens.finalize(str(data / "input0" / f"{split}.idx"))
+        targets.finalize(str(data / "label" / f"{split}.idx"))
+    return data
+
+
+def _load_train_py():
+    spec = importlib.util.spec_from_file_location("bitfit_train", REPO_TRAIN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def measure_one(model: str, mode: str, device: str, batch: int, seq_len: int, steps: int, warmup: int,
                 precision: str) -> dict:
-    """Time one (model, mode) in this process; returns the benchmark.json row."""
-    trainer, data = build_trainer(model, mode, device, batch, seq_len, precision)
-    parameters = list(trainer.get_model().parameters())
-    trainable = sum(p.numel() for p in parameters if p.requires_grad)
-    total = sum(p.numel() for p in parameters)
+    """Run train.py on synthetic data for warmup + steps updates in this process; the benchmark.json row.
 
+    Two times per update: ``update`` is from one update's start to the next's, the
+    whole loop iteration of train.py (data loading, train_step, logging); ``step`` is
+    ``Trainer.train_step`` alone (forward, backward, gradient norm, optimizer step).
+    """
+    from fairseq_ext.trainer import BitFitTrainer
+
+    workdir = Path(tempfile.mkdtemp(prefix="bitfit-bench-"))
+    model_args, dictionary, checkpoint = model_setup(model, workdir)
+    updates = warmup + steps
+    data = write_synthetic_data(workdir, dictionary, batch, seq_len, updates)
+    restore = ["--restore-file", str(checkpoint), "--reset-optimizer", "--reset-dataloader", "--reset-meters"] \
+        if checkpoint is not None else []
+    argv = [str(data), "--task", "sentence_prediction", "--criterion", "sentence_prediction",
+            "--num-classes", "2", *model_args, *restore, "--max-positions", "512",
+            "--batch-size", str(batch), "--required-batch-size-multiple", "1",
+            "--optimizer", "adam", "--lr", "1e-4", "--max-update", str(updates), "--seed", "1",
+            "--disable-validation", "--no-save", "--save-dir", str(workdir / "checkpoints"),
+            "--log-format", "simple", "--log-interval", str(max(1, updates // 2)),
+            *(["--cpu"] if device == "cpu" else []),
+            *({"fp16": ["--fp16"], "bf16": ["--bf16"], "fp32": []}[precision]), *mode_flags(mode)]
+    starts, step_times, trainers, peaks = [], [], [], [0]
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(warmup + steps):
-        start = time.perf_counter()
-        trainer.train_step([data.sample])
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+        # fairseq's train_step reads and resets the CUDA peak after every update (its
+        # gb_free stat): record each peak just before it is reset.
+        reset_peak = torch.cuda.reset_peak_memory_stats
+
+        def record_then_reset(*args, **kwargs):
+            peaks.append(torch.cuda.max_memory_allocated())
+            reset_peak(*args, **kwargs)
+
+        torch.cuda.reset_peak_memory_stats = record_then_reset
+
+    class TimedTrainer(BitFitTrainer):
+        def train_step(self, samples, raise_oom=False):
+            start = time.perf_counter()
+            output = super().train_step(samples, raise_oom)
+            if self.cuda:
+                torch.cuda.synchronize()  # the update's device work belongs to it
+            starts.append(start)
+            step_times.append(time.perf_counter() - start)
+            trainers[:] = [self]
+            return output
+
+    _load_train_py().cli_main(argv, trainer_class=TimedTrainer)
+    if len(starts) < updates:
+        raise RuntimeError(f"train.py ran {len(starts)} updates, expected {updates}")
+    update_times = [b - a for a, b in zip(starts[warmup:], starts[warmup + 1:])]
+    update = statistics.median(update_times)
+    step = statistics.median(step_times[warmup:-1])  # the same updates as update_times
     if device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
+        peak = max(*peaks, torch.cuda.max_memory_allocated())
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    parameters = list(trainers[0].get_model().parameters())
     return {
         "model": model, "mode": mode, "device": device, "precision": precision, "batch": batch,
-        "seq_len": seq_len, "steps": steps, "step_ms_median": round(1000 * median, 2),
-        "tokens_per_s": round(batch * seq_len / median, 1), "peak_mem_bytes": int(peak),
-        "trainable": trainable, "total": total, "threads": torch.get_num_threads(),
+        "seq_len": seq_len, "steps": steps, "update_ms_median": round(1000 * update, 2),
+        "step_ms_median": round(1000 * step, 2), "tokens_per_s": round(batch * seq_len / update, 1),
+        "peak_mem_bytes": int(peak), "trainable": sum(p.numel() for p in parameters if p.requires_grad),
+        "total": sum(p.numel() for p in parameters), "threads": torch.get_num_threads(),
     }
 
 
 def add_ratios(rows: List[dict]) -> None:
+    """ratio_to_full: update time over full fine-tuning's (below 1 is faster); speedup: its inverse."""
     full = {(r["model"], r["device"]): r for r in rows if r["mode"] == "full"}
     for row in rows:
         reference = full.get((row["model"], row["device"]))
-        row["ratio_to_full"] = round(row["step_ms_median"] / reference["step_ms_median"], 3) if reference else None
-        row["mem_ratio_to_full"] = round(row["peak_mem_bytes"] / reference["peak_mem_bytes"], 3) if reference else None
+
+        def ratio(key):
+            return round(row[key] / reference[key], 3) if reference else None
+
+        row["ratio_to_full"] = ratio("update_ms_median")
+        row["step_ratio_to_full"] = ratio("step_ms_median")
+        row["mem_ratio_to_full"] = ratio("peak_mem_bytes")
+        row["speedup"] = round(reference["update_ms_median"] / row["update_ms_median"], 2) if reference else None
 
 
 def markdown(rows: List[dict]) -> str:
     lines = [
-        "| model | mode | device | precision | batch × len | step (ms, median) | tokens/s | peak memory (MiB) "
-        "| trainable / total | step ratio to full | memory ratio to full |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | device | precision | batch × len | update (ms) | step (ms) | tokens/s "
+        "| peak memory (MiB) | trainable / total | update / full | step / full | memory / full | speedup |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def fmt(value, spec):
+        return "–" if value is None else format(value, spec)
+
     for r in rows:
-        ratio = "–" if r["ratio_to_full"] is None else f"{r['ratio_to_full']:.2f}"
-        mem_ratio = "–" if r["mem_ratio_to_full"] is None else f"{r['mem_ratio_to_full']:.2f}"
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['device']} | {r['precision']} | {r['batch']} × {r['seq_len']} "
-            f"| {r['step_ms_median']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_mem_bytes'] / 2**20:,.0f} "
-            f"| {r['trainable']:,} / {r['total']:,} ({100 * r['trainable'] / r['total']:.3f}%) | {ratio} | {mem_ratio} |")
+            f"| {r['update_ms_median']:.1f} | {r['step_ms_median']:.1f} | {r['tokens_per_s']:,.0f} "
+            f"| {r['peak_mem_bytes'] / 2**20:,.0f} "
+            f"| {r['trainable']:,} / {r['total']:,} ({100 * r['trainable'] / r['total']:.3f}%) "
+            f"| {fmt(r['ratio_to_full'], '.2f')} | {fmt(r['step_ratio_to_full'], '.2f')} "
+            f"| {fmt(r['mem_ratio_to_full'], '.2f')} | {fmt(r['speedup'], '.2f')}× |")
     return "\n".join(lines) + "\n"
 
 
@@ -203,8 +289,8 @@ def build_parser():
                         help="default: fp16 on cuda, fp32 on cpu")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="timed updates (default: 50 on cuda, 10 on cpu)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed updates first (default: 10 on cuda, 3 on cpu)")
     parser.add_argument("--output-dir", default="outputs/benchmark")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one row, in this process
     return parser
@@ -218,6 +304,11 @@ def main(argv=None) -> None:
         raise UserError("--device cuda: no CUDA device here")
     for mode in args.modes:
         mode_flags(mode)
+    cuda = args.device == "cuda"
+    args.steps = args.steps if args.steps is not None else (50 if cuda else 10)
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)
+    if args.steps < 2 or args.warmup < 1:
+        raise UserError("--steps must be at least 2 and --warmup at least 1 (the first update is never timed)")
     if args.one:
         row = measure_one(args.models[0], args.modes[0], args.device, args.batch, args.seq_len,
                           args.steps, args.warmup, precision)
@@ -235,7 +326,8 @@ def main(argv=None) -> None:
                 raise RuntimeError(f"{model} {mode} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
             row = json.loads(found[-1][len("BENCHMARK_ROW "):])
             rows.append(row)
-            print(f"{model:>14} {mode:<12} {row['step_ms_median']:>9.1f} ms/step "
+            print(f"{model:>14} {mode:<12} {row['update_ms_median']:>9.1f} ms/update "
+                  f"{row['step_ms_median']:>9.1f} ms/step "
                   f"{row['tokens_per_s']:>10,.0f} tok/s  peak {row['peak_mem_bytes'] / 2**20:,.0f} MiB", flush=True)
     add_ratios(rows)
     out = Path(args.output_dir)

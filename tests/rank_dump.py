@@ -28,8 +28,7 @@ class RecordingTrainer(BitFitTrainer):
 
 
 if __name__ == "__main__":
-    train.BitFitTrainer = RecordingTrainer
-    train.cli_main(sys.argv[1:])
+    train.cli_main(sys.argv[1:], trainer_class=RecordingTrainer)
     rank = int(os.environ.get("RANK", "0"))
     parameters = {name: p.detach().clone() for name, p in RecordingTrainer.last._model.named_parameters()}
     torch.save(parameters, os.path.join(os.environ["RANK_DUMP_DIR"], f"rank{rank}.pt"))
