@@ -12,7 +12,6 @@ and compares the trained tensors across ranks.
 """
 import argparse
 import os
-import socket
 import subprocess
 import sys
 from typing import Dict, List
@@ -109,16 +108,17 @@ def ddp_worker(model: str, device: str, steps: int) -> None:
 
 
 def check_ddp(model: str, device: str, steps: int, nproc: int) -> bool:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "fairseq_ext.gpu_check",
-               "--ddp-worker", "--device", device, "--model", model, "--steps", str(steps)]
+    # --standalone: torchrun picks a free rendezvous port itself (no race for one).
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "fairseq_ext.gpu_check", "--ddp-worker", "--device", device, "--model", model,
+               "--steps", str(steps)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     verdicts = [line for line in result.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     if result.returncode != 0 or not verdicts:
-        print(f"FAIL data parallel: torchrun exited {result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
+        errors = [line.strip() for line in result.stderr.splitlines()
+                  if "Error" in line and "Warning" not in line] or result.stderr.strip().splitlines()[-1:]
+        print(f"FAIL data parallel: torchrun exited {result.returncode}: {errors[-1] if errors else 'no output'}",
+              flush=True)
         return False
     print(verdicts[-1], flush=True)
     return verdicts[-1].startswith("PASS")
