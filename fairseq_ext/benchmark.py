@@ -144,8 +144,9 @@ def write_synthetic_data(workdir: Path, dictionary: Path, batch: int, seq_len: i
     """A binarized sentence_prediction dataset of random tokens (what fairseq-preprocess writes).
 
     Every sequence is ``seq_len`` tokens ending in </s>, so every batch is batch x seq_len;
-    there are enough for ``updates`` updates in one epoch, plus a small valid split
-    (BitFitTrainer probes it for unused biases).
+    there are enough for ``updates`` updates in one epoch, plus a one-batch valid split:
+    BitFitTrainer probes it for unused biases, as in a user's run, and train.py
+    validates on it once, after the last (untimed) update.
     """
     from fairseq.data import Dictionary, indexed_dataset
 
@@ -197,7 +198,7 @@ def measure_one(model: str, mode: str, device: str, batch: int, seq_len: int, st
             "--num-classes", "2", *model_args, *restore, "--max-positions", "512",
             "--batch-size", str(batch), "--required-batch-size-multiple", "1",
             "--optimizer", "adam", "--lr", "1e-4", "--max-update", str(updates), "--seed", "1",
-            "--disable-validation", "--no-save", "--save-dir", str(workdir / "checkpoints"),
+            "--no-save", "--save-dir", str(workdir / "checkpoints"),
             "--log-format", "simple", "--log-interval", str(max(1, updates // 2)),
             *(["--cpu"] if device == "cpu" else []),
             *({"fp16": ["--fp16"], "bf16": ["--bf16"], "fp32": []}[precision]), *mode_flags(mode)]
@@ -244,19 +245,57 @@ def measure_one(model: str, mode: str, device: str, batch: int, seq_len: int, st
     }
 
 
+def run_one(model: str, mode: str, args, precision: str) -> dict:
+    """One (model, mode) in a fresh process: nothing of another run's memory or state leaks in."""
+    command = [sys.executable, "-m", "fairseq_ext.benchmark", "--one", "--models", model, "--modes", mode,
+               "--device", args.device, "--precision", precision, "--batch", str(args.batch),
+               "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    found = [line for line in result.stdout.splitlines() if line.startswith("BENCHMARK_ROW ")]
+    if result.returncode != 0 or not found:
+        raise RuntimeError(f"{model} {mode} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    return json.loads(found[-1][len("BENCHMARK_ROW "):])
+
+
+def combine_rounds(rounds: List[dict]) -> dict:
+    """One row from a (model, mode)'s rounds: median times, the largest peak, every round's update time."""
+    row = dict(rounds[0])
+    for key in ("update_ms_median", "step_ms_median"):
+        row[key] = round(statistics.median(r[key] for r in rounds), 2)
+    row["tokens_per_s"] = round(row["batch"] * row["seq_len"] / (row["update_ms_median"] / 1000), 1)
+    row["peak_mem_bytes"] = max(r["peak_mem_bytes"] for r in rounds)
+    if len(rounds) > 1:
+        row["rounds"] = len(rounds)
+        row["update_ms_per_round"] = [r["update_ms_median"] for r in rounds]
+        row["step_ms_per_round"] = [r["step_ms_median"] for r in rounds]
+    return row
+
+
 def add_ratios(rows: List[dict]) -> None:
-    """ratio_to_full: update time over full fine-tuning's (below 1 is faster); speedup: its inverse."""
+    """Ratios to full fine-tuning of the same model and device: ratio_to_full (update time
+    over full's; below 1 is faster), step_ratio_to_full, mem_ratio_to_full, speedup.
+
+    With rounds, time ratios are the median of each round's ratio: a mode is compared
+    with the full fine-tuning run of its own round, minutes apart rather than many.
+    """
     full = {(r["model"], r["device"]): r for r in rows if r["mode"] == "full"}
     for row in rows:
         reference = full.get((row["model"], row["device"]))
+        if reference is None:
+            row.update(ratio_to_full=None, step_ratio_to_full=None, mem_ratio_to_full=None, speedup=None)
+            continue
 
-        def ratio(key):
-            return round(row[key] / reference[key], 3) if reference else None
+        def time_ratio(key):
+            per_round = f"{key[:-len('_median')]}_per_round"
+            if per_round in row and per_round in reference:
+                return statistics.median(a / b for a, b in zip(row[per_round], reference[per_round]))
+            return row[key] / reference[key]
 
-        row["ratio_to_full"] = ratio("update_ms_median")
-        row["step_ratio_to_full"] = ratio("step_ms_median")
-        row["mem_ratio_to_full"] = ratio("peak_mem_bytes")
-        row["speedup"] = round(reference["update_ms_median"] / row["update_ms_median"], 2) if reference else None
+        ratio = time_ratio("update_ms_median")
+        row["ratio_to_full"] = round(ratio, 3)
+        row["step_ratio_to_full"] = round(time_ratio("step_ms_median"), 3)
+        row["mem_ratio_to_full"] = round(row["peak_mem_bytes"] / reference["peak_mem_bytes"], 3)
+        row["speedup"] = round(1 / ratio, 2)
 
 
 def markdown(rows: List[dict]) -> str:
@@ -289,8 +328,10 @@ def build_parser():
                         help="default: fp16 on cuda, fp32 on cpu")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=None, help="timed updates (default: 50 on cuda, 10 on cpu)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed updates first (default: 10 on cuda, 3 on cpu)")
+    parser.add_argument("--steps", type=int, default=10, help="timed updates")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed updates first")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every model x mode this many times, interleaved; rows report the median")
     parser.add_argument("--output-dir", default="outputs/benchmark")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one row, in this process
     return parser
@@ -304,31 +345,28 @@ def main(argv=None) -> None:
         raise UserError("--device cuda: no CUDA device here")
     for mode in args.modes:
         mode_flags(mode)
-    cuda = args.device == "cuda"
-    args.steps = args.steps if args.steps is not None else (50 if cuda else 10)
-    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)
     if args.steps < 2 or args.warmup < 1:
         raise UserError("--steps must be at least 2 and --warmup at least 1 (the first update is never timed)")
+    if args.rounds < 1:
+        raise UserError("--rounds must be at least 1")
     if args.one:
         row = measure_one(args.models[0], args.modes[0], args.device, args.batch, args.seq_len,
                           args.steps, args.warmup, precision)
         print("BENCHMARK_ROW " + json.dumps(row), flush=True)
         return
-    rows = []
-    for model in args.models:
-        for mode in args.modes:
-            command = [sys.executable, "-m", "fairseq_ext.benchmark", "--one", "--models", model, "--modes", mode,
-                       "--device", args.device, "--precision", precision, "--batch", str(args.batch),
-                       "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            result = subprocess.run(command, capture_output=True, text=True)
-            found = [line for line in result.stdout.splitlines() if line.startswith("BENCHMARK_ROW ")]
-            if result.returncode != 0 or not found:
-                raise RuntimeError(f"{model} {mode} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
-            row = json.loads(found[-1][len("BENCHMARK_ROW "):])
-            rows.append(row)
-            print(f"{model:>14} {mode:<12} {row['update_ms_median']:>9.1f} ms/update "
-                  f"{row['step_ms_median']:>9.1f} ms/step "
-                  f"{row['tokens_per_s']:>10,.0f} tok/s  peak {row['peak_mem_bytes'] / 2**20:,.0f} MiB", flush=True)
+    runs = {}  # (model, mode) -> one row per round
+    for round_index in range(args.rounds):
+        # Rounds run every mode in turn, so a machine that slows down over minutes
+        # (shared hosts do) shifts all modes alike instead of the last ones.
+        for model in args.models:
+            for mode in args.modes:
+                row = run_one(model, mode, args, precision)
+                runs.setdefault((model, mode), []).append(row)
+                print(f"{model:>14} {mode:<12} {row['update_ms_median']:>9.1f} ms/update "
+                      f"{row['step_ms_median']:>9.1f} ms/step "
+                      f"{row['tokens_per_s']:>10,.0f} tok/s  peak {row['peak_mem_bytes'] / 2**20:,.0f} MiB"
+                      + (f"  (round {round_index + 1}/{args.rounds})" if args.rounds > 1 else ""), flush=True)
+    rows = [combine_rounds(rounds) for rounds in runs.values()]
     add_ratios(rows)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Speed and memory of BitFit against full fine-tuning, measured inside train.py's Trainer.
+# Speed and memory of BitFit against full fine-tuning, measured in train.py's own loop.
 #   bash run_scripts/benchmark.sh                                   # MiniLM on CPU, all modes
 #   MODELS="roberta_base roberta_large" DEVICE=cuda bash run_scripts/benchmark.sh
 # Environment (defaults in brackets):
 #   MODELS      space-separated: minilm (embedded, pretrained) or fairseq archs with random
 #               init (roberta_base, roberta_large, bert_base, ...)                   [minilm]
 #   MODES       full bitfit-ofa bitfit-all bitfit-q,m2 head (bitfit-<any --bitfit-terms>) [all five]
-#   STEPS       timed steps after WARMUP warm-up steps; the median is reported      [10, 3]
+#   STEPS       timed updates after WARMUP warm-up updates; the median is reported [10, 3]
+#   ROUNDS      run every model x mode this many times, interleaved; median of rounds [1]
 #   DEVICE      cpu or cuda                                                          [cuda if present]
 #   PRECISION   fp32, fp16 or bf16                                                   [fp16 on cuda, fp32 on cpu]
 #   BATCH, SEQ_LEN                                                                   [32, 128]
@@ -15,8 +16,10 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${here}${PYTHONPATH:+:${PYTHONPATH}}"
 args=(--models ${MODELS:-minilm} --modes ${MODES:-full bitfit-ofa bitfit-all bitfit-q,m2 head}
-      --steps "${STEPS:-10}" --warmup "${WARMUP:-3}" --batch "${BATCH:-32}" --seq-len "${SEQ_LEN:-128}"
+      --batch "${BATCH:-32}" --seq-len "${SEQ_LEN:-128}" --rounds "${ROUNDS:-1}"
       --output-dir "${OUTPUT_DIR:-outputs/benchmark}")
+if [[ -n "${STEPS:-}" ]]; then args+=(--steps "${STEPS}"); fi
+if [[ -n "${WARMUP:-}" ]]; then args+=(--warmup "${WARMUP}"); fi
 if [[ -n "${DEVICE:-}" ]]; then args+=(--device "${DEVICE}"); fi
 if [[ -n "${PRECISION:-}" ]]; then args+=(--precision "${PRECISION}"); fi
 exec python -m fairseq_ext.benchmark "${args[@]}"

@@ -28,3 +28,22 @@ def test_benchmark_writes_json_and_markdown(tmp_path):
     assert bitfit["step_ratio_to_full"] == round(bitfit["step_ms_median"] / full["step_ms_median"], 3)
     table = (tmp_path / "benchmark.md").read_text()
     assert table.count("| bert_tiny |") == 3
+
+
+def test_rounds_combine_into_medians_and_paired_ratios():
+    from fairseq_ext.benchmark import add_ratios, combine_rounds
+
+    base = {"model": "m", "mode": "full", "device": "cpu", "batch": 4, "seq_len": 16}
+    rounds = [dict(base, update_ms_median=t, step_ms_median=t - 1, peak_mem_bytes=p)
+              for t, p in ((10.0, 5), (30.0, 7), (20.0, 6))]
+    row = combine_rounds(rounds)
+    assert row["update_ms_median"] == 20.0 and row["step_ms_median"] == 19.0
+    assert row["peak_mem_bytes"] == 7 and row["rounds"] == 3
+    assert row["update_ms_per_round"] == [10.0, 30.0, 20.0]
+    assert row["tokens_per_s"] == 4 * 16 / 0.020
+    # each round's mode is compared with that round's full run: the slow second round cancels
+    faster = combine_rounds([dict(r, mode="bitfit", update_ms_median=r["update_ms_median"] / 2,
+                                  step_ms_median=r["step_ms_median"] / 2, peak_mem_bytes=2) for r in rounds])
+    add_ratios([row, faster])
+    assert faster["ratio_to_full"] == 0.5 and faster["speedup"] == 2.0 and faster["step_ratio_to_full"] == 0.5
+    assert faster["mem_ratio_to_full"] == round(2 / 7, 3) and row["ratio_to_full"] == 1.0
