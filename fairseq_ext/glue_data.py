@@ -229,10 +229,12 @@ def read_split(task, glue_dir, split_name: str) -> SplitRows:
     path = task_file(spec, check_glue_dir(glue_dir), split)
     if not path.is_file():
         raise _missing_file_error(spec, path)
-    return _read_tsv(spec, split, path)
+    return read_tsv(spec, split, path)
 
 
-def _read_tsv(spec: GlueTaskSpec, split: SplitSpec, path: Path) -> SplitRows:
+def read_tsv(spec: GlueTaskSpec, split: SplitSpec, path: Path) -> SplitRows:
+    """Read one GLUE TSV file as ``split`` of ``spec``; header and columns are checked,
+    and errors name the file and line."""
     # GLUE files are read as plain tab-separated text: no quoting (SST-2 and MNLI
     # text holds quote characters).  utf-8-sig drops the BOM of MRPC train/dev.
     with open(path, encoding="utf-8-sig", newline="") as handle:
@@ -455,7 +457,7 @@ def prepare_task(
         logger.info("a BPE object without tokenizer_files cannot be fingerprinted: preparing without the cache")
     _check_replaceable(out_dir, spec)
 
-    read = {split.name: _read_tsv(spec, split, path) for split, path in present}
+    read = {split.name: read_tsv(spec, split, path) for split, path in present}
     for rows in read.values():
         for reason, lines in rows.skipped_lines.items():
             shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")

@@ -296,7 +296,7 @@ def read_glue_tsv(spec, path: Path) -> Tuple[List[str], List[Tuple[str, ...]]]:
 
     tests = spec.test_splits
     split = next((s for s in tests if s.file_name == path.name), tests[0])
-    rows = glue_data._read_tsv(spec, split, path)  # header and columns checked, errors name file:line
+    rows = glue_data.read_tsv(spec, split, path)  # header and columns checked, errors name file:line
     return rows.indices, rows.texts
 
 
