@@ -23,6 +23,8 @@ from fairseq.models import BaseFairseqModel, FairseqEncoder
 
 # set_num_updates implementations that only pass the count on to descendants.
 _FORWARDING = {BaseFairseqModel.set_num_updates, FairseqEncoder.set_num_updates}
+# What a model caches about its own tree; never pickled or copied.
+_CACHE_KEYS = ("_walked_mode", "_update_count_receivers")
 
 
 def _update_count_receivers(model: nn.Module) -> List[nn.Module]:
@@ -34,6 +36,10 @@ def _update_count_receivers(model: nn.Module) -> List[nn.Module]:
         if getattr(type(module), "set_num_updates", None) not in _FORWARDING:
             receivers.append(module)
     return receivers
+
+
+def _new_instance(cls):
+    return cls.__new__(cls)
 
 
 class CachedModuleWalks:
@@ -56,12 +62,21 @@ class CachedModuleWalks:
             module.set_num_updates(num_updates)
 
     def load_state_dict(self, *args, **kwargs):
-        self.__dict__.pop("_walked_mode", None)  # a load may add modules: walk again next time
-        self.__dict__.pop("_update_count_receivers", None)
+        for key in _CACHE_KEYS:  # a load may add modules: walk again next time
+            self.__dict__.pop(key, None)
         return super().load_state_dict(*args, **kwargs)
 
+    def __reduce_ex__(self, protocol):
+        # Pickle and deep-copy as the plain fairseq class (the subclass is made at run time
+        # and cannot be found by name); the copy walks as fairseq does.
+        reduced = list(super().__reduce_ex__(protocol))
+        reduced[0], reduced[1] = _new_instance, (_PLAIN_CLASS[type(self)],)
+        reduced[2] = {k: v for k, v in reduced[2].items() if k not in _CACHE_KEYS}
+        return tuple(reduced)
 
-_SUBCLASSES: Dict[type, type] = {}
+
+_SUBCLASSES: Dict[type, type] = {}  # fairseq model class -> its CachedModuleWalks subclass
+_PLAIN_CLASS: Dict[type, type] = {}  # and back
 
 
 def cache_module_walks(model: nn.Module) -> nn.Module:
@@ -76,5 +91,6 @@ def cache_module_walks(model: nn.Module) -> nn.Module:
     if cls not in _SUBCLASSES:
         _SUBCLASSES[cls] = type(cls.__name__, (CachedModuleWalks, cls),
                                 {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _PLAIN_CLASS[_SUBCLASSES[cls]] = cls
     model.__class__ = _SUBCLASSES[cls]
     return model

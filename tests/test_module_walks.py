@@ -1,5 +1,6 @@
 """Cached module walks: the same train/eval modes and update counts as fairseq's walks."""
 import copy
+import pickle
 
 import torch
 from fairseq.models import BaseFairseqModel, FairseqEncoder
@@ -85,6 +86,18 @@ def test_a_deep_copy_walks_its_own_modules():
     ema.set_num_updates(9)
     assert [r.num_updates for r in readers(model)] == [3, 3]
     assert [r.num_updates for r in readers(ema)] == [9, 9]
+
+
+def test_pickles_as_the_plain_fairseq_class():
+    model = cache_module_walks(Model())
+    model.train()
+    model.set_num_updates(4)
+    restored = pickle.loads(pickle.dumps(model))
+    assert type(restored) is Model and "_update_count_receivers" not in restored.__dict__
+    assert torch.equal(restored.head.weight, model.head.weight)
+    restored.set_num_updates(5)
+    assert [r.num_updates for r in readers(restored)] == [5, 5]
+    assert [r.num_updates for r in readers(model)] == [4, 4]
 
 
 def test_only_fairseq_models_are_switched():
