@@ -26,8 +26,8 @@ from fairseq.data import FairseqDataset
 
 from fairseq_ext.atomic_write import write_text_atomically
 from fairseq_ext.errors import UserError, exit_on_user_error
+from fairseq_ext.glue_run import REPO_TRAIN_PY
 
-REPO_TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
 MODES = ("full", "bitfit-ofa", "bitfit-all", "bitfit-q,m2", "head")
 RANDOM_INIT_VOCAB = {"roberta": 50261, "bert": 30518}  # symbols besides fairseq's 4 specials
 
@@ -62,6 +62,21 @@ def model_setup(model: str, workdir: Path):
     dictionary = workdir / "dict.txt"
     dictionary.write_text("".join(f"tok{i} 1\n" for i in range(size)))
     return ["--arch", model], dictionary, None
+
+
+def write_dictionaries(data: Path, dictionary: Path) -> None:
+    """The input0/ and label/ dictionaries of a two-class sentence_prediction data folder."""
+    for sub, dict_text in (("input0", dictionary.read_text()), ("label", "0 1\n1 1\n")):
+        (data / sub).mkdir(parents=True)
+        (data / sub / "dict.txt").write_text(dict_text)
+
+
+def train_args(data: Path, model_args: List[str], batch: int, device: str, precision: str, mode: str) -> List[str]:
+    """The train.py options every benchmarked run shares: two-class sentence prediction, Adam."""
+    return [str(data), "--task", "sentence_prediction", "--criterion", "sentence_prediction",
+            "--num-classes", "2", *model_args, "--max-positions", "512", "--batch-size", str(batch),
+            "--optimizer", "adam", "--lr", "1e-4", "--seed", "1", *(["--cpu"] if device == "cpu" else []),
+            *({"fp16": ["--fp16"], "bf16": ["--bf16"], "fp32": []}[precision]), *mode_flags(mode)]
 
 
 class FixedBatch(FairseqDataset):
@@ -105,15 +120,8 @@ def build_trainer(model: str, mode: str, device: str, batch: int, seq_len: int, 
 
     workdir = Path(tempfile.mkdtemp(prefix="bitfit-bench-"))
     model_args, dictionary, checkpoint = model_setup(model, workdir)
-    for sub in ("input0", "label"):
-        (workdir / sub).mkdir()
-    (workdir / "input0" / "dict.txt").write_text(dictionary.read_text())
-    (workdir / "label" / "dict.txt").write_text("0 1\n1 1\n")
-    argv = [str(workdir), "--task", "sentence_prediction", "--criterion", "sentence_prediction",
-            "--num-classes", "2", *model_args, "--batch-size", str(batch), "--optimizer", "adam",
-            "--lr", "1e-4", "--max-positions", "512", "--seed", "1", "--num-workers", "0",
-            *(["--cpu"] if device == "cpu" else []),
-            *({"fp16": ["--fp16"], "bf16": ["--bf16"], "fp32": []}[precision]), *mode_flags(mode), *extra_args]
+    write_dictionaries(workdir, dictionary)
+    argv = [*train_args(workdir, model_args, batch, device, precision, mode), "--num-workers", "0", *extra_args]
     parser = options.get_training_parser()
     add_bitfit_args(parser)
     args = options.parse_args_and_arch(parser, input_args=argv)
@@ -153,9 +161,7 @@ def write_synthetic_data(workdir: Path, dictionary: Path, batch: int, seq_len: i
     data = workdir / "data"
     source = Dictionary.load(str(dictionary))
     generator = torch.Generator().manual_seed(1)
-    for sub, dict_text in (("input0", dictionary.read_text()), ("label", "0 1\n1 1\n")):
-        (data / sub).mkdir(parents=True)
-        (data / sub / "dict.txt").write_text(dict_text)
+    write_dictionaries(data, dictionary)
     labels = Dictionary.load(str(data / "label" / "dict.txt"))
     for split, rows in (("train", batch * (updates + 1)), ("valid", batch)):
         tokens = indexed_dataset.make_builder(str(data / "input0" / f"{split}.bin"), "mmap", len(source))
@@ -194,14 +200,10 @@ def measure_one(model: str, mode: str, device: str, batch: int, seq_len: int, st
     data = write_synthetic_data(workdir, dictionary, batch, seq_len, updates)
     restore = ["--restore-file", str(checkpoint), "--reset-optimizer", "--reset-dataloader", "--reset-meters"] \
         if checkpoint is not None else []
-    argv = [str(data), "--task", "sentence_prediction", "--criterion", "sentence_prediction",
-            "--num-classes", "2", *model_args, *restore, "--max-positions", "512",
-            "--batch-size", str(batch), "--required-batch-size-multiple", "1",
-            "--optimizer", "adam", "--lr", "1e-4", "--max-update", str(updates), "--seed", "1",
+    argv = [*train_args(data, model_args, batch, device, precision, mode), *restore,
+            "--required-batch-size-multiple", "1", "--max-update", str(updates),
             "--no-save", "--save-dir", str(workdir / "checkpoints"),
-            "--log-format", "simple", "--log-interval", str(max(1, updates // 2)),
-            *(["--cpu"] if device == "cpu" else []),
-            *({"fp16": ["--fp16"], "bf16": ["--bf16"], "fp32": []}[precision]), *mode_flags(mode)]
+            "--log-format", "simple", "--log-interval", str(max(1, updates // 2))]
     starts, step_times, trainers, peaks = [], [], [], [0]
     if device == "cuda":
         # fairseq's train_step reads and resets the CUDA peak after every update (its
