@@ -105,6 +105,12 @@ def ddp_worker(model: str, device: str, steps: int) -> None:
         backend = torch.distributed.get_backend()
         print(f"{'PASS' if same else 'FAIL'} data parallel: BitFit on {len(gathered)} workers ({backend}, c10d), "
               f"trained tensors {'identical' if same else 'DIFFER'} across ranks", flush=True)
+    # Leave together, and skip interpreter teardown: with gloo a rank intermittently aborts
+    # there ("terminate called without an active exception") after the check has passed.
+    torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def check_ddp(model: str, device: str, steps: int, nproc: int) -> bool:
@@ -115,8 +121,11 @@ def check_ddp(model: str, device: str, steps: int, nproc: int) -> bool:
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     verdicts = [line for line in result.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     if result.returncode != 0 or not verdicts:
+        # The workers' own error lines, not torchrun's ChildFailedError summary.
         errors = [line.strip() for line in result.stderr.splitlines()
-                  if "Error" in line and "Warning" not in line] or result.stderr.strip().splitlines()[-1:]
+                  if ("Error" in line or "terminate called" in line)
+                  and "Warning" not in line and "ChildFailedError" not in line] \
+            or result.stderr.strip().splitlines()[-1:]
         print(f"FAIL data parallel: torchrun exited {result.returncode}: {errors[-1] if errors else 'no output'}",
               flush=True)
         return False
