@@ -1,15 +1,19 @@
 """Speed and memory of BitFit against full fine-tuning, measured in train.py itself.
 
-Each (model, mode) runs in a fresh process: train.py trains on a synthetic
-binarized dataset (random tokens, every batch exactly batch x seq_len) for
-warmup + steps updates, through fairseq's own loop and a BitFitTrainer that
-times each update.  It reports the median update time (one loop iteration: data
-loading, train_step, logging), the median ``train_step`` time alone, tokens per
-second and the process's peak memory (CUDA max allocated on GPU, peak RSS on CPU).
+Each (model, mode) is one train.py run on a synthetic binarized dataset (random
+tokens, every batch exactly batch x seq_len) for warmup + steps updates, through
+fairseq's own loop and a BitFitTrainer that times each update.  It reports the
+median update time (one loop iteration: data loading, train_step, logging), the
+median ``train_step`` time alone, tokens per second and peak memory: CUDA max
+allocated during the run on GPU, the process's peak RSS on CPU.  On CPU every run
+has a fresh process, since RSS cannot be told apart within one; on CUDA one process
+per round runs them in turn, so start-up (imports, CUDA context) is paid once.
 
     python -m fairseq_ext.benchmark --models minilm roberta_base --device cpu --output-dir outputs/benchmark
 """
 import argparse
+import contextlib
+import gc
 import importlib.util
 import json
 import resource
@@ -118,23 +122,24 @@ def build_trainer(model: str, mode: str, device: str, batch: int, seq_len: int, 
     from fairseq_ext.launch import configure_precision
     from fairseq_ext.trainer import BitFitTrainer, add_bitfit_args, attach_bitfit_config
 
-    workdir = Path(tempfile.mkdtemp(prefix="bitfit-bench-"))
-    model_args, dictionary, checkpoint = model_setup(model, workdir)
-    write_dictionaries(workdir, dictionary)
-    argv = [*train_args(workdir, model_args, batch, device, precision, mode), "--num-workers", "0", *extra_args]
-    parser = options.get_training_parser()
-    add_bitfit_args(parser)
-    args = options.parse_args_and_arch(parser, input_args=argv)
-    configure_precision(args, argv)
-    cfg = convert_namespace_to_omegaconf(args)
-    attach_bitfit_config(cfg, args)
-    if distributed:
-        from fairseq.distributed import utils as distributed_utils
+    with tempfile.TemporaryDirectory(prefix="bitfit-bench-") as tmp:  # the task reads its dictionaries at setup
+        workdir = Path(tmp)
+        model_args, dictionary, checkpoint = model_setup(model, workdir)
+        write_dictionaries(workdir, dictionary)
+        argv = [*train_args(workdir, model_args, batch, device, precision, mode), "--num-workers", "0", *extra_args]
+        parser = options.get_training_parser()
+        add_bitfit_args(parser)
+        args = options.parse_args_and_arch(parser, input_args=argv)
+        configure_precision(args, argv)
+        cfg = convert_namespace_to_omegaconf(args)
+        attach_bitfit_config(cfg, args)
+        if distributed:
+            from fairseq.distributed import utils as distributed_utils
 
-        if device == "cuda":
-            torch.cuda.set_device(cfg.distributed_training.device_id)
-        cfg.distributed_training.distributed_rank = distributed_utils.distributed_init(cfg)
-    task = tasks.setup_task(cfg.task)
+            if device == "cuda":
+                torch.cuda.set_device(cfg.distributed_training.device_id)
+            cfg.distributed_training.distributed_rank = distributed_utils.distributed_init(cfg)
+        task = tasks.setup_task(cfg.task)
     fairseq_model = task.build_model(cfg.model)
     if checkpoint is not None:  # the pretrained weights, as --restore-file loads them
         from fairseq import checkpoint_utils
@@ -192,9 +197,14 @@ def measure_one(model: str, mode: str, device: str, batch: int, seq_len: int, st
     whole loop iteration of train.py (data loading, train_step, logging); ``step`` is
     ``Trainer.train_step`` alone (forward, backward, gradient norm, optimizer step).
     """
+    with tempfile.TemporaryDirectory(prefix="bitfit-bench-") as tmp:
+        return _measure_in(Path(tmp), model, mode, device, batch, seq_len, steps, warmup, precision)
+
+
+def _measure_in(workdir: Path, model: str, mode: str, device: str, batch: int, seq_len: int, steps: int,
+                warmup: int, precision: str) -> dict:
     from fairseq_ext.trainer import BitFitTrainer
 
-    workdir = Path(tempfile.mkdtemp(prefix="bitfit-bench-"))
     model_args, dictionary, checkpoint = model_setup(model, workdir)
     updates = warmup + steps
     data = write_synthetic_data(workdir, dictionary, batch, seq_len, updates)
@@ -204,17 +214,7 @@ def measure_one(model: str, mode: str, device: str, batch: int, seq_len: int, st
             "--required-batch-size-multiple", "1", "--max-update", str(updates),
             "--no-save", "--save-dir", str(workdir / "checkpoints"),
             "--log-format", "simple", "--log-interval", str(max(1, updates // 2))]
-    starts, step_times, trainers, peaks = [], [], [], [0]
-    if device == "cuda":
-        # fairseq's train_step reads and resets the CUDA peak after every update (its
-        # gb_free stat): record each peak just before it is reset.
-        reset_peak = torch.cuda.reset_peak_memory_stats
-
-        def record_then_reset(*args, **kwargs):
-            peaks.append(torch.cuda.max_memory_allocated())
-            reset_peak(*args, **kwargs)
-
-        torch.cuda.reset_peak_memory_stats = record_then_reset
+    starts, step_times, counts = [], [], {}
 
     class TimedTrainer(BitFitTrainer):
         def train_step(self, samples, raise_oom=False):
@@ -224,39 +224,91 @@ def measure_one(model: str, mode: str, device: str, batch: int, seq_len: int, st
                 torch.cuda.synchronize()  # the update's device work belongs to it
             starts.append(start)
             step_times.append(time.perf_counter() - start)
-            trainers[:] = [self]
+            if not counts:
+                parameters = list(self.get_model().parameters())
+                counts.update(trainable=sum(p.numel() for p in parameters if p.requires_grad),
+                              total=sum(p.numel() for p in parameters))
             return output
 
-    _load_train_py().cli_main(argv, trainer_class=TimedTrainer)
+    with CudaPeakMemory() if device == "cuda" else contextlib.nullcontext() as cuda_peak:
+        _load_train_py().cli_main(argv, trainer_class=TimedTrainer)
     if len(starts) < updates:
         raise RuntimeError(f"train.py ran {len(starts)} updates, expected {updates}")
     update_times = [b - a for a, b in zip(starts[warmup:], starts[warmup + 1:])]
     update = statistics.median(update_times)
     step = statistics.median(step_times[warmup:-1])  # the same updates as update_times
     if device == "cuda":
-        peak = max(*peaks, torch.cuda.max_memory_allocated())
+        peak = cuda_peak.peak
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    parameters = list(trainers[0].get_model().parameters())
     return {
         "model": model, "mode": mode, "device": device, "precision": precision, "batch": batch,
         "seq_len": seq_len, "steps": steps, "update_ms_median": round(1000 * update, 2),
         "step_ms_median": round(1000 * step, 2), "tokens_per_s": round(batch * seq_len / update, 1),
-        "peak_mem_bytes": int(peak), "trainable": sum(p.numel() for p in parameters if p.requires_grad),
-        "total": sum(p.numel() for p in parameters), "threads": torch.get_num_threads(),
+        "peak_mem_bytes": int(peak), **counts, "threads": torch.get_num_threads(),
     }
 
 
-def run_one(model: str, mode: str, args, precision: str) -> dict:
-    """One (model, mode) in a fresh process: nothing of another run's memory or state leaks in."""
-    command = [sys.executable, "-m", "fairseq_ext.benchmark", "--one", "--models", model, "--modes", mode,
+class CudaPeakMemory:
+    """The most CUDA memory allocated inside the block, beyond what was allocated before it.
+
+    fairseq's train_step reads and resets the CUDA peak after every update (its
+    gb_free stat): each peak is recorded just before it is reset.
+    """
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        self._before = torch.cuda.memory_allocated()
+        self._peaks = []
+        self._reset = torch.cuda.reset_peak_memory_stats
+        self._reset()
+
+        def record_then_reset(*args, **kwargs):
+            self._peaks.append(torch.cuda.max_memory_allocated())
+            self._reset(*args, **kwargs)
+
+        torch.cuda.reset_peak_memory_stats = record_then_reset
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.reset_peak_memory_stats = self._reset
+        self.peak = max(self._peaks + [torch.cuda.max_memory_allocated()]) - self._before
+        return False
+
+
+def measure_in_process(pairs, device: str, batch: int, seq_len: int, steps: int, warmup: int,
+                       precision: str):
+    """Rows for (model, mode) pairs, one train.py run after another in this process.
+
+    Each run builds its own model, trainer and optimizer; they are freed before the
+    next starts, so CUDA peak memory (counted from each run's start) stays separate.
+    """
+    for model, mode in pairs:
+        row = measure_one(model, mode, device, batch, seq_len, steps, warmup, precision)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        yield row
+
+
+def run_in_child(pairs, args, precision: str):
+    """Rows for (model, mode) pairs measured in one fresh process, yielded as each finishes."""
+    command = [sys.executable, "-m", "fairseq_ext.benchmark", "--in-process", "--pairs",
+               *(f"{model}:{mode}" for model, mode in pairs),
                "--device", args.device, "--precision", precision, "--batch", str(args.batch),
                "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    found = [line for line in result.stdout.splitlines() if line.startswith("BENCHMARK_ROW ")]
-    if result.returncode != 0 or not found:
-        raise RuntimeError(f"{model} {mode} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
-    return json.loads(found[-1][len("BENCHMARK_ROW "):])
+    with tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        received = 0
+        for line in child.stdout:
+            if line.startswith("BENCHMARK_ROW "):
+                received += 1
+                yield json.loads(line[len("BENCHMARK_ROW "):])
+        child.wait()
+        if child.returncode != 0 or received < len(pairs):
+            stderr.seek(0)
+            failed = " ".join(f"{model} {mode}" for model, mode in pairs[received:])
+            raise RuntimeError(f"{failed} failed (exit {child.returncode}):\n{stderr.read()[-3000:]}")
 
 
 def combine_rounds(rounds: List[dict]) -> dict:
@@ -334,8 +386,14 @@ def build_parser():
     parser.add_argument("--warmup", type=int, default=3, help="untimed updates first")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every model x mode this many times, interleaved; rows report the median")
+    parser.add_argument("--process-per", choices=("row", "round"), default=None,
+                        help="a fresh process for every model x mode (row), or one per round running "
+                        "them in turn (round: start-up paid once; CUDA only, as peak RSS covers a whole "
+                        "process). Default: round on cuda, row on cpu")
     parser.add_argument("--output-dir", default="outputs/benchmark")
-    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one row, in this process
+    # internal: measure these MODEL:MODE pairs in this process and print one BENCHMARK_ROW each
+    parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pairs", nargs="+", default=[], help=argparse.SUPPRESS)
     return parser
 
 
@@ -351,20 +409,25 @@ def main(argv=None) -> None:
         raise UserError("--steps must be at least 2 and --warmup at least 1 (the first update is never timed)")
     if args.rounds < 1:
         raise UserError("--rounds must be at least 1")
-    if args.one:
-        row = measure_one(args.models[0], args.modes[0], args.device, args.batch, args.seq_len,
-                          args.steps, args.warmup, precision)
-        print("BENCHMARK_ROW " + json.dumps(row), flush=True)
+    process_per = args.process_per or ("round" if args.device == "cuda" else "row")
+    if process_per == "round" and args.device == "cpu":
+        raise UserError("--process-per round needs --device cuda: on CPU, peak RSS covers the whole process")
+    if args.in_process:
+        pairs = [tuple(pair.split(":", 1)) for pair in args.pairs]
+        for row in measure_in_process(pairs, args.device, args.batch, args.seq_len, args.steps,
+                                      args.warmup, precision):
+            print("BENCHMARK_ROW " + json.dumps(row), flush=True)
         return
+    pairs = [(model, mode) for model in args.models for mode in args.modes]
+    groups = [pairs] if process_per == "round" else [[pair] for pair in pairs]
     runs = {}  # (model, mode) -> one row per round
     for round_index in range(args.rounds):
         # Rounds run every mode in turn, so a machine that slows down over minutes
         # (shared hosts do) shifts all modes alike instead of the last ones.
-        for model in args.models:
-            for mode in args.modes:
-                row = run_one(model, mode, args, precision)
-                runs.setdefault((model, mode), []).append(row)
-                print(f"{model:>14} {mode:<12} {row['update_ms_median']:>9.1f} ms/update "
+        for group in groups:
+            for row in run_in_child(group, args, precision):
+                runs.setdefault((row["model"], row["mode"]), []).append(row)
+                print(f"{row['model']:>14} {row['mode']:<12} {row['update_ms_median']:>9.1f} ms/update "
                       f"{row['step_ms_median']:>9.1f} ms/step "
                       f"{row['tokens_per_s']:>10,.0f} tok/s  peak {row['peak_mem_bytes'] / 2**20:,.0f} MiB"
                       + (f"  (round {round_index + 1}/{args.rounds})" if args.rounds > 1 else ""), flush=True)

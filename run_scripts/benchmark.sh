@@ -11,6 +11,8 @@
 #   DEVICE      cpu or cuda                                                          [cuda if present]
 #   PRECISION   fp32, fp16 or bf16                                                   [fp16 on cuda, fp32 on cpu]
 #   BATCH, SEQ_LEN                                                                   [32, 128]
+#   PROCESS_PER row: a fresh process per model x mode; round: one per round, runs in
+#               turn (start-up paid once; CUDA only)                                [round on cuda, row on cpu]
 #   OUTPUT_DIR  benchmark.json and benchmark.md go here                              [outputs/benchmark]
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,4 +24,5 @@ if [[ -n "${STEPS:-}" ]]; then args+=(--steps "${STEPS}"); fi
 if [[ -n "${WARMUP:-}" ]]; then args+=(--warmup "${WARMUP}"); fi
 if [[ -n "${DEVICE:-}" ]]; then args+=(--device "${DEVICE}"); fi
 if [[ -n "${PRECISION:-}" ]]; then args+=(--precision "${PRECISION}"); fi
+if [[ -n "${PROCESS_PER:-}" ]]; then args+=(--process-per "${PROCESS_PER}"); fi
 exec python -m fairseq_ext.benchmark "${args[@]}"

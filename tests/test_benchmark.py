@@ -7,8 +7,11 @@ import tiny
 
 
 def test_benchmark_writes_json_and_markdown(tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     env = dict(os.environ, MODELS="bert_tiny", MODES="full bitfit-ofa head", STEPS="2", WARMUP="1",
-               BATCH="4", SEQ_LEN="16", DEVICE="cpu", OUTPUT_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+               BATCH="4", SEQ_LEN="16", DEVICE="cpu", OUTPUT_DIR=str(tmp_path), OMP_NUM_THREADS="1",
+               TMPDIR=str(scratch))
     result = subprocess.run(["bash", str(tiny.REPO / "run_scripts" / "benchmark.sh")], env=env,
                             capture_output=True, text=True, cwd=tiny.REPO)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -28,6 +31,48 @@ def test_benchmark_writes_json_and_markdown(tmp_path):
     assert bitfit["step_ratio_to_full"] == round(bitfit["step_ms_median"] / full["step_ms_median"], 3)
     table = (tmp_path / "benchmark.md").read_text()
     assert table.count("| bert_tiny |") == 3
+    # the synthetic datasets are removed (DataLoader workers leave torch's pymp-* behind)
+    assert not list(scratch.glob("bitfit-bench-*"))
+
+
+def test_runs_in_one_process_free_each_model_before_the_next():
+    """What --process-per round (CUDA's default) relies on: peak memory counted from a
+    run's start is that run's alone, because the previous run's model is gone."""
+    import gc
+
+    from fairseq_ext.benchmark import measure_in_process
+    from fairseq_ext.trainer import BitFitTrainer
+
+    rows = []
+    for row in measure_in_process([("bert_tiny", "full"), ("bert_tiny", "bitfit-ofa")], "cpu", 4, 16, 2, 1, "fp32"):
+        assert not [o for o in gc.get_objects() if isinstance(o, BitFitTrainer)]
+        rows.append(row)
+    full, bitfit = rows
+    assert full["trainable"] == full["total"] == bitfit["total"] > bitfit["trainable"] > 0
+
+
+def test_one_child_process_streams_its_rows_and_names_the_failing_run():
+    from argparse import Namespace
+
+    import pytest
+
+    from fairseq_ext.benchmark import run_in_child
+
+    args = Namespace(device="cpu", batch=4, seq_len=16, steps=2, warmup=1)
+    pairs = [("bert_tiny", "head"), ("bert_tiny", "bitfit-q,m2"), ("bert_tiny", "bitfit-zz")]
+    rows = []
+    with pytest.raises(RuntimeError, match=r"^bert_tiny bitfit-zz failed \(exit 2\)"):
+        for row in run_in_child(pairs, args, "fp32"):
+            rows.append(row)
+    assert [(r["model"], r["mode"]) for r in rows] == pairs[:2]
+
+
+def test_process_per_round_is_refused_on_cpu():
+    result = subprocess.run(["python", "-m", "fairseq_ext.benchmark", "--device", "cpu", "--process-per", "round"],
+                            capture_output=True, text=True, cwd=tiny.REPO, env=dict(os.environ, PYTHONPATH=str(tiny.REPO)))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "benchmark.py: error: --process-per round needs --device cuda: on CPU, peak RSS covers the whole process"]
 
 
 def test_rounds_combine_into_medians_and_paired_ratios():
