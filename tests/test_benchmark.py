@@ -92,3 +92,33 @@ def test_rounds_combine_into_medians_and_paired_ratios():
     add_ratios([row, faster])
     assert faster["ratio_to_full"] == 0.5 and faster["speedup"] == 2.0 and faster["step_ratio_to_full"] == 0.5
     assert faster["mem_ratio_to_full"] == round(2 / 7, 3) and row["ratio_to_full"] == 1.0
+
+
+def test_cuda_peak_counts_peaks_that_fairseq_resets_from_the_runs_start(monkeypatch):
+    """fairseq resets the CUDA peak after every update; the run's peak is the largest seen
+    before any reset, minus what was allocated before the run (a fake CUDA counter)."""
+    import torch
+
+    from fairseq_ext.benchmark import CudaPeakMemory
+
+    state = {"allocated": 100, "peak": 100}
+
+    def reset_peak_memory_stats(device=None):
+        state["peak"] = state["allocated"]
+
+    def allocate(size):
+        state["allocated"] += size
+        state["peak"] = max(state["peak"], state["allocated"])
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: state["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset_peak_memory_stats)
+    with CudaPeakMemory() as peak:
+        for activations in (500, 900, 300):  # three updates: allocate, free, fairseq resets
+            allocate(activations)
+            allocate(-activations)
+            torch.cuda.reset_peak_memory_stats()
+        allocate(50)
+    assert peak.peak == 900
+    assert torch.cuda.reset_peak_memory_stats is reset_peak_memory_stats
