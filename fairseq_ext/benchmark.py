@@ -250,15 +250,15 @@ def _measure_in(workdir: Path, model: str, mode: str, device: str, batch: int, s
 
 
 class CudaPeakMemory:
-    """The most CUDA memory allocated inside the block, beyond what was allocated before it.
+    """The most CUDA memory allocated at any moment inside the block.
 
     fairseq's train_step reads and resets the CUDA peak after every update (its
-    gb_free stat): each peak is recorded just before it is reset.
+    gb_free stat): each peak is recorded just before it is reset.  What an earlier
+    run in the same process left allocated for good (cuBLAS's workspace) counts in
+    every run alike, as it does in a fresh process once the first matmul has run.
     """
 
     def __enter__(self):
-        torch.cuda.synchronize()
-        self._before = torch.cuda.memory_allocated()
         self._peaks = []
         self._reset = torch.cuda.reset_peak_memory_stats
         self._reset()
@@ -272,7 +272,7 @@ class CudaPeakMemory:
 
     def __exit__(self, *exc):
         torch.cuda.reset_peak_memory_stats = self._reset
-        self.peak = max(self._peaks + [torch.cuda.max_memory_allocated()]) - self._before
+        self.peak = max(self._peaks + [torch.cuda.max_memory_allocated()])
         return False
 
 
