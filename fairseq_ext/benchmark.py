@@ -281,7 +281,7 @@ def measure_in_process(pairs, device: str, batch: int, seq_len: int, steps: int,
     """Rows for (model, mode) pairs, one train.py run after another in this process.
 
     Each run builds its own model, trainer and optimizer; they are freed before the
-    next starts, so CUDA peak memory (counted from each run's start) stays separate.
+    next starts, so each run's CUDA peak memory is its own.
     """
     for model, mode in pairs:
         row = measure_one(model, mode, device, batch, seq_len, steps, warmup, precision)
