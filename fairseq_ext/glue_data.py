@@ -237,8 +237,12 @@ def read_tsv(spec: GlueTaskSpec, split: SplitSpec, path: Path) -> SplitRows:
     and errors name the file and line."""
     # GLUE files are read as plain tab-separated text: no quoting (SST-2 and MNLI
     # text holds quote characters).  utf-8-sig drops the BOM of MRPC train/dev.
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        lines = handle.read().split("\n")
+    data = path.read_bytes()
+    try:
+        lines = data.decode("utf-8-sig").split("\n")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 (byte 0x{data[error.start]:02x}); GLUE files are UTF-8 text") from None
     if lines and lines[-1] == "":
         lines.pop()  # the final newline; CoLA dev.tsv has none
     lines = [line[:-1] if line.endswith("\r") else line for line in lines]

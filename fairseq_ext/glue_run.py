@@ -59,24 +59,53 @@ def mode_label(mode: str, bitfit_terms: str) -> str:
     return f"bitfit-{bitfit_terms}" if mode == "bitfit" else mode
 
 
-def _passthrough_value(passthrough: List[str], flag: str) -> Optional[str]:
+def _passthrough_value(passthrough: List[str], *flags: str) -> Optional[str]:
+    """The value train.py will see for one of ``flags`` among the extra arguments (the last given)."""
+    found = None
     for i, arg in enumerate(passthrough):
-        if arg == flag and i + 1 < len(passthrough):
-            return passthrough[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
+        for flag in flags:
+            if arg == flag and i + 1 < len(passthrough):
+                found = passthrough[i + 1]
+            elif arg.startswith(flag + "="):
+                found = arg.split("=", 1)[1]
+    return found
+
+
+def _passthrough_ints(passthrough: List[str], *flags: str) -> Optional[List[int]]:
+    """A positive integer (or fairseq's comma list of them, as --update-freq takes) given after the script."""
+    value = _passthrough_value(passthrough, *flags)
+    if value is None:
+        return None
+    try:
+        numbers = [int(v) for v in value.split(",")]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 1:
+        raise UserError(f"{flags[0]} {value!r} (after the script): expected a positive integer")
+    return numbers
+
+
+def schedule_updates(passthrough: List[str], batch: int, epochs: int, train_rows: int, world_size: int) -> int:
+    """The updates the polynomial schedule decays over: --max-update if given, else what
+    --max-epoch epochs take at the batch size, update frequency and world size train.py will use."""
+    max_update = _passthrough_ints(passthrough, "--max-update")
+    if max_update:
+        return max_update[0]
+    batch = (_passthrough_ints(passthrough, "--batch-size", "--max-sentences") or [batch])[0]
+    epochs = (_passthrough_ints(passthrough, "--max-epoch") or [epochs])[0]
+    update_freq = _passthrough_ints(passthrough, "--update-freq") or [1]
+    batches_per_epoch = max(1, math.ceil(train_rows / (batch * world_size)))
+    return sum(math.ceil(batches_per_epoch / update_freq[min(epoch, len(update_freq) - 1)])
+               for epoch in range(epochs))
 
 
 def train_command(spec, model, data_dir: Path, save_dir: Path, mode: str, bitfit_terms: str,
-                  lr: float, seed: int, train_rows: int, nproc: int, passthrough: List[str],
+                  lr: float, seed: int, train_rows: int, world_size: int, passthrough: List[str],
                   epochs: Optional[int], max_seq_len: int) -> List[str]:
     """The train.py arguments of one run: the RoBERTa GLUE recipe with this project's defaults."""
     batch = FULL_FT_BATCH[spec.name] if mode == "full" else BITFIT_BATCH
     epochs = epochs or default_epochs(mode, train_rows)
-    updates_per_epoch = max(1, math.ceil(train_rows / (batch * nproc)))
-    max_update = _passthrough_value(passthrough, "--max-update")
-    total_updates = int(max_update) if max_update else epochs * updates_per_epoch
+    total_updates = schedule_updates(passthrough, batch, epochs, train_rows, world_size)
     args = [
         str(data_dir), "--task", "glue", "--glue-task", spec.name, "--criterion", "glue_prediction",
         *model.arch_args(), "--restore-file", model.checkpoint,
@@ -90,7 +119,7 @@ def train_command(spec, model, data_dir: Path, save_dir: Path, mode: str, bitfit
         "--best-checkpoint-metric", spec.primary_metric, "--maximize-best-checkpoint-metric",
         "--valid-subset", ",".join(spec.valid_subsets),
         "--log-format", "json", "--log-interval", "50", "--num-workers", "0",
-        "--find-unused-parameters" if (mode == "full" and nproc > 1) else "--no-progress-bar",
+        "--find-unused-parameters" if (mode == "full" and world_size > 1) else "--no-progress-bar",
     ]
     if model.pair_separator:
         args += ["--separator-token", "2"]  # RoBERTa pairs: <s> a </s> </s> b </s>
@@ -347,7 +376,7 @@ def one_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, mode: st
     run_dir.mkdir(parents=True, exist_ok=True)
     train_rows = manifest["splits"]["train"]["rows_written"]
     command = launcher(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port) + train_command(
-        spec, model, prepared, run_dir, mode, args.bitfit_terms, lr, seed, train_rows, args.nproc,
+        spec, model, prepared, run_dir, mode, args.bitfit_terms, lr, seed, train_rows, args.nproc * args.nnodes,
         passthrough, args.epochs, args.max_seq_len)
     print(f"  {spec.name} {mode} lr {lr:g} seed {seed}: training ({run_dir})", flush=True)
     start = time.time()
@@ -408,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lrs", default="", help="space-separated learning rates: each is trained, the best on dev reported")
     parser.add_argument("--epochs", type=int, default=None, help="max epochs (default: by mode and task size)")
     parser.add_argument("--max-seq-len", type=int, default=128)
-    parser.add_argument("--train-subset", type=int, default=None, help="train on the first N training rows (seeded sample)")
+    parser.add_argument("--train-subset", type=int, default=None, help="train on a seeded random sample of N training rows")
     parser.add_argument("--nproc", type=int, default=1, help="processes per node (torchrun when > 1)")
     parser.add_argument("--nnodes", type=int, default=1)
     parser.add_argument("--node-rank", type=int, default=0)
@@ -423,6 +452,16 @@ def _numbers(text: str, kind, flag: str) -> list:
         return [kind(v) for v in text.split()]
     except ValueError:
         raise UserError(f"{flag} {text!r}: expected space-separated numbers") from None
+
+
+def _check_settings(args, passthrough: List[str]) -> None:
+    """Numbers the run script's users set, checked before anything runs."""
+    for value, name in ((args.nproc, "NPROC"), (args.nnodes, "NNODES"), (args.epochs, "EPOCHS"),
+                        (args.max_seq_len, "MAX_SEQ_LEN"), (args.train_subset, "TRAIN_SUBSET")):
+        if value is not None and value < 1:
+            raise UserError(f"{name} {value}: expected a positive integer")
+    for flags in (("--max-update",), ("--max-epoch",), ("--batch-size", "--max-sentences"), ("--update-freq",)):
+        _passthrough_ints(passthrough, *flags)
 
 
 @exit_on_user_error
@@ -446,21 +485,25 @@ def main(argv=None) -> None:
                         f"{glue_dir}/<TASK>/{{train,dev,test}}.tsv. {glue_data.GLUE_SOURCE_HINT}")
     specs = [glue_data.get_task_spec(task) for task in tasks]
     seeds = _numbers(args.seeds, int, "SEEDS")
+    lrs = _numbers(args.lrs, float, "LRS")
+    _check_settings(args, passthrough)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model = resolve_model(args.model, output_dir)
     print(f"GLUE {args.mode}: tasks {' '.join(s.name for s in specs)}; model {model.path} ({model.arch})", flush=True)
 
+    # Every task's files are read and checked before the first run trains.
+    prepared = {spec.name: glue_data.prepare_task(spec, glue_dir, model, model.dictionary,
+                                                  output_dir / "data" / spec.name, args.workers,
+                                                  train_subset=args.train_subset)
+                for spec in specs}
     rows = []
     for spec in specs:
-        prepared = output_dir / "data" / spec.name
-        manifest = glue_data.prepare_task(spec, glue_dir, model, model.dictionary, prepared, args.workers,
-                                          train_subset=args.train_subset)
-        lrs = _numbers(args.lrs, float, "LRS") or default_lrs(args.mode, spec.name)
-        for lr in lrs:
+        for lr in lrs or default_lrs(args.mode, spec.name):
             for seed in seeds:
                 run_dir = output_dir / "runs" / spec.name / mode_label(args.mode, args.bitfit_terms) / f"lr{lr:g}-seed{seed}"
-                rows.append(one_run(spec, model, prepared, manifest, run_dir, args.mode, args, lr, seed, passthrough))
+                rows.append(one_run(spec, model, output_dir / "data" / spec.name, prepared[spec.name], run_dir,
+                                    args.mode, args, lr, seed, passthrough))
     if args.node_rank != 0:
         return
     all_rows = write_results(output_dir, rows)

@@ -1,6 +1,7 @@
 """run_scripts/glue_bitfit.sh end to end on the real GLUE files and the embedded MiniLM."""
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -84,3 +85,84 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, env, needle):
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def small_glue_dir(root, rows=40, edit=None):
+    """CoLA and STS-B with the first ``rows`` lines of each real file; ``edit(task, split, lines)``
+    may spoil one of them (lines are bytes)."""
+    for task in ("CoLA", "STS-B"):
+        (root / task).mkdir(parents=True)
+        for split in ("train", "dev", "test"):
+            lines = (tiny.SHARED_GLUE / task / f"{split}.tsv").read_bytes().split(b"\n")[:rows]
+            if edit:
+                edit(task, split, lines)
+            (root / task / f"{split}.tsv").write_bytes(b"\n".join(lines) + b"\n")
+    return root
+
+
+def _bad_score(task, split, lines):
+    if (task, split) == ("STS-B", "train"):
+        lines[4] = lines[4].rsplit(b"\t", 1)[0] + b"\tabc"
+
+
+def _latin1(task, split, lines):
+    if (task, split) == ("STS-B", "train"):
+        lines[2] = lines[2].replace(b"A ", "\u00e9 ".encode("latin-1"), 1)
+
+
+@pytest.mark.parametrize("edit, needle", [(_bad_score, "STS-B/train.tsv:5:"),
+                                          (_latin1, "STS-B/train.tsv:3: not UTF-8")])
+def test_a_bad_file_in_a_later_task_stops_before_any_training(tmp_path, edit, needle):
+    glue = small_glue_dir(tmp_path / "glue", edit=edit)
+    out = tmp_path / "out"
+    result = glue_script({"GLUE_DIR": str(glue), "TASKS": "CoLA STS-B", "OUTPUT_DIR": str(out)}, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1 and needle in errors[0], result.stderr  # CoLA's preparation logs before it
+    assert not (out / "runs").exists()
+
+
+@pytest.mark.parametrize("env, args, needle", [
+    ({"NPROC": "0"}, [], "NPROC 0"),
+    ({"EPOCHS": "0"}, [], "EPOCHS 0"),
+    ({"MAX_SEQ_LEN": "0"}, [], "MAX_SEQ_LEN 0"),
+    ({"LRS": "abc"}, [], "LRS 'abc'"),
+    ({}, ["--max-update", "abc"], "--max-update 'abc'"),
+    ({}, ["--update-freq", "0"], "--update-freq '0'"),
+])
+def test_bad_settings_are_one_line_before_anything_is_written(tmp_path, env, args, needle):
+    out = tmp_path / "out"
+    result = glue_script(dict(env, GLUE_DIR=str(tiny.SHARED_GLUE), TASKS="CoLA", OUTPUT_DIR=str(out)), *args,
+                         check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_schedule_follows_the_batch_size_update_freq_epochs_and_workers_train_py_will_use():
+    from fairseq_ext.glue_run import schedule_updates
+
+    rows = 8551  # CoLA's training rows
+    assert schedule_updates([], 32, 2, rows, 1) == 2 * 268
+    assert schedule_updates(["--batch-size", "8"], 32, 2, rows, 1) == 2 * 1069
+    assert schedule_updates(["--batch-size", "16", "--max-sentences=8"], 32, 2, rows, 1) == 2 * 1069  # the last wins
+    assert schedule_updates(["--batch-size", "8", "--update-freq", "4"], 32, 2, rows, 1) == 2 * 268
+    assert schedule_updates(["--batch-size", "8", "--update-freq", "2,4"], 32, 3, rows, 1) == 535 + 268 + 268
+    assert schedule_updates(["--batch-size", "8", "--max-epoch", "1"], 32, 2, rows, 2) == 535
+    assert schedule_updates(["--batch-size", "8", "--max-update", "7"], 32, 2, rows, 1) == 7
+
+
+def test_learning_rate_decays_over_the_updates_actually_run(tmp_path):
+    """With --batch-size after the script, the polynomial schedule ends at the run's last update
+    (it used to assume the default batch size and reach lr 0 a quarter of the way in)."""
+    out = tmp_path / "out"
+    glue_script({"GLUE_DIR": str(tiny.SHARED_GLUE), "TASKS": "CoLA", "TRAIN_SUBSET": "48", "EPOCHS": "1",
+                 "OUTPUT_DIR": str(out)}, "--batch-size", "8", "--log-interval", "1")
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert run["updates"] == 6
+    log = (out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1" / "train.log").read_text()
+    assert re.findall(r"'total_num_update': (\d+)", log)[0] == "6"
+    lrs = [float(json.loads(line.split("| train_inner | ", 1)[1])["lr"]) for line in log.splitlines()
+           if "| train_inner | " in line]
+    assert len(lrs) == 6 and all(lr > 0 for lr in lrs[:-1])
