@@ -38,7 +38,8 @@ def resolve_restore_file(args) -> None:
     """
     if args.restore_file == DEFAULT_RESTORE_FILE:
         return
-    last = os.path.join(args.save_dir, DEFAULT_RESTORE_FILE)
+    # fairseq reads checkpoint_last{suffix}.pt when --restore-file is checkpoint_last.pt
+    last = os.path.join(args.save_dir, f"checkpoint_last{args.checkpoint_suffix}.pt")
     if os.path.isfile(last) and os.path.abspath(last) != os.path.abspath(args.restore_file):
         logger.info(f"resuming the interrupted run from {last}; --restore-file {args.restore_file} "
                     "was used on its first launch")

@@ -25,6 +25,10 @@ from .module_walks import cache_module_walks
 
 logger = logging.getLogger(__name__)
 
+# train.py resumes a --save-dir's checkpoint_last.pt whatever --reset-optimizer says.
+START_ELSEWHERE = ("or start the other selection from this checkpoint in a new --save-dir "
+                   "(--restore-file CHECKPOINT --reset-optimizer)")
+
 
 @dataclass
 class BitFitConfig(FairseqDataclass):
@@ -236,13 +240,12 @@ class BitFitTrainer(Trainer):
         if saved is None:
             raise UserError(
                 "the checkpoint being resumed was trained without --bitfit, so its optimizer "
-                "state covers every parameter; resume without --bitfit, or start BitFit from it "
-                "with --reset-optimizer"
+                f"state covers every parameter; resume without --bitfit, {START_ELSEWHERE}"
             )
         if current is None:
             raise UserError(
                 f"the checkpoint being resumed was trained with --bitfit --bitfit-terms "
-                f"{saved['terms']!r}; resume with the same --bitfit flags, or pass --reset-optimizer"
+                f"{saved['terms']!r}; resume with the same --bitfit flags, {START_ELSEWHERE}"
             )
         if saved["trainable"] != self._trainable_names():
             raise UserError(
@@ -251,7 +254,7 @@ class BitFitTrainer(Trainer):
                 f"{'trained' if saved['train_heads'] else 'frozen'}), this run selects "
                 f"{len(self._trainable_names())} (--bitfit-terms {current.terms!r}, heads "
                 f"{'trained' if current.train_heads else 'frozen'}); use the same selection, "
-                "or pass --reset-optimizer"
+                f"{START_ELSEWHERE}"
             )
 
     # -- BitFit deltas: the trained tensors next to every checkpoint ---------------

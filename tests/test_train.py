@@ -136,3 +136,12 @@ def test_user_dir_fairseq_ext_is_accepted(tiny_data, tiny_pretrained, tmp_path):
                                        extra=["--bitfit", "--user-dir", str(tiny.REPO / "fairseq_ext")]))
     assert "has already been imported" in result.stdout
     assert (tmp_path / "checkpoint_last.pt").exists()
+
+
+def test_resume_finds_the_suffixed_last_checkpoint(tiny_data, tiny_pretrained, tmp_path):
+    """fairseq names it checkpoint_last{--checkpoint-suffix}.pt; the restart must find that one."""
+    suffix = ["--bitfit", "--checkpoint-suffix", "_x"]
+    tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=2, extra=suffix))
+    second = tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=4, extra=suffix))
+    assert "resuming the interrupted run" in second.stdout and "@ 2 updates" in second.stdout
+    assert load(tmp_path / "checkpoint_last_x.pt")["optimizer_history"][-1]["num_updates"] == 4
