@@ -12,6 +12,7 @@ results of all runs in OUTPUT_DIR (this call's and earlier ones', other modes
 included) are written to results.json, results.md and curves.png.
 """
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -304,6 +306,13 @@ def write_results(output_dir: Path, new_rows: List[dict]) -> List[dict]:
 # -- the pipeline --------------------------------------------------------------------
 
 
+def _folder_fingerprint(folder: Path) -> str:
+    """Tells folders apart by where they are and what they hold (file names, sizes, times)."""
+    listing = [str(folder.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                                         for f in sorted(folder.iterdir()) if f.is_file()]
+    return hashlib.sha256("\n".join(listing).encode()).hexdigest()[:12]
+
+
 def resolve_model(model: Optional[str], output_dir: Path):
     """The model folder: the embedded default, a converted folder, or a Hugging Face folder to import."""
     from fairseq_ext import model_dir, pretrained
@@ -318,7 +327,7 @@ def resolve_model(model: Optional[str], output_dir: Path):
     if (path / "config.json").exists():
         from fairseq_ext import convert_hf
 
-        target = output_dir / "models" / path.resolve().name
+        target = output_dir / "models" / f"{path.resolve().name}-{_folder_fingerprint(path)}"
         if not (target / "model.pt").exists():
             logger.info(f"importing the Hugging Face folder {path} into {target}")
             convert_hf.convert(path, target)
@@ -367,32 +376,93 @@ def run_training(command: List[str], log_path: Path) -> None:
         raise RuntimeError(f"train.py exited {code}; the end of {log_path}:\n{''.join(last_lines)}")
 
 
-def one_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, mode: str, args, lr: float,
-            seed: int, passthrough: List[str]) -> dict:
+def run_settings(train_args: List[str], prepared: Path, run_dir: Path, manifest: dict) -> dict:
+    """What a run's result depends on: train.py's arguments (folders aside) and the prepared data."""
+    folders = {str(prepared): "DATA", str(run_dir): "RUN_DIR"}
+    return {"train_args": [folders.get(arg, arg) for arg in train_args],
+            "data": manifest.get("cache_key") or manifest["splits"]}
+
+
+def _options(train_args: List[str]) -> Dict[str, str]:
+    """{--flag: its value(s), '' for a switch} of a train.py argument list (the last given wins)."""
+    options, flag = {}, "DATA"
+    for arg in train_args:
+        if arg.startswith("--"):
+            flag = arg.split("=", 1)[0]
+            options[flag] = arg.split("=", 1)[1] if "=" in arg else ""
+        else:
+            options[flag] = f"{options.get(flag, '')} {arg}".strip()
+    return options
+
+
+def check_same_settings(run_dir: Path, settings: dict) -> None:
+    """Refuse to reuse or resume a run folder that was trained with other settings."""
+    recorded = run_dir / "settings.json"
+    if not recorded.exists():
+        return  # a new run, or one from before settings were recorded
+    before = json.loads(recorded.read_text())
+    if before == settings:
+        return
+    if before["data"] != settings["data"]:
+        change = "the training data (GLUE files, TRAIN_SUBSET or the model's tokenizer)"
+    else:
+        old, new = _options(before["train_args"]), _options(settings["train_args"])
+        changed = [f"{flag} {old.get(flag, '(unset)')} -> {new.get(flag, '(unset)')}"
+                   for flag in list(new) + [f for f in old if f not in new] if old.get(flag) != new.get(flag)]
+        change = "train.py arguments (" + ", ".join(changed[:4]) + ")"
+    raise UserError(f"{run_dir} was trained with other settings: {change} changed; "
+                    "use another OUTPUT_DIR, or delete that run folder to train it again")
+
+
+@dataclass
+class PlannedRun:
+    spec: object
+    lr: float
+    seed: int
+    prepared: Path
+    run_dir: Path
+    train_args: List[str]
+    settings: dict
+    train_rows: int
+
+
+def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, lr: float, seed: int,
+             passthrough: List[str]) -> PlannedRun:
+    """One run's train.py arguments, checked against what its folder was trained with before."""
+    train_rows = manifest["splits"]["train"]["rows_written"]
+    train_args = train_command(spec, model, prepared, run_dir, args.mode, args.bitfit_terms, lr, seed, train_rows,
+                               args.nproc * args.nnodes, passthrough, args.epochs, args.max_seq_len)
+    settings = run_settings(train_args, prepared, run_dir, manifest)
+    check_same_settings(run_dir, settings)
+    return PlannedRun(spec, lr, seed, prepared, run_dir, train_args, settings, train_rows)
+
+
+def one_run(run: PlannedRun, args) -> dict:
+    spec, run_dir = run.spec, run.run_dir
+    label = f"{spec.name} {args.mode} lr {run.lr:g} seed {run.seed}"
     done = run_dir / "result.json"
     if done.exists():
-        print(f"  {spec.name} {mode} lr {lr:g} seed {seed}: done earlier ({done})", flush=True)
+        print(f"  {label}: done earlier ({done})", flush=True)
         return json.loads(done.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_rows = manifest["splits"]["train"]["rows_written"]
-    command = launcher(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port) + train_command(
-        spec, model, prepared, run_dir, mode, args.bitfit_terms, lr, seed, train_rows, args.nproc * args.nnodes,
-        passthrough, args.epochs, args.max_seq_len)
-    print(f"  {spec.name} {mode} lr {lr:g} seed {seed}: training ({run_dir})", flush=True)
+    if args.node_rank == 0:
+        write_text_atomically(run_dir / "settings.json", json.dumps(run.settings, indent=1) + "\n")
+    command = launcher(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port) + run.train_args
+    print(f"  {label}: training ({run_dir})", flush=True)
     start = time.time()
     run_training(command, run_dir / "train.log")
     wall = time.time() - start
     parsed = parse_log((run_dir / "train.log").read_text(), spec)
     best = best_epoch(parsed["epochs"], spec.primary_metric)
     row = {
-        "task": spec.name, "mode": mode_label(mode, args.bitfit_terms), "lr": lr, "seed": seed,
+        "task": spec.name, "mode": mode_label(args.mode, args.bitfit_terms), "lr": run.lr, "seed": run.seed,
         "primary_metric": spec.primary_metric, "dev": parsed["epochs"].get(best, {}), "best_epoch": best,
         "curve": {str(e): v for e, v in sorted(parsed["epochs"].items())},
         "trainable": parsed["trainable"], "total": parsed["total"], "updates": parsed["updates"],
-        "wall_time_s": round(wall, 1), "train_rows": train_rows, "run_dir": str(run_dir),
+        "wall_time_s": round(wall, 1), "train_rows": run.train_rows, "run_dir": str(run_dir),
     }
     if args.node_rank == 0:
-        row["predictions"] = predict_test_sets(spec, prepared, run_dir / "checkpoint_best.pt", run_dir)
+        row["predictions"] = predict_test_sets(spec, run.prepared, run_dir / "checkpoint_best.pt", run_dir)
         write_text_atomically(done, json.dumps(row, indent=1) + "\n")
     return row
 
@@ -497,13 +567,11 @@ def main(argv=None) -> None:
                                                   output_dir / "data" / spec.name, args.workers,
                                                   train_subset=args.train_subset)
                 for spec in specs}
-    rows = []
-    for spec in specs:
-        for lr in lrs or default_lrs(args.mode, spec.name):
-            for seed in seeds:
-                run_dir = output_dir / "runs" / spec.name / mode_label(args.mode, args.bitfit_terms) / f"lr{lr:g}-seed{seed}"
-                rows.append(one_run(spec, model, output_dir / "data" / spec.name, prepared[spec.name], run_dir,
-                                    args.mode, args, lr, seed, passthrough))
+    runs = [plan_run(spec, model, output_dir / "data" / spec.name, prepared[spec.name],
+                     output_dir / "runs" / spec.name / mode_label(args.mode, args.bitfit_terms) / f"lr{lr:g}-seed{seed}",
+                     args, lr, seed, passthrough)
+            for spec in specs for lr in lrs or default_lrs(args.mode, spec.name) for seed in seeds]
+    rows = [one_run(run, args) for run in runs]
     if args.node_rank != 0:
         return
     all_rows = write_results(output_dir, rows)

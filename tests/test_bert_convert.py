@@ -395,3 +395,27 @@ def test_model_dir_errors_name_the_folder_and_file(tiny_bert_src, tmp_path):
         load_model_dir(folder)
     with pytest.raises(UserError, match="no such model folder"):
         load_model_dir(tmp_path / "nowhere")
+
+
+def test_glue_run_imports_each_hugging_face_folder_once_and_tells_same_named_ones_apart(tiny_bert_src, tmp_path):
+    """MODEL=.../model twice with different models behind the same folder name: two imports."""
+    import shutil
+
+    from fairseq_ext.glue_run import resolve_model
+
+    first, second = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    shutil.copytree(tiny_bert_src, first)
+    shutil.copytree(tiny_bert_src, second)
+    other = transformers.BertForPreTraining.from_pretrained(second)
+    with torch.no_grad():
+        other.bert.embeddings.LayerNorm.bias.add_(1.0)
+    other.save_pretrained(second)
+    out = tmp_path / "out"
+    a, b, a_again = resolve_model(str(first), out), resolve_model(str(second), out), resolve_model(str(first), out)
+    assert a.path != b.path and a_again.path == a.path
+
+    def embedding_layer_norm_bias(folder):
+        state = torch.load(folder.checkpoint, map_location="cpu", weights_only=False)["model"]
+        return next(v for k, v in state.items() if k.endswith("layernorm_embedding.bias"))
+
+    assert torch.allclose(embedding_layer_norm_bias(b), embedding_layer_norm_bias(a) + 1.0)

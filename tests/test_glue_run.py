@@ -166,3 +166,14 @@ def test_learning_rate_decays_over_the_updates_actually_run(tmp_path):
     lrs = [float(json.loads(line.split("| train_inner | ", 1)[1])["lr"]) for line in log.splitlines()
            if "| train_inner | " in line]
     assert len(lrs) == 6 and all(lr > 0 for lr in lrs[:-1])
+
+    # A finished run folder is reused only for the same settings.
+    env = {"GLUE_DIR": str(tiny.SHARED_GLUE), "TASKS": "CoLA", "EPOCHS": "1", "OUTPUT_DIR": str(out)}
+    for changed_env, args, needle in (({"TRAIN_SUBSET": "40"}, ["--batch-size", "8"], "the training data"),
+                                      ({"TRAIN_SUBSET": "48"}, ["--batch-size", "4"], "--batch-size")):
+        result = glue_script(dict(env, **changed_env), *args, "--log-interval", "1", check=False)
+        assert result.returncode == 2, result.stdout + result.stderr
+        errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and "trained with other settings" in errors[0] and needle in errors[0], result.stderr
+    again = glue_script(dict(env, TRAIN_SUBSET="48"), "--batch-size", "8", "--log-interval", "1")
+    assert "done earlier" in again.stdout
