@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -361,15 +362,19 @@ def run_training(command: List[str], log_path: Path) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    bufsize=1, env=env)
-        last_lines = []
+        last_lines, user_error = [], None
         for line in process.stdout:
             log.write(line)
             log.flush()
             last_lines = (last_lines + [line])[-20:]
+            if user_error is None and line.startswith("train.py: error: "):
+                user_error = line.strip()  # under torchrun a worker's exit 2 becomes exit 1
             progress = _progress_line(line)
             if progress:
                 print("    " + progress, flush=True)
         code = process.wait()
+    if code != 0 and user_error is not None:
+        raise UserError(user_error)
     if code == 2:
         raise UserError(last_lines[-1].strip() if last_lines else f"train.py failed; see {log_path}")
     if code != 0:
@@ -424,6 +429,7 @@ class PlannedRun:
     train_args: List[str]
     settings: dict
     train_rows: int
+    base_checkpoint: str
 
 
 def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, lr: float, seed: int,
@@ -434,7 +440,7 @@ def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, l
                                args.nproc * args.nnodes, passthrough, args.epochs, args.max_seq_len)
     settings = run_settings(train_args, prepared, run_dir, manifest)
     check_same_settings(run_dir, settings)
-    return PlannedRun(spec, lr, seed, prepared, run_dir, train_args, settings, train_rows)
+    return PlannedRun(spec, lr, seed, prepared, run_dir, train_args, settings, train_rows, str(model.checkpoint))
 
 
 def one_run(run: PlannedRun, args) -> dict:
@@ -462,24 +468,30 @@ def one_run(run: PlannedRun, args) -> dict:
         "wall_time_s": round(wall, 1), "train_rows": run.train_rows, "run_dir": str(run_dir),
     }
     if args.node_rank == 0:
-        row["predictions"] = predict_test_sets(spec, run.prepared, run_dir / "checkpoint_best.pt", run_dir)
+        row["predictions"] = predict_test_sets(spec, run.prepared, run_dir, run.base_checkpoint)
         write_text_atomically(done, json.dumps(row, indent=1) + "\n")
     return row
 
 
-def predict_test_sets(spec, prepared: Path, checkpoint: Path, run_dir: Path) -> Dict[str, str]:
-    """GLUE leaderboard files for the task's test splits, from the best checkpoint."""
-    from fairseq_ext import glue_data
+def predict_test_sets(spec, prepared: Path, run_dir: Path, base_checkpoint: str) -> Dict[str, str]:
+    """GLUE leaderboard files for the task's test splits, from the best checkpoint (or, with
+    --bitfit-delta-only, from the best delta merged into the base model for the time it takes)."""
+    from fairseq_ext import delta, glue_data
     from fairseq_ext.glue_predict import predict_split
 
-    written = {}
-    for split in spec.test_splits:
-        if not (prepared / "input0" / f"{split.name}.idx").exists() or not checkpoint.exists():
-            continue
-        indices = glue_data.read_test_indices(prepared, split.name)
-        predictions = predict_split(checkpoint, prepared, split.name)
-        path = glue_data.write_leaderboard_tsv(spec, indices, predictions, run_dir / split.leaderboard_file)
-        written[split.name] = str(path)
+    splits = [s for s in spec.test_splits if (prepared / "input0" / f"{s.name}.idx").exists()]
+    checkpoint, best_delta = run_dir / "checkpoint_best.pt", run_dir / "checkpoint_best.delta.safetensors"
+    if not splits or not (checkpoint.exists() or best_delta.exists()):
+        return {}
+    with tempfile.TemporaryDirectory(dir=run_dir) as scratch:
+        if not checkpoint.exists():
+            checkpoint = delta.apply_delta(base_checkpoint, best_delta, Path(scratch) / "checkpoint_best.pt")
+        written = {}
+        for split in splits:
+            indices = glue_data.read_test_indices(prepared, split.name)
+            predictions = predict_split(checkpoint, prepared, split.name)
+            path = glue_data.write_leaderboard_tsv(spec, indices, predictions, run_dir / split.leaderboard_file)
+            written[split.name] = str(path)
     return written
 
 

@@ -177,3 +177,26 @@ def test_learning_rate_decays_over_the_updates_actually_run(tmp_path):
         assert len(errors) == 1 and "trained with other settings" in errors[0] and needle in errors[0], result.stderr
     again = glue_script(dict(env, TRAIN_SUBSET="48"), "--batch-size", "8", "--log-interval", "1")
     assert "done earlier" in again.stdout
+
+
+def test_delta_only_runs_still_write_the_leaderboard_files(tmp_path):
+    """With --bitfit-delta-only there is no checkpoint_best.pt: the best delta merged into the
+    base predicts exactly what the full best checkpoint of the same run predicts."""
+    env = {"GLUE_DIR": str(tiny.SHARED_GLUE), "TASKS": "CoLA", "TRAIN_SUBSET": "48", "EPOCHS": "1"}
+    args = ["--batch-size", "8"]
+    glue_script(dict(env, OUTPUT_DIR=str(tmp_path / "full")), *args)
+    glue_script(dict(env, OUTPUT_DIR=str(tmp_path / "delta")), *args, "--bitfit-delta-only")
+    run = tmp_path / "delta" / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1"
+    assert not (run / "checkpoint_best.pt").exists() and (run / "checkpoint_best.delta.safetensors").exists()
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == []  # the merged model was temporary
+    predictions = [(out / "predictions" / "bitfit-ofa" / "CoLA.tsv").read_text() for out in (tmp_path / "full",
+                                                                                           tmp_path / "delta")]
+    assert predictions[0] == predictions[1] and len(predictions[0].splitlines()) == 1 + 1063
+
+
+def test_bad_input_under_torchrun_is_still_one_line_and_exit_2(tmp_path):
+    result = glue_script({"GLUE_DIR": str(tiny.SHARED_GLUE), "TASKS": "CoLA", "TRAIN_SUBSET": "16", "NPROC": "2",
+                          "BITFIT_TERMS": "foo", "OUTPUT_DIR": str(tmp_path / "out")}, "--max-update", "1", check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1 and "--bitfit-terms" in errors[0] and "foo" in errors[0], result.stderr
