@@ -3,6 +3,8 @@ import os
 import uuid
 from pathlib import Path
 
+from .errors import UserError
+
 
 def write_atomically(path, write) -> None:
     """``write(tmp)`` next to ``path``, then rename: ``path`` is either the old file or the whole new one."""
@@ -21,3 +23,12 @@ def write_atomically(path, write) -> None:
 
 def write_text_atomically(path, text: str) -> None:
     write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def check_output_file(path, flag: str) -> None:
+    """A file ``flag`` names to write: its folder must exist, and it must not be a folder itself."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; name the file to write")
+    if not path.parent.is_dir():
+        raise UserError(f"{flag} {path}: no such folder {path.parent}")

@@ -50,7 +50,7 @@ from typing import Dict, Iterable, List, Mapping, Optional
 import torch
 
 from . import bitfit
-from .atomic_write import write_atomically
+from .atomic_write import check_output_file, write_atomically
 from .checkpoint_safety import add_trust_checkpoint_argument
 from .errors import UserError, exit_on_user_error, quiet_cli_logging
 
@@ -181,6 +181,16 @@ class Delta:
         write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=self.metadata()))
 
 
+# What readers of a delta look up in its header (CheckpointDeltaWriter writes them all).
+REQUIRED_KEYS = {
+    "selection": ("terms", "train_heads", "trained"),
+    "task": ("cfg",),
+    "model": ("arch", "args", "namespace"),
+    "dictionary": ("sha256", "size"),
+    "base": ("fingerprint", "dtype", "tensors", "parameters"),
+}
+
+
 def read_delta(path) -> Delta:
     """Read and check a delta file (no pickle involved); UserError on anything wrong."""
     from safetensors import SafetensorError, safe_open
@@ -206,6 +216,13 @@ def read_delta(path) -> Delta:
             sections[section] = json.loads(metadata[section])
         except (KeyError, ValueError):
             raise UserError(f"{path}: corrupt delta: header section {section!r} is missing or not JSON") from None
+        if not isinstance(sections[section], dict):
+            raise UserError(f"{path}: corrupt delta: header section {section!r} is not a JSON object")
+        missing_keys = [key for key in REQUIRED_KEYS.get(section, ()) if key not in sections[section]]
+        if missing_keys:
+            raise UserError(f"{path}: corrupt delta: header section {section!r} has no {missing_keys[0]!r}")
+    if not isinstance(getattr(torch, str(sections["base"]["dtype"]), None), torch.dtype):
+        raise UserError(f"{path}: corrupt delta: base dtype {sections['base']['dtype']!r} is not a torch dtype")
     if metadata.get("tensors_sha256") != tensors_fingerprint(tensors):
         raise UserError(f"{path}: corrupt delta: its tensors do not match the checksum in its header")
     delta = Delta(tensors=tensors, path=path, **sections)
@@ -502,8 +519,7 @@ def apply_delta(base_path, delta_path, out_path, force: bool = False, trust_chec
     for flag, other in (("--base", base_path), ("--delta", delta_path)):
         if out_path.exists() and out_path.resolve() == Path(other).resolve():
             raise UserError(f"--out {out_path} is the {flag} file; write the merged checkpoint elsewhere")
-    if not out_path.parent.is_dir():
-        raise UserError(f"--out {out_path}: no such folder {out_path.parent}")
+    check_output_file(out_path, "--out")
     delta = read_delta(delta_path)
     base = load_checkpoint_file(base_path, trust_checkpoint)
     model = build_model(delta)

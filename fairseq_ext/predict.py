@@ -45,7 +45,7 @@ import torch
 from .delta import (SHARED_MODEL_OPTIONS, Delta, build_model, check_base_fingerprint, check_delta_fits,
                     dictionary_identity, load_base, load_checkpoint_file, read_delta,
                     register_head)
-from .atomic_write import write_text_atomically
+from .atomic_write import check_output_file, write_text_atomically
 from .checkpoint_safety import add_trust_checkpoint_argument
 from .errors import UserError, exit_on_user_error, quiet_cli_logging
 
@@ -69,6 +69,17 @@ class _Task:
     head_key: str  # its head in model.classification_heads
     body: Dict[str, torch.Tensor]  # its trained non-head tensors, float32 on the model's device
     pair: Optional[bool]  # True/False when known (a GLUE task), None: either
+
+
+def usable_device(name: str) -> torch.device:
+    """The torch device ``--device`` names, if this machine has it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this torch has no CUDA device; use --device cpu")
+    return device
 
 
 class MultiTaskPredictor:
@@ -97,7 +108,7 @@ class MultiTaskPredictor:
         self.dictionary = Dictionary.load(str(dictionary))
         self.dictionary.add_symbol("<mask>")  # as sentence_prediction and masked_lm load it
         self.batch_size = batch_size
-        self.device = torch.device(device)
+        self.device = usable_device(device)
         self.base_source = str(checkpoint)
         self._base_state: Optional[dict] = load_checkpoint_file(checkpoint, trust_checkpoint)["model"]
         self.model = None  # built from the first task's model config
@@ -390,6 +401,8 @@ def main(argv=None) -> None:
         raise UserError(f"--input {input_path}: no such file")
     if output_path.exists() and output_path.resolve() == input_path.resolve():
         raise UserError(f"--output {output_path} is the --input file")
+    check_output_file(output_path, "--output")
+    usable_device(args.device)
     loaded = {name: read_delta(path) for name, path in deltas.items()}
 
     # Read (and check) the input before the model is loaded: bad input fails fast.

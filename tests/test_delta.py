@@ -290,3 +290,27 @@ def test_cli_exits_2_with_one_line(best_delta, tmp_path):
                        "--delta", str(best_delta), "--out", str(tmp_path / "m.pt")], check=False)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"delta.py: error: --base {tmp_path / 'nope.pt'}: no such file"]
+
+
+def test_malformed_headers_and_output_paths_are_one_line_errors(best_delta, tiny_pretrained, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(best_delta), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
+    base = json.loads(metadata["base"])
+    for name, section, value, message in (
+        ("null_selection", "selection", None, "'selection' is not a JSON object"),
+        ("empty_base", "base", {}, "'base' has no 'fingerprint'"),
+        ("bad_dtype", "base", dict(base, dtype="float77"), "base dtype 'float77'"),
+    ):
+        path = tmp_path / f"{name}.delta.safetensors"
+        save_file(tensors, path, metadata=dict(metadata, **{section: json.dumps(value)}))
+        assert_one_line_error(run_cli(capsys, "info", path), "corrupt delta", message)
+        assert_one_line_error(run_cli(capsys, "apply", "--base", tiny_pretrained, "--delta", path,
+                                      "--out", tmp_path / "m.pt"), "corrupt delta", message)
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    for out, message in ((folder, "is a folder"), (tmp_path / "nowhere" / "m.pt", "no such folder")):
+        assert_one_line_error(run_cli(capsys, "apply", "--base", tiny_pretrained, "--delta", best_delta, "--out", out),
+                              "--out", message)

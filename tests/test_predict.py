@@ -175,7 +175,15 @@ def test_bad_input_fails_with_one_line_and_no_output(tiny_runs, tiny_pretrained,
     mixed = tmp_path / "mixed.txt"
     mixed.write_text("good\nbad\tw1\n")
     assert_one_line_error(cli("--delta", ofa, "--task", "ofa", "--input", mixed), "mixed.txt:2: 2 sentences")
+    assert_one_line_error(cli("--delta", ofa, "--task", "ofa", "--input", good, "--device", "foo"),
+                          "--device foo: not a torch device")
+    if not torch.cuda.is_available():
+        assert_one_line_error(cli("--delta", ofa, "--task", "ofa", "--input", good, "--device", "cuda"),
+                              "--device cuda: this torch has no CUDA device")
     assert not out.exists() and not list(tmp_path.glob(".out.tsv*"))
+    for bad_out, message in ((tmp_path, "is a folder"), (tmp_path / "nowhere" / "out.tsv", "no such folder")):
+        assert_one_line_error(run_cli(capsys, "--base", base / "model.pt", "--output", bad_out, "--delta", ofa,
+                                      "--task", "ofa", "--input", good), "--output", message)
 
     with pytest.raises(UserError, match="no task 'nope'"):
         tiny_predictor.predict("nope", ["good"])
