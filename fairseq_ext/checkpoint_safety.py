@@ -8,9 +8,12 @@ True and rejects the few Python objects fairseq pickles: the legacy
 a checkpoint still cannot run arbitrary code.
 """
 import argparse
+import zipfile
 
 import numpy
 import torch
+
+from .errors import UserError
 
 
 def _numpy_scalar_types():
@@ -23,6 +26,19 @@ def _numpy_scalar_types():
 FAIRSEQ_CHECKPOINT_TYPES = [argparse.Namespace, *_numpy_scalar_types()]
 
 torch.serialization.add_safe_globals(FAIRSEQ_CHECKPOINT_TYPES)
+
+
+def check_checkpoint_container(path: str, what: str) -> None:
+    """Refuse a file torch.load could only fail on with a traceback: a truncated download, a
+    text file.  torch.save writes a zip archive (whole only with its closing directory);
+    torch < 1.6 wrote a pickle, which starts with the protocol marker."""
+    if zipfile.is_zipfile(path):
+        return
+    with open(path, "rb") as handle:
+        start = handle.read(2)
+    if len(start) == 2 and start[0] == 0x80 and 2 <= start[1] <= 5 and not start.startswith(b"PK"):
+        return
+    raise UserError(f"{what} {path}: not a whole PyTorch checkpoint (truncated or corrupt?)")
 
 
 def add_trust_checkpoint_argument(parser) -> None:

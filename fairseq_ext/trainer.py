@@ -232,6 +232,17 @@ class BitFitTrainer(Trainer):
         if self._checking_resumed_selection and self._optim_history:
             self._check_resumed_selection(self._optim_history[-1].get("bitfit"))
         super()._build_optimizer()
+        if self._checking_resumed_selection and self._optim_history:
+            self._check_resumed_components(self._optim_history[-1])
+
+    def _check_resumed_components(self, saved) -> None:
+        """fairseq asserts these right after; a changed flag deserves a sentence, not a traceback."""
+        for what, flag, name in (("optimizer", "--optimizer", type(self.optimizer).__name__),
+                                 ("criterion", "--criterion", type(self.get_criterion()).__name__)):
+            if saved.get(f"{what}_name", name) != name:
+                raise UserError(
+                    f"the checkpoint being resumed was trained with the {what} {saved[f'{what}_name']}, this "
+                    f"run builds {name}; resume with the same {flag}, {START_ELSEWHERE}")
 
     def _check_resumed_selection(self, saved) -> None:
         current = self.bitfit_selection

@@ -145,3 +145,29 @@ def test_resume_finds_the_suffixed_last_checkpoint(tiny_data, tiny_pretrained, t
     second = tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=4, extra=suffix))
     assert "resuming the interrupted run" in second.stdout and "@ 2 updates" in second.stdout
     assert load(tmp_path / "checkpoint_last_x.pt")["optimizer_history"][-1]["num_updates"] == 4
+
+
+def test_broken_checkpoints_and_changed_optimizer_are_one_line_errors(tiny_data, tiny_pretrained, tmp_path):
+    def one_line_error(result, *fragments):
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and all(f in lines[0] for f in fragments), result.stderr
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(tiny_pretrained.read_bytes()[:5000])
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint\n")
+    for broken in (truncated, text):
+        one_line_error(tiny.run(tiny.glue_recipe(tiny_data, broken, tmp_path / "fresh", updates=2), check=False),
+                       f"--restore-file {broken}: not a whole PyTorch checkpoint")
+
+    run = tmp_path / "run"
+    tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, run, updates=2, extra=["--bitfit"]))
+    sgd = tiny.glue_recipe(tiny_data, tiny_pretrained, run, updates=4, extra=["--bitfit"])
+    sgd[sgd.index("adam")] = "sgd"
+    one_line_error(tiny.run(sgd, check=False), "trained with the optimizer", "--optimizer")
+
+    last = run / "checkpoint_last.pt"
+    last.write_bytes(last.read_bytes()[:5000])
+    one_line_error(tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, run, updates=4, extra=["--bitfit"]),
+                            check=False), f"resuming from {last}: not a whole PyTorch checkpoint")
