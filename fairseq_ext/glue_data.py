@@ -435,6 +435,8 @@ def prepare_task(
         raise UserError(f"--workers {workers}: must be at least 1")
     if train_subset is not None and train_subset < 1:
         raise UserError(f"--train-subset {train_subset}: must be at least 1")
+    if not 0 <= train_subset_seed < 2**32:
+        raise UserError(f"--train-subset-seed {train_subset_seed}: must be in [0, 2**32)")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file, not a directory")
 

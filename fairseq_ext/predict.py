@@ -89,11 +89,16 @@ class MultiTaskPredictor:
                  device: str = "cpu"):
         from fairseq.data import Dictionary
 
-        from .model_dir import build_bpe, load_model_dir
+        from .model_dir import MODEL_INFO, build_bpe, load_model_dir
 
         base = Path(base)
         if base.is_dir():
             model_dir = load_model_dir(base)
+            checkpoint, dictionary = model_dir.checkpoint, dictionary or model_dir.dictionary
+            self._bpe = build_bpe(model_dir)
+        elif base.is_file() and base.name == "model.pt" and (base.parent / MODEL_INFO).is_file():
+            # a model folder's own model.pt: its tokenizer applies, as for the folder
+            model_dir = load_model_dir(base.parent)
             checkpoint, dictionary = model_dir.checkpoint, dictionary or model_dir.dictionary
             self._bpe = build_bpe(model_dir)
         elif base.is_file():
@@ -372,7 +377,8 @@ def parse_delta_option(value: str) -> Tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fairseq_ext.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the pretrained model folder (model.pt, dict.txt, tokenizer), "
-                        "or a fairseq checkpoint with dict.txt beside it (then inputs are pre-tokenized text)")
+                        "or a fairseq checkpoint with dict.txt beside it (then, unless it is a model folder's "
+                        "model.pt, inputs are pre-tokenized text)")
     parser.add_argument("--delta", action="append", required=True, metavar="TASK=PATH",
                         help="a task and its delta (repeatable)")
     parser.add_argument("--task", required=True, help="the task to predict (one of the --delta names)")

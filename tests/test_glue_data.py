@@ -252,6 +252,8 @@ def test_sst2_train_subset_is_seeded_and_recorded(tmp_path, tiny_tokenizer):
     assert first["splits"]["valid"]["rows_written"] == 872  # only training rows are subsampled
     prepare(tiny_tokenizer, "SST-2", GLUE, tmp_path / "b", train_subset=300)
     assert (tmp_path / "a/input0/train.bin").read_bytes() == (tmp_path / "b/input0/train.bin").read_bytes()
+    with pytest.raises(glue_data.UserError, match=r"--train-subset-seed -5: must be in \[0, 2\*\*32\)"):
+        prepare(tiny_tokenizer, "SST-2", GLUE, tmp_path / "c", train_subset=300, train_subset_seed=-5)
 
 
 # ------------------------------------------------------------------ every task's format

@@ -99,6 +99,9 @@ def test_task_setup_rejects_inconsistent_options(cola_data, tmp_path):
         setup(cola_data, "--glue-task", "CoLB")
     with pytest.raises(UserError, match="--num-classes 3 contradicts --glue-task CoLA"):
         setup(cola_data, "--num-classes", "3")
+    for length in ("-1", "2"):
+        with pytest.raises(UserError, match=f"--max-seq-len {length}: must be at least 3"):
+            setup(cola_data, "--max-seq-len", length)
     cfg, task = setup(cola_data, criterion="sentence_prediction")
     with pytest.raises(UserError, match="needs --criterion glue_prediction"):
         task.build_criterion(cfg.criterion)

@@ -244,6 +244,10 @@ def test_minilm_cli_writes_the_leaderboard_file_of_the_full_checkpoint(minilm_co
     task.load_dataset("test")
     encoded = predictor.encode("cola", sentences)
     assert all(torch.equal(tokens, task.dataset("test")[i]["net_input.src_tokens"]) for i, tokens in enumerate(encoded))
+    # The folder's own model.pt stands for the folder: its tokenizer applies.
+    by_file = predict.MultiTaskPredictor(Path(model.path) / "model.pt")
+    by_file.add_task("cola", root / "run" / BEST_DELTA)
+    assert all(torch.equal(a, b) for a, b in zip(by_file.encode("cola", sentences), encoded))
 
 
 def test_minilm_rejects_wrong_columns_and_foreign_deltas(minilm_cola, tiny_runs, tiny_pretrained, tiny_data,

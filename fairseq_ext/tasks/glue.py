@@ -69,6 +69,8 @@ class GlueTask(SentencePredictionTask):
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
+        if cfg.max_seq_len is not None and cfg.max_seq_len < 3:
+            raise UserError(f"--max-seq-len {cfg.max_seq_len}: must be at least 3 (<s>, a token, </s>)")
         spec = cls._resolve_spec(cfg)
         if cfg.num_classes not in (-1, spec.num_classes):
             raise UserError(f"--num-classes {cfg.num_classes} contradicts --glue-task {spec.name} ({spec.num_classes})")
