@@ -503,7 +503,7 @@ def collect_predictions(output_dir: Path, rows: List[dict]) -> None:
             if Path(path).exists():
                 target = output_dir / "predictions" / mode / Path(path).name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target)
+                write_atomically(target, lambda tmp, source=path: shutil.copyfile(source, tmp))
 
 
 def build_parser() -> argparse.ArgumentParser:
