@@ -153,12 +153,22 @@ def test_schedule_follows_the_batch_size_update_freq_epochs_and_workers_train_py
     assert schedule_updates(["--batch-size", "8", "--max-update", "7"], 32, 2, rows, 1) == 7
 
 
-def test_learning_rate_decays_over_the_updates_actually_run(tmp_path):
+SUBSET_ENV = {"GLUE_DIR": str(tiny.SHARED_GLUE), "TASKS": "CoLA", "TRAIN_SUBSET": "48", "EPOCHS": "1"}
+SUBSET_ARGS = ("--batch-size", "8", "--log-interval", "1")
+
+
+@pytest.fixture(scope="module")
+def cola_subset_run(tmp_path_factory):
+    """One epoch of 48 CoLA rows at batch 8 given after the script: 6 updates."""
+    out = tmp_path_factory.mktemp("cola_subset")
+    glue_script(dict(SUBSET_ENV, OUTPUT_DIR=str(out)), *SUBSET_ARGS)
+    return out
+
+
+def test_learning_rate_decays_over_the_updates_actually_run(cola_subset_run):
     """With --batch-size after the script, the polynomial schedule ends at the run's last update
     (it used to assume the default batch size and reach lr 0 a quarter of the way in)."""
-    out = tmp_path / "out"
-    glue_script({"GLUE_DIR": str(tiny.SHARED_GLUE), "TASKS": "CoLA", "TRAIN_SUBSET": "48", "EPOCHS": "1",
-                 "OUTPUT_DIR": str(out)}, "--batch-size", "8", "--log-interval", "1")
+    out = cola_subset_run
     run = json.loads((out / "results.json").read_text())["runs"][0]
     assert run["updates"] == 6
     log = (out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1" / "train.log").read_text()
@@ -167,30 +177,28 @@ def test_learning_rate_decays_over_the_updates_actually_run(tmp_path):
            if "| train_inner | " in line]
     assert len(lrs) == 6 and all(lr > 0 for lr in lrs[:-1])
 
-    # A finished run folder is reused only for the same settings.
-    env = {"GLUE_DIR": str(tiny.SHARED_GLUE), "TASKS": "CoLA", "EPOCHS": "1", "OUTPUT_DIR": str(out)}
-    for changed_env, args, needle in (({"TRAIN_SUBSET": "40"}, ["--batch-size", "8"], "the training data"),
-                                      ({"TRAIN_SUBSET": "48"}, ["--batch-size", "4"], "--batch-size")):
-        result = glue_script(dict(env, **changed_env), *args, "--log-interval", "1", check=False)
+
+def test_a_run_folder_is_reused_only_with_the_same_settings(cola_subset_run):
+    env = dict(SUBSET_ENV, OUTPUT_DIR=str(cola_subset_run))
+    for changed_env, args, needle in (({"TRAIN_SUBSET": "40"}, SUBSET_ARGS, "the training data"),
+                                      ({}, ("--batch-size", "4", "--log-interval", "1"), "--batch-size 8 -> 4")):
+        result = glue_script(dict(env, **changed_env), *args, check=False)
         assert result.returncode == 2, result.stdout + result.stderr
         errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
         assert len(errors) == 1 and "trained with other settings" in errors[0] and needle in errors[0], result.stderr
-    again = glue_script(dict(env, TRAIN_SUBSET="48"), "--batch-size", "8", "--log-interval", "1")
-    assert "done earlier" in again.stdout
+    assert "done earlier" in glue_script(env, *SUBSET_ARGS).stdout
 
 
-def test_delta_only_runs_still_write_the_leaderboard_files(tmp_path):
+def test_delta_only_runs_still_write_the_leaderboard_files(cola_subset_run, tmp_path):
     """With --bitfit-delta-only there is no checkpoint_best.pt: the best delta merged into the
     base predicts exactly what the full best checkpoint of the same run predicts."""
-    env = {"GLUE_DIR": str(tiny.SHARED_GLUE), "TASKS": "CoLA", "TRAIN_SUBSET": "48", "EPOCHS": "1"}
-    args = ["--batch-size", "8"]
-    glue_script(dict(env, OUTPUT_DIR=str(tmp_path / "full")), *args)
-    glue_script(dict(env, OUTPUT_DIR=str(tmp_path / "delta")), *args, "--bitfit-delta-only")
-    run = tmp_path / "delta" / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1"
+    out = tmp_path / "delta"
+    glue_script(dict(SUBSET_ENV, OUTPUT_DIR=str(out)), *SUBSET_ARGS, "--bitfit-delta-only")
+    run = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1"
     assert not (run / "checkpoint_best.pt").exists() and (run / "checkpoint_best.delta.safetensors").exists()
-    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == []  # the merged model was temporary
-    predictions = [(out / "predictions" / "bitfit-ofa" / "CoLA.tsv").read_text() for out in (tmp_path / "full",
-                                                                                           tmp_path / "delta")]
+    assert [p for p in run.iterdir() if p.is_dir()] == []  # the merged model was temporary
+    predictions = [(folder / "predictions" / "bitfit-ofa" / "CoLA.tsv").read_text()
+                   for folder in (cola_subset_run, out)]
     assert predictions[0] == predictions[1] and len(predictions[0].splitlines()) == 1 + 1063
 
 
