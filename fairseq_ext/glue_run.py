@@ -381,6 +381,19 @@ def run_training(command: List[str], log_path: Path) -> None:
         raise RuntimeError(f"train.py exited {code}; the end of {log_path}:\n{''.join(last_lines)}")
 
 
+def train_timed(command: List[str], run_dir: Path) -> float:
+    """run_training, and the seconds this run has trained over all its launches (resumes included)."""
+    elapsed = run_dir / "elapsed.json"
+    earlier = json.loads(elapsed.read_text())["seconds"] if elapsed.exists() else 0.0
+    start = time.time()
+    try:
+        run_training(command, run_dir / "train.log")
+    finally:  # an interrupted launch counts too
+        total = earlier + time.time() - start
+        write_text_atomically(elapsed, json.dumps({"seconds": round(total, 1)}) + "\n")
+    return total
+
+
 def run_settings(train_args: List[str], prepared: Path, run_dir: Path, manifest: dict) -> dict:
     """What a run's result depends on: train.py's arguments (folders aside) and the prepared data."""
     folders = {str(prepared): "DATA", str(run_dir): "RUN_DIR"}
@@ -455,9 +468,7 @@ def one_run(run: PlannedRun, args) -> dict:
         write_text_atomically(run_dir / "settings.json", json.dumps(run.settings, indent=1) + "\n")
     command = launcher(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port) + run.train_args
     print(f"  {label}: training ({run_dir})", flush=True)
-    start = time.time()
-    run_training(command, run_dir / "train.log")
-    wall = time.time() - start
+    wall = train_timed(command, run_dir)
     parsed = parse_log((run_dir / "train.log").read_text(), spec)
     best = best_epoch(parsed["epochs"], spec.primary_metric)
     row = {

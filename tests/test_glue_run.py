@@ -161,6 +161,9 @@ SUBSET_ARGS = ("--batch-size", "8", "--log-interval", "1")
 def cola_subset_run(tmp_path_factory):
     """One epoch of 48 CoLA rows at batch 8 given after the script: 6 updates."""
     out = tmp_path_factory.mktemp("cola_subset")
+    run_dir = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "elapsed.json").write_text('{"seconds": 1000.0}')  # as an interrupted first launch leaves it
     glue_script(dict(SUBSET_ENV, OUTPUT_DIR=str(out)), *SUBSET_ARGS)
     return out
 
@@ -171,6 +174,7 @@ def test_learning_rate_decays_over_the_updates_actually_run(cola_subset_run):
     out = cola_subset_run
     run = json.loads((out / "results.json").read_text())["runs"][0]
     assert run["updates"] == 6
+    assert 1000 < run["wall_time_s"] < 2000  # every launch of the run counts
     log = (out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1" / "train.log").read_text()
     assert re.findall(r"'total_num_update': (\d+)", log)[0] == "6"
     lrs = [float(json.loads(line.split("| train_inner | ", 1)[1])["lr"]) for line in log.splitlines()
