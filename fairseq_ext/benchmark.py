@@ -307,8 +307,9 @@ def run_in_child(pairs, args, precision: str):
         child.wait()
         if child.returncode != 0 or received < len(pairs):
             stderr.seek(0)
-            failed = " ".join(f"{model} {mode}" for model, mode in pairs[received:])
-            raise RuntimeError(f"{failed} failed (exit {child.returncode}):\n{stderr.read()[-3000:]}")
+            failed, *skipped = [f"{model} {mode}" for model, mode in pairs[received:]] or ["?"]
+            not_run = f"; not run: {', '.join(skipped)}" if skipped else ""
+            raise RuntimeError(f"{failed} failed (exit {child.returncode}){not_run}:\n{stderr.read()[-3000:]}")
 
 
 def combine_rounds(rounds: List[dict]) -> dict:

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 
 import pytest
@@ -207,8 +208,12 @@ def test_delta_only_runs_still_write_the_leaderboard_files(cola_subset_run, tmp_
 
 
 def test_bad_input_under_torchrun_is_still_one_line_and_exit_2(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     result = glue_script({"GLUE_DIR": str(tiny.SHARED_GLUE), "TASKS": "CoLA", "TRAIN_SUBSET": "16", "NPROC": "2",
-                          "BITFIT_TERMS": "foo", "OUTPUT_DIR": str(tmp_path / "out")}, "--max-update", "1", check=False)
+                          "MASTER_PORT": port, "BITFIT_TERMS": "foo", "OUTPUT_DIR": str(tmp_path / "out")},
+                         "--max-update", "1", check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert len(errors) == 1 and "--bitfit-terms" in errors[0] and "foo" in errors[0], result.stderr
