@@ -36,7 +36,7 @@ def check_checkpoint_container(path: str, what: str) -> None:
         return
     with open(path, "rb") as handle:
         start = handle.read(2)
-    if len(start) == 2 and start[0] == 0x80 and 2 <= start[1] <= 5 and not start.startswith(b"PK"):
+    if len(start) == 2 and start[0] == 0x80 and 2 <= start[1] <= 5:
         return
     raise UserError(f"{what} {path}: not a whole PyTorch checkpoint (truncated or corrupt?)")
 

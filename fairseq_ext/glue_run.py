@@ -586,11 +586,11 @@ def main(argv=None) -> None:
     print(f"GLUE {args.mode}: tasks {' '.join(s.name for s in specs)}; model {model.path} ({model.arch})", flush=True)
 
     # Every task's files are read and checked before the first run trains.
-    prepared = {spec.name: glue_data.prepare_task(spec, glue_dir, model, model.dictionary,
-                                                  output_dir / "data" / spec.name, args.workers,
-                                                  train_subset=args.train_subset)
-                for spec in specs}
-    runs = [plan_run(spec, model, output_dir / "data" / spec.name, prepared[spec.name],
+    data_dirs = {spec.name: output_dir / "data" / spec.name for spec in specs}
+    manifests = {spec.name: glue_data.prepare_task(spec, glue_dir, model, model.dictionary, data_dirs[spec.name],
+                                                   args.workers, train_subset=args.train_subset)
+                 for spec in specs}
+    runs = [plan_run(spec, model, data_dirs[spec.name], manifests[spec.name],
                      output_dir / "runs" / spec.name / mode_label(args.mode, args.bitfit_terms) / f"lr{lr:g}-seed{seed}",
                      args, lr, seed, passthrough)
             for spec in specs for lr in lrs or default_lrs(args.mode, spec.name) for seed in seeds]

@@ -92,13 +92,10 @@ class MultiTaskPredictor:
         from .model_dir import MODEL_INFO, build_bpe, load_model_dir
 
         base = Path(base)
+        if base.is_file() and base.name == "model.pt" and (base.parent / MODEL_INFO).is_file():
+            base = base.parent  # a model folder's own model.pt stands for the folder: its tokenizer applies
         if base.is_dir():
             model_dir = load_model_dir(base)
-            checkpoint, dictionary = model_dir.checkpoint, dictionary or model_dir.dictionary
-            self._bpe = build_bpe(model_dir)
-        elif base.is_file() and base.name == "model.pt" and (base.parent / MODEL_INFO).is_file():
-            # a model folder's own model.pt: its tokenizer applies, as for the folder
-            model_dir = load_model_dir(base.parent)
             checkpoint, dictionary = model_dir.checkpoint, dictionary or model_dir.dictionary
             self._bpe = build_bpe(model_dir)
         elif base.is_file():
