@@ -28,7 +28,6 @@ setup(
     description="BitFit: bias-only fine-tuning of pretrained transformer encoders, on fairseq",
     python_requires=">=3.10",
     packages=find_packages(include=["fairseq_ext", "fairseq_ext.*"]),
-    py_modules=["train"],
     install_requires=[
         "torch>=2.6",  # install.sh pins the build first; a bare 'torch' would pull CUDA
         *FAIRSEQ_RUNTIME,
@@ -41,5 +40,5 @@ setup(
         # transformers is only the reference implementation in parity tests.
         "test": ["pytest>=7", "transformers>=4.40"],
     },
-    entry_points={"console_scripts": ["fairseq-bitfit-train=train:cli_main"]},
+    entry_points={"console_scripts": ["fairseq-bitfit-train=fairseq_ext.training.main:cli_main"]},
 )

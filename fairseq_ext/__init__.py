@@ -1,23 +1,23 @@
-"""fairseq plugin for BitFit: import it (or pass ``--user-dir fairseq_ext``) to register
-its tasks, models, criterions and tokenizers.
+"""BitFit for fairseq.
 
-Like fairseq's own plugins, each line imports one small module that registers one
-component.
+Importing ``fairseq_ext`` (or passing ``--user-dir fairseq_ext``) registers the
+fairseq plugin: the ``glue`` task, the ``bert`` model and archs, the
+``glue_prediction`` criterion and the ``wordpiece`` BPE, after applying
+``fairseq_ext.plugin.patches.install()``.
+
+Without fairseq installed the import registers nothing, and the framework-free
+core still works on any ``torch.nn.Module``::
+
+    from fairseq_ext import bitfit
+    selection = bitfit.apply(model, terms="q,m2")
+
+The layers and what may import what: docs/architecture.md.
 """
-import logging
-import sys
+import importlib.util
 
-# fairseq's wav2vec2_classification.py runs logging.basicConfig(level=DEBUG) when fairseq is
-# first imported; a library import must not switch the whole program to DEBUG logging.
-_root_logger_before_fairseq = None if "fairseq" in sys.modules else (
-    logging.getLogger().level, list(logging.getLogger().handlers))
+from .core import bitfit  # noqa: F401  (the core, importable as fairseq_ext.bitfit)
 
-from .models import bert  # noqa: F401,E402  (keep first: models/__init__ hushes fairseq's import-time log)
-from . import checkpoint_safety  # noqa: F401,E402  (allow-lists fairseq checkpoint types for torch.load)
-from . import wordpiece_bpe  # noqa: F401,E402
-from .tasks import glue  # noqa: F401,E402  (registers the task "glue")
-from .criterions import glue_prediction  # noqa: F401,E402  (registers the criterion "glue_prediction")
+if importlib.util.find_spec("fairseq") is not None:
+    from .plugin import register as _register_plugin
 
-if _root_logger_before_fairseq is not None:
-    logging.getLogger().setLevel(_root_logger_before_fairseq[0])
-    logging.getLogger().handlers[:] = _root_logger_before_fairseq[1]
+    _register_plugin()

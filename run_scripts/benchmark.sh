@@ -25,4 +25,4 @@ if [[ -n "${WARMUP:-}" ]]; then args+=(--warmup "${WARMUP}"); fi
 if [[ -n "${DEVICE:-}" ]]; then args+=(--device "${DEVICE}"); fi
 if [[ -n "${PRECISION:-}" ]]; then args+=(--precision "${PRECISION}"); fi
 if [[ -n "${PROCESS_PER:-}" ]]; then args+=(--process-per "${PROCESS_PER}"); fi
-exec python -m fairseq_ext.benchmark "${args[@]}"
+exec python -m fairseq_ext.experiments.benchmark "${args[@]}"

@@ -31,4 +31,4 @@ args=(
 )
 if [[ -n "${EPOCHS:-}" ]]; then args+=(--epochs "${EPOCHS}"); fi
 if [[ -n "${TRAIN_SUBSET:-}" ]]; then args+=(--train-subset "${TRAIN_SUBSET}"); fi
-exec python -m fairseq_ext.glue_run "${args[@]}" -- "$@"
+exec python -m fairseq_ext.experiments.glue_run "${args[@]}" -- "$@"

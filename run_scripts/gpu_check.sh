@@ -6,4 +6,4 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${here}${PYTHONPATH:+:${PYTHONPATH}}"
-exec python -m fairseq_ext.gpu_check "$@"
+exec python -m fairseq_ext.experiments.gpu_check "$@"

@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-import train
-from fairseq_ext.trainer import BitFitTrainer
+from fairseq_ext.training.main import cli_main
+from fairseq_ext.training.trainer import BitFitTrainer
 
 
 class RecordingTrainer(BitFitTrainer):
@@ -28,7 +28,7 @@ class RecordingTrainer(BitFitTrainer):
 
 
 if __name__ == "__main__":
-    train.cli_main(sys.argv[1:], trainer_class=RecordingTrainer)
+    cli_main(sys.argv[1:], trainer_class=RecordingTrainer)
     rank = int(os.environ.get("RANK", "0"))
     parameters = {name: p.detach().clone() for name, p in RecordingTrainer.last._model.named_parameters()}
     torch.save(parameters, os.path.join(os.environ["RANK_DUMP_DIR"], f"rank{rank}.pt"))

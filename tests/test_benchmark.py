@@ -40,8 +40,8 @@ def test_runs_in_one_process_free_each_model_before_the_next():
     run's start is that run's alone, because the previous run's model is gone."""
     import gc
 
-    from fairseq_ext.benchmark import measure_in_process
-    from fairseq_ext.trainer import BitFitTrainer
+    from fairseq_ext.experiments.benchmark import measure_in_process
+    from fairseq_ext.training.trainer import BitFitTrainer
 
     rows = []
     for row in measure_in_process([("bert_tiny", "full"), ("bert_tiny", "bitfit-ofa")], "cpu", 4, 16, 2, 1, "fp32"):
@@ -56,7 +56,7 @@ def test_one_child_process_streams_its_rows_and_names_the_failing_run():
 
     import pytest
 
-    from fairseq_ext.benchmark import run_in_child
+    from fairseq_ext.experiments.benchmark import run_in_child
 
     args = Namespace(device="cpu", batch=4, seq_len=16, steps=2, warmup=1)
     pairs = [("bert_tiny", "head"), ("bert_tiny", "bitfit-zz"), ("bert_tiny", "full")]
@@ -68,7 +68,7 @@ def test_one_child_process_streams_its_rows_and_names_the_failing_run():
 
 
 def test_process_per_round_is_refused_on_cpu():
-    result = subprocess.run(["python", "-m", "fairseq_ext.benchmark", "--device", "cpu", "--process-per", "round"],
+    result = subprocess.run(["python", "-m", "fairseq_ext.experiments.benchmark", "--device", "cpu", "--process-per", "round"],
                             capture_output=True, text=True, cwd=tiny.REPO, env=dict(os.environ, PYTHONPATH=str(tiny.REPO)))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -76,7 +76,7 @@ def test_process_per_round_is_refused_on_cpu():
 
 
 def test_rounds_combine_into_medians_and_paired_ratios():
-    from fairseq_ext.benchmark import add_ratios, combine_rounds
+    from fairseq_ext.experiments.benchmark import add_ratios, combine_rounds
 
     base = {"model": "m", "mode": "full", "device": "cpu", "batch": 4, "seq_len": 16}
     rounds = [dict(base, update_ms_median=t, step_ms_median=t - 1, peak_mem_bytes=p)
@@ -99,7 +99,7 @@ def test_cuda_peak_counts_the_peaks_that_fairseq_resets(monkeypatch):
     before any reset (a fake CUDA counter; 100 bytes were allocated before the run)."""
     import torch
 
-    from fairseq_ext.benchmark import CudaPeakMemory
+    from fairseq_ext.plugin.patches import cuda_peak_memory
 
     state = {"allocated": 100, "peak": 100}
 
@@ -112,7 +112,7 @@ def test_cuda_peak_counts_the_peaks_that_fairseq_resets(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: state["peak"])
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset_peak_memory_stats)
-    with CudaPeakMemory() as peak:
+    with cuda_peak_memory() as peak:
         for activations in (500, 900, 300):  # three updates: allocate, free, fairseq resets
             allocate(activations)
             allocate(-activations)

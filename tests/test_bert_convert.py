@@ -24,9 +24,10 @@ from fairseq.data.data_utils import collate_tokens  # noqa: E402
 from fairseq.data.encoders.gpt2_bpe_utils import bytes_to_unicode  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 
-from fairseq_ext import convert_hf  # noqa: E402
-from fairseq_ext.errors import UserError  # noqa: E402
-from fairseq_ext.model_dir import build_bpe, load_model_dir  # noqa: E402
+from fairseq_ext.plugin.models import hf_import  # noqa: E402
+from fairseq_ext.tools import convert_hf as convert_cli  # noqa: E402
+from fairseq_ext.core.errors import UserError  # noqa: E402
+from fairseq_ext.plugin.models.model_dir import build_bpe, load_model_dir  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,7 +82,7 @@ def tiny_roberta_src(tmp_path_factory):
 
 
 def converted(src, out):
-    convert_hf.convert(src, out, report=None)
+    hf_import.convert(src, out, report=None)
     return load_model_dir(out)
 
 
@@ -157,8 +158,8 @@ def test_tiny_bert_with_pretraining_heads_matches_transformers(tiny_bert_src, tm
           intermediate_size=4096, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5), "roberta_large"),
 ])
 def test_base_and_large_configs_get_their_named_arch(config, arch):
-    structure = convert_hf.structure_args(config["model_type"], config, Path("config.json"))
-    assert convert_hf.pick_architecture(config["model_type"], structure) == (arch, {})
+    structure = hf_import.structure_args(config["model_type"], config, Path("config.json"))
+    assert hf_import.pick_architecture(config["model_type"], structure) == (arch, {})
 
 
 def test_bin_weights_with_tied_decoder_give_the_same_checkpoint(tiny_bert_src, tmp_path):
@@ -217,7 +218,7 @@ def test_roberta_without_mlm_head_gets_a_fresh_one(tiny_roberta_src, tmp_path):
     hf_model = transformers.RobertaModel.from_pretrained(str(tiny_roberta_src), add_pooling_layer=True)
     perturbed(hf_model).save_pretrained(src)
     report = []
-    convert_hf.convert(src, tmp_path / "out", report=report.append)
+    hf_import.convert(src, tmp_path / "out", report=report.append)
     assert any(line.startswith("pooler.dense.weight: not carried over") for line in report)
     assert "encoder.lm_head.dense.weight: initialised (the source has no MLM head)" in report
     model, dictionary = fairseq_model_from_checkpoint(load_model_dir(tmp_path / "out"))
@@ -336,7 +337,7 @@ def test_bad_source_gets_one_line_and_exit_2(case, tiny_bert_src, tmp_path, capf
     out_parent = tmp_path / "out"
     out_parent.mkdir()
     with pytest.raises(SystemExit) as exit_info:
-        convert_hf.main([str(src), str(out_parent / "model")])
+        convert_cli.main([str(src), str(out_parent / "model")])
     assert exit_info.value.code == 2
     lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
@@ -350,7 +351,7 @@ def test_existing_output_and_roberta_mean_pooling_are_refused(tiny_bert_src, tin
     for argv, message in (([str(tiny_bert_src), str(out)], "already exists"),
                           ([str(tiny_roberta_src), str(tmp_path / "r"), "--pooling", "mean"], "--pooling mean")):
         with pytest.raises(SystemExit) as exit_info:
-            convert_hf.main(argv)
+            convert_cli.main(argv)
         lines = capfd.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "mine"
@@ -360,7 +361,7 @@ def test_cli_process_reports_one_line_and_exit_2(tiny_bert_src, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(tiny_bert_src, src)
     edit_json(src / "config.json", model_type="gpt2", architectures=["GPT2LMHeadModel"])
-    result = subprocess.run([sys.executable, "-m", "fairseq_ext.convert_hf", str(src), str(tmp_path / "out")],
+    result = subprocess.run([sys.executable, "-m", "fairseq_ext.tools.convert_hf", str(src), str(tmp_path / "out")],
                             cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -401,7 +402,7 @@ def test_glue_run_imports_each_hugging_face_folder_once_and_tells_same_named_one
     """MODEL=.../model twice with different models behind the same folder name: two imports."""
     import shutil
 
-    from fairseq_ext.glue_run import resolve_model
+    from fairseq_ext.experiments.glue_run import resolve_model
 
     first, second = tmp_path / "a" / "model", tmp_path / "b" / "model"
     shutil.copytree(tiny_bert_src, first)

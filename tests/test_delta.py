@@ -13,8 +13,9 @@ import torch
 
 import fairseq_ext  # noqa: F401  (allow-lists fairseq checkpoint types for torch.load)
 import tiny
-from fairseq_ext import delta as deltas
-from fairseq_ext.errors import UserError
+from fairseq_ext.core import delta_file as deltas
+from fairseq_ext.core.errors import UserError
+from fairseq_ext.tools import delta as delta_cli
 
 UPDATES = 12  # 160 rows, batch 16: epoch 1 ends at update 10
 
@@ -46,7 +47,7 @@ def delta_names(folder):
 
 
 def run_cli(capsys, *argv):
-    return tiny.run_main(deltas.main, capsys, *argv)
+    return tiny.run_main(delta_cli.main, capsys, *argv)
 
 
 def head_logits(checkpoint, data, model=None):
@@ -110,8 +111,7 @@ def test_roberta_base_delta_is_under_one_percent_of_the_model(monkeypatch):
     monkeypatch.setattr(roberta_model, "init_bert_params", lambda module: None)
 
     from fairseq_ext import bitfit
-    from fairseq_ext.convert_hf import build_fairseq_model
-    from fairseq_ext.model_dir import architecture_config
+    from fairseq_ext.plugin.models.build import architecture_config, build_fairseq_model
 
     dictionary = Dictionary()
     for index in range(50261):  # RoBERTa's dict.txt (+ <mask>): 50,265 symbols
@@ -192,7 +192,7 @@ def test_delta_only_run_keeps_one_full_checkpoint_and_resumes_exactly(bitfit_run
 
 
 def test_delta_only_needs_bitfit():
-    from fairseq_ext.trainer import validate_bitfit_args
+    from fairseq_ext.training.options import validate_bitfit_args
 
     args = argparse.Namespace(bitfit=False, bitfit_terms="ofa", bitfit_delta_only=True, ddp_backend="pytorch_ddp")
     with pytest.raises(UserError, match="--bitfit-delta-only needs --bitfit"):
@@ -254,8 +254,7 @@ def test_a_delta_is_refused_on_another_base_unless_forced(best_delta, tiny_pretr
 def test_a_delta_for_another_architecture_is_refused(best_delta, tmp_path, capsys):
     from fairseq.data import Dictionary
 
-    from fairseq_ext.convert_hf import build_fairseq_model
-    from fairseq_ext.model_dir import architecture_config
+    from fairseq_ext.plugin.models.build import architecture_config, build_fairseq_model
 
     dictionary = Dictionary()
     for index in range(53):
@@ -286,7 +285,7 @@ def test_only_trusted_checkpoints_are_unpickled(best_delta, tiny_pretrained, tmp
 
 
 def test_cli_exits_2_with_one_line(best_delta, tmp_path):
-    result = tiny.run(["-m", "fairseq_ext.delta", "apply", "--base", str(tmp_path / "nope.pt"),
+    result = tiny.run(["-m", "fairseq_ext.tools.delta", "apply", "--base", str(tmp_path / "nope.pt"),
                        "--delta", str(best_delta), "--out", str(tmp_path / "m.pt")], check=False)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"delta.py: error: --base {tmp_path / 'nope.pt'}: no such file"]

@@ -3,7 +3,7 @@
 The real CoLA, SST-2 and STS-B files are read from ../shared/glue when present; the
 other tasks are small files written here in the exact GLUE formats.  The tokenizer
 is a tiny WordPiece trained on the fly, behind a stand-in for
-fairseq_ext.model_dir (its interface: load_model_dir, build_bpe).
+fairseq_ext.plugin.models.model_dir (its interface: load_model_dir, build_bpe).
 """
 import json
 import multiprocessing
@@ -18,12 +18,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fairseq_ext import glue_data
-from fairseq_ext.glue_data import prepare_task, read_split, read_test_indices, write_leaderboard_tsv
+from fairseq_ext.core.errors import UserError
+from fairseq_ext.core.glue_files import read_split, write_leaderboard_tsv
+from fairseq_ext.core.glue_tasks import TASKS
+from fairseq_ext.plugin.data import glue_prepare
+from fairseq_ext.plugin.data.glue_prepare import load_manifest, prepare_task, read_test_indices
+from fairseq_ext.tools import glue_data as glue_data_cli
+import tiny
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "glue"
-needs_real_glue = pytest.mark.skipif(not (GLUE / "CoLA").is_dir(), reason="no real GLUE files at ../shared/glue")
+GLUE = tiny.REAL_GLUE
+needs_real_glue = pytest.mark.skipif(not (GLUE / "CoLA").is_dir(),
+                                     reason="no real GLUE files (FAIRSEQ_EXT_TEST_GLUE, default ../shared/glue)")
 
 WORDS = (
     "the a an this that some every no man woman dog cat city story film movie question answer sentence "
@@ -87,8 +93,8 @@ def tiny_tokenizer(tmp_path_factory):
 
 @pytest.fixture
 def stub_model_dir(monkeypatch, tiny_tokenizer):
-    """fairseq_ext.model_dir's interface over the tiny tokenizer; any --model-dir path loads it."""
-    module = types.ModuleType("fairseq_ext.model_dir")
+    """model_dir's interface, as glue_prepare uses it, over the tiny tokenizer; any --model-dir path loads it."""
+    module = types.SimpleNamespace()
     module.load_model_dir = lambda path: SimpleNamespace(
         checkpoint=None,
         dictionary=str(tiny_tokenizer.dictionary),
@@ -98,7 +104,8 @@ def stub_model_dir(monkeypatch, tiny_tokenizer):
         pooling="cls",
     )
     module.build_bpe = lambda model_dir: WordPieceBPE(model_dir.bpe_args["tokenizer_file"])
-    monkeypatch.setitem(sys.modules, "fairseq_ext.model_dir", module)
+    monkeypatch.setattr(glue_prepare, "load_model_dir", module.load_model_dir)
+    monkeypatch.setattr(glue_prepare, "build_bpe", module.build_bpe)
     return module
 
 
@@ -128,7 +135,7 @@ MNLI_TEST_HEADER = MNLI_TRAIN_HEADER[:10]
 def write_synthetic_task(glue_dir: Path, task: str, rows_per_split=12, seed=0) -> dict:
     """Write <glue_dir>/<task>/*.tsv as download_glue_data.py does; returns {file name: data rows}."""
     rng = np.random.default_rng(seed)
-    spec = glue_data.TASKS[task]
+    spec = TASKS[task]
     directory = glue_dir / task
     written = {}
 
@@ -252,7 +259,7 @@ def test_sst2_train_subset_is_seeded_and_recorded(tmp_path, tiny_tokenizer):
     assert first["splits"]["valid"]["rows_written"] == 872  # only training rows are subsampled
     prepare(tiny_tokenizer, "SST-2", GLUE, tmp_path / "b", train_subset=300)
     assert (tmp_path / "a/input0/train.bin").read_bytes() == (tmp_path / "b/input0/train.bin").read_bytes()
-    with pytest.raises(glue_data.UserError, match=r"--train-subset-seed -5: must be in \[0, 2\*\*32\)"):
+    with pytest.raises(UserError, match=r"--train-subset-seed -5: must be in \[0, 2\*\*32\)"):
         prepare(tiny_tokenizer, "SST-2", GLUE, tmp_path / "c", train_subset=300, train_subset_seed=-5)
 
 
@@ -262,8 +269,8 @@ def test_sst2_train_subset_is_seeded_and_recorded(tmp_path, tiny_tokenizer):
 @pytest.mark.parametrize("task", ["MRPC", "QQP", "MNLI", "QNLI", "RTE", "WNLI"])
 def test_synthetic_task_formats_prepare(tmp_path, tiny_tokenizer, task, caplog):
     written = write_synthetic_task(tmp_path / "glue", task)
-    spec = glue_data.TASKS[task]
-    with caplog.at_level("WARNING", logger="fairseq_ext.glue_data"):
+    spec = TASKS[task]
+    with caplog.at_level("WARNING", logger="fairseq_ext.plugin.data.glue_prepare"):
         manifest = prepare(tiny_tokenizer, task, tmp_path / "glue", tmp_path / "out")
     out = tmp_path / "out"
 
@@ -299,7 +306,7 @@ def test_cache_skips_unchanged_inputs_and_redoes_changed_ones(tmp_path, tiny_tok
     write_synthetic_task(tmp_path / "glue", "RTE")
     first = prepare(tiny_tokenizer, "RTE", tmp_path / "glue", tmp_path / "out")
     stamp = (tmp_path / "out" / "manifest.json").stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="fairseq_ext.glue_data"):
+    with caplog.at_level("INFO", logger="fairseq_ext.plugin.data.glue_prepare"):
         again = prepare(tiny_tokenizer, "RTE", tmp_path / "glue", tmp_path / "out")
     assert "cached" in caplog.text
     assert again == first and (tmp_path / "out" / "manifest.json").stat().st_mtime_ns == stamp
@@ -315,13 +322,13 @@ def test_out_dir_of_another_kind_is_never_replaced(tmp_path, tiny_tokenizer):
     write_synthetic_task(tmp_path / "glue", "RTE")
     write_synthetic_task(tmp_path / "glue", "WNLI")
     prepare(tiny_tokenizer, "RTE", tmp_path / "glue", tmp_path / "out")
-    with pytest.raises(glue_data.UserError, match="holds prepared RTE data; refusing to replace it with WNLI"):
+    with pytest.raises(UserError, match="holds prepared RTE data; refusing to replace it with WNLI"):
         prepare(tiny_tokenizer, "WNLI", tmp_path / "glue", tmp_path / "out")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(glue_data.UserError, match="is not a prepared GLUE directory"):
+    with pytest.raises(UserError, match="is not a prepared GLUE directory"):
         prepare(tiny_tokenizer, "WNLI", tmp_path / "glue", tmp_path / "notes")
-    assert glue_data.load_manifest(tmp_path / "out")["task"] == "RTE"
+    assert load_manifest(tmp_path / "out")["task"] == "RTE"
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
@@ -345,9 +352,9 @@ def test_leaderboard_files(tmp_path):
     assert (tmp_path / "CoLA.tsv").read_text().splitlines() == ["index\tprediction", "5\t1"]
     write_leaderboard_tsv("STS-B", [0, 1, 2], [-0.3, 2.3456, 7.0], tmp_path / "STS-B.tsv")
     assert (tmp_path / "STS-B.tsv").read_text().splitlines()[1:] == ["0\t0.000", "1\t2.346", "2\t5.000"]
-    with pytest.raises(glue_data.UserError, match="3 test indices"):
+    with pytest.raises(UserError, match="3 test indices"):
         write_leaderboard_tsv("CoLA", [0, 1, 2], [1, 0], tmp_path / "bad.tsv")
-    with pytest.raises(glue_data.UserError, match="class ids 0..1"):
+    with pytest.raises(UserError, match="class ids 0..1"):
         write_leaderboard_tsv("CoLA", [0], [2], tmp_path / "bad.tsv")
     assert not (tmp_path / "bad.tsv").exists() and not list(tmp_path.glob(".*tmp*"))
 
@@ -358,7 +365,7 @@ def test_leaderboard_files(tmp_path):
 def _cli_child(argv, stderr_path):
     sys.stderr = open(stderr_path, "w")
     sys.argv = ["glue_data.py", *argv]
-    glue_data.main(argv)
+    glue_data_cli.main(argv)
 
 
 def run_cli(argv, tmp_path):
@@ -427,7 +434,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, stub_model_d
 def test_cli_entry_point_in_a_subprocess(tmp_path):
     environment = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run(
-        [sys.executable, "-m", "fairseq_ext.glue_data", "prepare", "--task", "XNLI", "--glue-dir", str(tmp_path),
+        [sys.executable, "-m", "fairseq_ext.tools.glue_data", "prepare", "--task", "XNLI", "--glue-dir", str(tmp_path),
          "--model-dir", str(tmp_path), "--out", str(tmp_path / "out")],
         cwd=REPO, env=environment, capture_output=True, text=True, timeout=120,
     )

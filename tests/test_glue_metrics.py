@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from fairseq_ext import glue_metrics as gm
+from fairseq_ext.core import glue_metrics as gm
 
 
 def random_classification(seed, n, num_classes, skew=0.0):

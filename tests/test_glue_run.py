@@ -9,7 +9,7 @@ import pytest
 
 import tiny
 
-pytestmark = pytest.mark.skipif(not tiny.SHARED_GLUE.is_dir(), reason="../shared/glue not present")
+pytestmark = pytest.mark.skipif(not tiny.REAL_GLUE.is_dir(), reason="no real GLUE files (FAIRSEQ_EXT_TEST_GLUE, default ../shared/glue)")
 
 SCRIPT = tiny.REPO / "run_scripts" / "glue_bitfit.sh"
 
@@ -25,7 +25,7 @@ def glue_script(env, *args, check=True):
 @pytest.fixture(scope="module")
 def glue_output(tmp_path_factory):
     out = tmp_path_factory.mktemp("glue_out")
-    env = {"GLUE_DIR": str(tiny.SHARED_GLUE), "OUTPUT_DIR": str(out)}
+    env = {"GLUE_DIR": str(tiny.REAL_GLUE), "OUTPUT_DIR": str(out)}
     first = glue_script(dict(env, TASKS="CoLA STS-B"), "--max-update", "4")
     full = glue_script(dict(env, TASKS="CoLA", MODE="full"), "--max-update", "4")
     again = glue_script(dict(env, TASKS="CoLA"), "--max-update", "4")
@@ -76,9 +76,9 @@ def test_finished_runs_are_not_repeated(glue_output):
     "env, needle",
     [
         ({"GLUE_DIR": "/nonexistent/glue_data"}, "no such directory"),
-        ({"GLUE_DIR": str(tiny.SHARED_GLUE / "SOURCES.md")}, "is a file"),
-        ({"GLUE_DIR": str(tiny.SHARED_GLUE), "TASKS": "CoLB"}, "CoLB"),
-        ({"GLUE_DIR": str(tiny.SHARED_GLUE), "TASKS": "MRPC"}, "download_glue_data.py"),
+        ({"GLUE_DIR": str(tiny.REAL_GLUE / "SOURCES.md")}, "is a file"),
+        ({"GLUE_DIR": str(tiny.REAL_GLUE), "TASKS": "CoLB"}, "CoLB"),
+        ({"GLUE_DIR": str(tiny.REAL_GLUE), "TASKS": "MRPC"}, "download_glue_data.py"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, env, needle):
@@ -94,7 +94,7 @@ def small_glue_dir(root, rows=40, edit=None):
     for task in ("CoLA", "STS-B"):
         (root / task).mkdir(parents=True)
         for split in ("train", "dev", "test"):
-            lines = (tiny.SHARED_GLUE / task / f"{split}.tsv").read_bytes().split(b"\n")[:rows]
+            lines = (tiny.REAL_GLUE / task / f"{split}.tsv").read_bytes().split(b"\n")[:rows]
             if edit:
                 edit(task, split, lines)
             (root / task / f"{split}.tsv").write_bytes(b"\n".join(lines) + b"\n")
@@ -133,7 +133,7 @@ def test_a_bad_file_in_a_later_task_stops_before_any_training(tmp_path, edit, ne
 ])
 def test_bad_settings_are_one_line_before_anything_is_written(tmp_path, env, args, needle):
     out = tmp_path / "out"
-    result = glue_script(dict(env, GLUE_DIR=str(tiny.SHARED_GLUE), TASKS="CoLA", OUTPUT_DIR=str(out)), *args,
+    result = glue_script(dict(env, GLUE_DIR=str(tiny.REAL_GLUE), TASKS="CoLA", OUTPUT_DIR=str(out)), *args,
                          check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
@@ -142,7 +142,7 @@ def test_bad_settings_are_one_line_before_anything_is_written(tmp_path, env, arg
 
 
 def test_schedule_follows_the_batch_size_update_freq_epochs_and_workers_train_py_will_use():
-    from fairseq_ext.glue_run import schedule_updates
+    from fairseq_ext.experiments.glue_run import schedule_updates
 
     rows = 8551  # CoLA's training rows
     assert schedule_updates([], 32, 2, rows, 1) == 2 * 268
@@ -154,7 +154,7 @@ def test_schedule_follows_the_batch_size_update_freq_epochs_and_workers_train_py
     assert schedule_updates(["--batch-size", "8", "--max-update", "7"], 32, 2, rows, 1) == 7
 
 
-SUBSET_ENV = {"GLUE_DIR": str(tiny.SHARED_GLUE), "TASKS": "CoLA", "TRAIN_SUBSET": "48", "EPOCHS": "1"}
+SUBSET_ENV = {"GLUE_DIR": str(tiny.REAL_GLUE), "TASKS": "CoLA", "TRAIN_SUBSET": "48", "EPOCHS": "1"}
 SUBSET_ARGS = ("--batch-size", "8", "--log-interval", "1")
 
 
@@ -211,7 +211,7 @@ def test_bad_input_under_torchrun_is_still_one_line_and_exit_2(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
-    result = glue_script({"GLUE_DIR": str(tiny.SHARED_GLUE), "TASKS": "CoLA", "TRAIN_SUBSET": "16", "NPROC": "2",
+    result = glue_script({"GLUE_DIR": str(tiny.REAL_GLUE), "TASKS": "CoLA", "TRAIN_SUBSET": "16", "NPROC": "2",
                           "MASTER_PORT": port, "BITFIT_TERMS": "foo", "OUTPUT_DIR": str(tmp_path / "out")},
                          "--max-update", "1", check=False)
     assert result.returncode == 2, result.stdout + result.stderr

@@ -16,8 +16,8 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, matthews_corrcoef
 
-from fairseq_ext.errors import UserError
-from fairseq_ext.glue_data import prepare_task
+from fairseq_ext.core.errors import UserError
+from fairseq_ext.plugin.data.glue_prepare import prepare_task
 from test_glue_data import GLUE, tiny_tokenizer, write_synthetic_task  # noqa: F401  (tiny_tokenizer: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def prepare_tiny(tiny, task, glue_dir, out):
 @pytest.fixture(scope="module")
 def cola_data(tmp_path_factory, tiny_tokenizer):
     if not (GLUE / "CoLA").is_dir():
-        pytest.skip("no real GLUE files at ../shared/glue")
+        pytest.skip("no real GLUE files (FAIRSEQ_EXT_TEST_GLUE, default ../shared/glue)")
     root = tmp_path_factory.mktemp("cola")
     write_subset(root / "glue", "CoLA", {"train.tsv": 160, "dev.tsv": 100, "test.tsv": 21})  # CoLA train/dev: no header
     prepare_tiny(tiny_tokenizer, "CoLA", root / "glue", root / "data")
@@ -52,7 +52,7 @@ def cola_data(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def stsb_data(tmp_path_factory, tiny_tokenizer):
     if not (GLUE / "STS-B").is_dir():
-        pytest.skip("no real GLUE files at ../shared/glue")
+        pytest.skip("no real GLUE files (FAIRSEQ_EXT_TEST_GLUE, default ../shared/glue)")
     root = tmp_path_factory.mktemp("stsb")
     write_subset(root / "glue", "STS-B", {"train.tsv": 65, "dev.tsv": 101, "test.tsv": 21})
     prepare_tiny(tiny_tokenizer, "STS-B", root / "glue", root / "data")

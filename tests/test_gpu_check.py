@@ -3,7 +3,7 @@ import tiny
 
 
 def test_gpu_check_passes_on_cpu():
-    result = tiny.run(["-m", "fairseq_ext.gpu_check", "--device", "cpu", "--steps", "2"], timeout=600)
+    result = tiny.run(["-m", "fairseq_ext.experiments.gpu_check", "--device", "cpu", "--steps", "2"], timeout=600)
     verdicts = [line for line in result.stdout.splitlines() if line.startswith(("PASS", "FAIL", "SKIP"))]
     assert verdicts == [
         "PASS --bf16 --bitfit on cpu (bert_tiny): frozen weights bit-identical, trained tensors fp32 state",
@@ -16,8 +16,8 @@ def test_a_frozen_weight_that_moves_is_caught(monkeypatch):
     """The check is not vacuous: nudging a frozen tensor during training makes it fail."""
     import torch
 
-    from fairseq_ext import gpu_check
-    from fairseq_ext.trainer import BitFitTrainer
+    from fairseq_ext.experiments import gpu_check
+    from fairseq_ext.training.trainer import BitFitTrainer
 
     original = BitFitTrainer.train_step
 

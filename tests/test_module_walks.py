@@ -5,7 +5,7 @@ import pickle
 import torch
 from fairseq.models import BaseFairseqModel, FairseqEncoder
 
-from fairseq_ext.module_walks import CachedModuleWalks, cache_module_walks
+from fairseq_ext.plugin.patches import CachedModuleWalks, cache_module_walks
 
 
 class CountReader(torch.nn.Module):

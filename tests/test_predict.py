@@ -13,11 +13,12 @@ import torch
 
 import fairseq_ext  # noqa: F401  (the glue task, bert model and safe checkpoint loading)
 import tiny
-from fairseq_ext import delta as deltas
-from fairseq_ext import predict
-from fairseq_ext.errors import UserError
+from fairseq_ext.core import delta_file as deltas
+from fairseq_ext.core.errors import UserError
+from fairseq_ext.plugin.predictor import MultiTaskPredictor
+from fairseq_ext.tools import predict as predict_cli
 
-SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "glue"
+REAL_GLUE = tiny.REAL_GLUE
 BEST_DELTA = f"checkpoint_best{deltas.DELTA_SUFFIX}"
 
 
@@ -32,7 +33,7 @@ def tiny_runs(tiny_data, tiny_pretrained, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_predictor(tiny_runs, tiny_pretrained, tiny_data):
-    predictor = predict.MultiTaskPredictor(tiny_pretrained, dictionary=tiny_data / "input0" / "dict.txt",
+    predictor = MultiTaskPredictor(tiny_pretrained, dictionary=tiny_data / "input0" / "dict.txt",
                                            batch_size=8)
     predictor.add_task("ofa", tiny_runs / "ofa" / BEST_DELTA)
     predictor.add_task("all", tiny_runs / "all" / BEST_DELTA)
@@ -65,7 +66,7 @@ def reference_logits(predictor, task_name, examples, checkpoint):
 
 
 def run_cli(capsys, *argv):
-    return tiny.run_main(predict.main, capsys, *argv)
+    return tiny.run_main(predict_cli.main, capsys, *argv)
 
 
 assert_one_line_error = tiny.assert_one_line_error
@@ -123,7 +124,7 @@ def test_regression_tasks_predict_a_value(tiny_runs, tiny_pretrained, tiny_data)
     task = {**trained.task, "cfg": {**trained.task_cfg, "num_classes": 1, "regression_target": True},
             "label_symbols": None}
     regression = dataclasses.replace(trained, tensors=tensors, task=task, path="regression")
-    predictor = predict.MultiTaskPredictor(tiny_pretrained, dictionary=tiny_data / "input0" / "dict.txt")
+    predictor = MultiTaskPredictor(tiny_pretrained, dictionary=tiny_data / "input0" / "dict.txt")
     predictor.add_task("score", regression)
     (prediction,) = predictor.predict("score", ["good w1 w2"])
     assert prediction.label is None and prediction.probabilities is None
@@ -197,11 +198,11 @@ def test_bad_input_fails_with_one_line_and_no_output(tiny_runs, tiny_pretrained,
 @pytest.fixture(scope="module")
 def minilm_cola(tmp_path_factory):
     """A few BitFit updates of all-MiniLM-L6-v2 on the first rows of the real CoLA files."""
-    if not (SHARED_GLUE / "CoLA").is_dir():
-        pytest.skip(f"no GLUE files at {SHARED_GLUE}")
-    from fairseq_ext.glue_data import prepare_task
-    from fairseq_ext.model_dir import load_model_dir
-    from fairseq_ext.pretrained import default_model_dir
+    if not (REAL_GLUE / "CoLA").is_dir():
+        pytest.skip(f"no GLUE files at {REAL_GLUE}")
+    from fairseq_ext.plugin.data.glue_prepare import prepare_task
+    from fairseq_ext.plugin.models.model_dir import load_model_dir
+    from fairseq_ext.plugin.models.pretrained import default_model_dir
 
     try:
         model = load_model_dir(default_model_dir())
@@ -211,7 +212,7 @@ def minilm_cola(tmp_path_factory):
     glue = root / "glue" / "CoLA"
     glue.mkdir(parents=True)
     for name, lines in (("train.tsv", 64), ("dev.tsv", 32), ("test.tsv", 41)):  # CoLA test.tsv has a header
-        head = (SHARED_GLUE / "CoLA" / name).read_text(encoding="utf-8").split("\n")[:lines]
+        head = (REAL_GLUE / "CoLA" / name).read_text(encoding="utf-8").split("\n")[:lines]
         (glue / name).write_text("\n".join(head) + "\n", encoding="utf-8")
     prepare_task("CoLA", root / "glue", model, None, root / "data", 1)
     tiny.run(["train.py", str(root / "data"), "--task", "glue", "--criterion", "glue_prediction", *model.arch_args(),
@@ -225,10 +226,10 @@ def minilm_cola(tmp_path_factory):
 def test_minilm_cli_writes_the_leaderboard_file_of_the_full_checkpoint(minilm_cola, tmp_path):
     model, root = minilm_cola
     out = tmp_path / "CoLA.tsv"
-    tiny.run(["-m", "fairseq_ext.predict", "--base", model.path, "--delta", f"cola={root / 'run' / BEST_DELTA}",
+    tiny.run(["-m", "fairseq_ext.tools.predict", "--base", model.path, "--delta", f"cola={root / 'run' / BEST_DELTA}",
               "--task", "cola", "--input", str(root / "glue" / "CoLA" / "test.tsv"), "--output", str(out)])
 
-    predictor = predict.MultiTaskPredictor(model.path)
+    predictor = MultiTaskPredictor(model.path)
     predictor.add_task("cola", root / "run" / BEST_DELTA)
     rows = [line.split("\t") for line in (root / "glue" / "CoLA" / "test.tsv").read_text().splitlines()[1:]]
     sentences = [row[1] for row in rows]
@@ -245,7 +246,7 @@ def test_minilm_cli_writes_the_leaderboard_file_of_the_full_checkpoint(minilm_co
     encoded = predictor.encode("cola", sentences)
     assert all(torch.equal(tokens, task.dataset("test")[i]["net_input.src_tokens"]) for i, tokens in enumerate(encoded))
     # The folder's own model.pt stands for the folder: its tokenizer applies.
-    by_file = predict.MultiTaskPredictor(Path(model.path) / "model.pt")
+    by_file = MultiTaskPredictor(Path(model.path) / "model.pt")
     by_file.add_task("cola", root / "run" / BEST_DELTA)
     assert all(torch.equal(a, b) for a, b in zip(by_file.encode("cola", sentences), encoded))
 
@@ -266,6 +267,6 @@ def test_minilm_rejects_wrong_columns_and_foreign_deltas(minilm_cola, tiny_runs,
                                   "--task", "ofa", "--input", lines, "--output", out),
                           "does not fit the delta's model (arch roberta)")
     with pytest.raises(UserError, match=r"does not fit the delta's model \(arch bert_minilm_l6_h384\)"):
-        predict.MultiTaskPredictor(tiny_pretrained, dictionary=tiny_data / "input0" / "dict.txt").add_task(
+        MultiTaskPredictor(tiny_pretrained, dictionary=tiny_data / "input0" / "dict.txt").add_task(
             "cola", root / "run" / BEST_DELTA)
     assert not out.exists()

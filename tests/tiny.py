@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_GLUE = REPO.parent / "shared" / "glue"
+# Real GLUE files (at least CoLA, SST-2 and STS-B as download_glue_data.py writes them):
+# $FAIRSEQ_EXT_TEST_GLUE, else ../shared/glue beside the repository. Tests that need them skip without.
+REAL_GLUE = Path(os.environ.get("FAIRSEQ_EXT_TEST_GLUE") or REPO.parent / "shared" / "glue")
 
 # A 2-layer, 32-dim RoBERTa: big enough to have every parameter role, fast on CPU.
 TINY_ROBERTA = [

@@ -1,0 +1,305 @@
+"""BitFit core: choose the bias terms to train, freeze the rest, report, save/load.
+
+Framework-agnostic on purpose: it works on any ``torch.nn.Module`` whose
+parameter names follow fairseq's conventions (``self_attn.q_proj``, ``fc1``,
+``final_layer_norm``...) and imports nothing from fairseq, so it can be tested
+and reused alone.
+
+BitFit: Ben Zaken, Ravfogel, Goldberg, "BitFit: Simple Parameter-efficient
+Fine-tuning for Transformer-based Masked Language-models", ACL 2022.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+# The paper's bias symbols (Table 1 / Fig. 1) and the fairseq modules that hold
+# them.  Layer terms only match inside ``layers.N.`` so that a head or an LM head
+# that happens to own an ``fc1`` is never taken for a transformer layer.
+# Cross-attention (``encoder_attn``) counts with its self-attention counterpart.
+_LAYER = r"(^|\.)layers\.\d+\."
+PAPER_TERMS: Dict[str, str] = {
+    "q": _LAYER + r"(self_attn|encoder_attn)\.q_proj\.bias$",
+    "k": _LAYER + r"(self_attn|encoder_attn)\.k_proj\.bias$",
+    "v": _LAYER + r"(self_attn|encoder_attn)\.v_proj\.bias$",
+    "m1": _LAYER + r"(self_attn|encoder_attn)\.out_proj\.bias$",
+    "ln1": _LAYER + r"(self_attn_layer_norm|encoder_attn_layer_norm)\.bias$",
+    "m2": _LAYER + r"fc1\.bias$",
+    "m3": _LAYER + r"fc2\.bias$",
+    "ln2": _LAYER + r"final_layer_norm\.bias$",
+    # fairseq calls it layernorm_embedding (bart, transformer, newer roberta) or
+    # emb_layer_norm (older roberta checkpoints).
+    "emb_ln": r"(^|\.)(layernorm_embedding|emb_layer_norm)\.bias$",
+}
+_PAPER_PATTERNS = {symbol: re.compile(pattern) for symbol, pattern in PAPER_TERMS.items()}
+
+
+def is_bias(name: str) -> bool:
+    """A bias term: ``...bias``, and MultiheadAttention's learned ``bias_k``/``bias_v``."""
+    return name.rsplit(".", 1)[-1].startswith("bias")
+
+
+def ofa_filter(name: str) -> bool:
+    """OFA's BitFit name filter (OFA-Sys/OFA train.py), reproduced as a rule."""
+    return ("layer_norm" in name and "bias" in name) or ("fc" in name and "bias" in name)
+
+
+# Named selections besides the paper symbols.
+NAMED_SELECTIONS: Dict[str, Callable[[str], bool]] = {
+    "ofa": ofa_filter,
+    "all": is_bias,
+    "none": lambda name: False,  # no bias term: with the heads this is head-only training
+}
+
+VALID_TERMS = tuple(NAMED_SELECTIONS) + tuple(PAPER_TERMS)
+# fairseq's sentence-prediction heads (RobertaModel.classification_heads): new per task, so trained by default.
+CLASSIFICATION_HEADS = "classification_heads."
+DEFAULT_HEAD_PREFIXES = (CLASSIFICATION_HEADS,)
+# The report's group order: the paper's symbols, then anything else a regex selects, then the heads.
+ROLE_ORDER = tuple(PAPER_TERMS) + ("other", "head")
+
+
+class SelectionError(ValueError):
+    """An invalid ``--bitfit-terms`` value; the message lists the valid names."""
+
+
+def parse_terms(spec: str) -> Callable[[str], bool]:
+    """Turn a selection spec into a predicate on parameter names.
+
+    ``spec`` is ``ofa``, ``all``, ``none``, a comma-separated list of paper symbols
+    and named selections (``q,m2``), or ``re:REGEX`` (searched in each name; the
+    whole rest of the spec is the regex, commas included).
+    """
+    spec = (spec or "").strip()
+    if spec.startswith("re:"):
+        try:
+            pattern = re.compile(spec[3:])
+        except re.error as error:
+            raise SelectionError(f"invalid regular expression {spec[3:]!r}: {error}") from None
+        return lambda name: pattern.search(name) is not None
+    terms = [term.strip() for term in spec.split(",") if term.strip()]
+    if not terms:
+        raise SelectionError(f"empty selection; valid names: {', '.join(VALID_TERMS)} or re:REGEX")
+    unknown = [term for term in terms if term not in VALID_TERMS]
+    if unknown:
+        raise SelectionError(
+            f"unknown term {', '.join(map(repr, unknown))}; valid names: "
+            f"{', '.join(VALID_TERMS)}, comma-separated, or re:REGEX"
+        )
+    predicates = [
+        NAMED_SELECTIONS[term] if term in NAMED_SELECTIONS else _PAPER_PATTERNS[term].search
+        for term in terms
+    ]
+    return lambda name: any(predicate(name) for predicate in predicates)
+
+
+def role_of(name: str, head_prefixes: Sequence[str] = DEFAULT_HEAD_PREFIXES) -> str:
+    """The report group of a parameter: a paper symbol, ``head``, or ``other``."""
+    if _is_head(name, head_prefixes):
+        return "head"
+    for symbol, pattern in _PAPER_PATTERNS.items():
+        if pattern.search(name):
+            return symbol
+    return "other"
+
+
+def _is_head(name: str, head_prefixes: Sequence[str]) -> bool:
+    return any(name.startswith(prefix) or ("." + prefix) in name for prefix in head_prefixes)
+
+
+@dataclass
+class Selection:
+    """What BitFit trains in one model: parameter names, each with its report group."""
+
+    terms: str
+    train_heads: bool
+    groups: Dict[str, str] = field(default_factory=dict)  # name -> role, in model order
+    unused: List[str] = field(default_factory=list)  # selected, but no gradient: left frozen
+
+    @property
+    def names(self) -> List[str]:
+        return list(self.groups)
+
+
+def select(
+    model: torch.nn.Module,
+    terms: str = "ofa",
+    train_heads: bool = True,
+    head_prefixes: Sequence[str] = DEFAULT_HEAD_PREFIXES,
+) -> Selection:
+    """Choose the parameters BitFit trains: matching bias terms, plus the task heads.
+
+    Heads (``classification_heads.*``) are trained by default because a new head
+    starts from random init; OFA's filter alone would leave it frozen there.
+    """
+    wanted = parse_terms(terms)
+    selection = Selection(terms=terms, train_heads=train_heads)
+    for name, _ in model.named_parameters():
+        if _is_head(name, head_prefixes):
+            chosen = train_heads or wanted(name)
+        else:
+            chosen = wanted(name)
+        if chosen:
+            selection.groups[name] = role_of(name, head_prefixes)
+    return selection
+
+
+def freeze(model: torch.nn.Module, names: Iterable[str]) -> None:
+    """Freeze every parameter, then unfreeze ``names``."""
+    names = set(names)
+    missing = names - {name for name, _ in model.named_parameters()}
+    if missing:
+        raise KeyError(f"no such parameters: {sorted(missing)}")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in names)
+
+
+def find_unused(
+    model: torch.nn.Module, names: Iterable[str], forward_backward: Callable[[], None]
+) -> List[str]:
+    """Names among ``names`` that receive no gradient from ``forward_backward()``.
+
+    ``forward_backward`` runs one representative loss and calls ``backward``.
+    DDP rejects trainable parameters that get no gradient, so BitFit leaves them
+    frozen (RoBERTa's LM head during sentence classification, for instance).
+    Gradients are cleared afterwards; ``requires_grad`` is left as it was.
+    """
+    names = set(names)
+    parameters = dict(model.named_parameters())
+    previous = {name: p.requires_grad for name, p in parameters.items()}
+    for name, parameter in parameters.items():
+        parameter.grad = None
+        parameter.requires_grad_(name in names)
+    try:
+        forward_backward()
+        return [name for name in parameters if name in names and parameters[name].grad is None]
+    finally:
+        for name, parameter in parameters.items():
+            parameter.grad = None
+            parameter.requires_grad_(previous[name])
+
+
+def apply(
+    model: torch.nn.Module,
+    terms: str = "ofa",
+    train_heads: bool = True,
+    head_prefixes: Sequence[str] = DEFAULT_HEAD_PREFIXES,
+    forward_backward: Optional[Callable[[], None]] = None,
+) -> Selection:
+    """Select, drop the selected parameters that get no gradient, and freeze the rest."""
+    selection = select(model, terms, train_heads, head_prefixes)
+    if forward_backward is not None and selection.groups:
+        selection.unused = find_unused(model, selection.names, forward_backward)
+        for name in selection.unused:
+            del selection.groups[name]
+    if not selection.groups:
+        raise SelectionError(
+            f"selection {terms!r}{'' if train_heads else ' with frozen heads'} trains no parameter"
+        )
+    freeze(model, selection.names)
+    return selection
+
+
+def count_parameters(model: torch.nn.Module) -> tuple:
+    """(trainable, total) parameter counts; tied parameters are counted once."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+    return trainable, total
+
+
+def format_trainable(trainable: int, total: int) -> str:
+    """PEFT-style one-liner: ``trainable params: N || all params: M || trainable%: P``."""
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100.0 * trainable / max(total, 1):.4f}"
+
+
+def trainable_summary(model: torch.nn.Module) -> str:
+    """``format_trainable`` of a model's own counts."""
+    return format_trainable(*count_parameters(model))
+
+
+def print_trainable_parameters(model: torch.nn.Module) -> None:
+    print(trainable_summary(model))
+
+
+def tally_by_role(sizes: Mapping[str, int], head_prefixes: Sequence[str] = DEFAULT_HEAD_PREFIXES,
+                  roles: Optional[Mapping[str, str]] = None) -> Dict[str, Tuple[int, int]]:
+    """{role: (tensors, parameters)} of named tensor sizes, in ROLE_ORDER; ``roles`` overrides role_of."""
+    tally: Dict[str, List[int]] = {}
+    for name, size in sizes.items():
+        role = roles[name] if roles is not None else role_of(name, head_prefixes)
+        counts = tally.setdefault(role, [0, 0])
+        counts[0] += 1
+        counts[1] += size
+    return {role: tuple(tally[role]) for role in sorted(tally, key=ROLE_ORDER.index)}
+
+
+def _selection_tally(model: torch.nn.Module, selection: Selection) -> Dict[str, Tuple[int, int]]:
+    parameters = dict(model.named_parameters())
+    return tally_by_role({name: parameters[name].numel() for name in selection.groups}, roles=selection.groups)
+
+
+def role_lines(tally: Mapping[str, Tuple[int, int]]) -> List[str]:
+    """One report line per role: ``  q           2 tensors           64 params``."""
+    return [f"  {role:<7} {tensors:>4} tensors {count:>12,} params" for role, (tensors, count) in tally.items()]
+
+
+def report(model: torch.nn.Module, selection: Selection) -> str:
+    """Multi-line report: totals, bias terms vs heads, and a count per selected group."""
+    tally = _selection_tally(model, selection)
+    head = tally.get("head", (0, 0))
+    bias_tensors = sum(v[0] for k, v in tally.items() if k != "head")
+    bias_params = sum(v[1] for k, v in tally.items() if k != "head")
+    lines = [
+        f"BitFit selection {selection.terms!r}, heads {'trained' if selection.train_heads else 'frozen'}",
+        trainable_summary(model),
+        f"bias terms: {bias_params:,} params in {bias_tensors} tensors || "
+        f"heads: {head[1]:,} params in {head[0]} tensors",
+        *role_lines(tally),
+    ]
+    if selection.unused:
+        lines.append(
+            "left frozen, selected but unused in the forward pass: " + ", ".join(selection.unused)
+        )
+    return "\n".join(lines)
+
+
+def summary(model: torch.nn.Module, selection: Selection) -> dict:
+    """``report`` as data: the selection, the tensors and parameters per group, the unused ones."""
+    tally = _selection_tally(model, selection)
+    return {"terms": selection.terms, "train_heads": selection.train_heads, "unused": list(selection.unused),
+            "groups": {role: {"tensors": tensors, "params": params} for role, (tensors, params) in tally.items()}}
+
+
+def trainable_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The trained part only: every parameter with ``requires_grad``, detached copies."""
+    return {
+        name: parameter.detach().clone()
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    }
+
+
+def load_trainable_state_dict(
+    model: torch.nn.Module, state: Dict[str, torch.Tensor], strict: bool = True
+) -> None:
+    """Copy saved trained tensors into ``model`` in place (shapes must match)."""
+    parameters = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(parameters))
+    if unknown and strict:
+        raise KeyError(f"tensors not in the model: {unknown}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if name not in parameters:
+                continue
+            target = parameters[name]
+            if target.shape != tensor.shape:
+                raise ValueError(
+                    f"{name}: saved shape {tuple(tensor.shape)} != model shape {tuple(target.shape)}"
+                )
+            target.copy_(tensor)

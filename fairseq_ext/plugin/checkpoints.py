@@ -1,0 +1,111 @@
+"""Reading fairseq checkpoints safely, and writing model-only ones.
+
+fairseq calls ``torch.load`` without ``weights_only``; torch >= 2.6 defaults it to
+True and rejects the few Python objects fairseq pickles: the legacy
+``argparse.Namespace`` model config, and numpy scalars that metrics and ``best``
+scores can carry.  Rather than turning the safety off for every file
+(TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1), ``fairseq_ext.plugin.patches`` allow-lists
+exactly ``FAIRSEQ_CHECKPOINT_TYPES``, so loading a checkpoint still cannot run
+arbitrary code.  ``--trust-checkpoint`` is the one way a CLI of this package turns
+the safe loader off, for one file.
+"""
+import argparse
+import os
+import pickle
+import zipfile
+from typing import Dict, Optional
+
+import numpy
+import torch
+
+from ..core.errors import UserError, one_line
+
+
+def _numpy_scalar_types():
+    # numpy 2 moved the scalar reconstructor to numpy._core; numpy 1 has numpy.core.
+    core = getattr(numpy, "_core", None) or numpy.core
+    dtypes = [type(numpy.dtype(name)) for name in ("float64", "float32", "float16", "int64", "int32", "bool")]
+    return [core.multiarray.scalar, numpy.dtype, *dtypes]
+
+
+FAIRSEQ_CHECKPOINT_TYPES = [argparse.Namespace, *_numpy_scalar_types()]
+
+
+def check_checkpoint_container(path: str, what: str) -> None:
+    """Refuse a file torch.load could only fail on with a traceback: a truncated download, a
+    text file.  torch.save writes a zip archive (whole only with its closing directory);
+    torch < 1.6 wrote a pickle, which starts with the protocol marker."""
+    if zipfile.is_zipfile(path):
+        return
+    with open(path, "rb") as handle:
+        start = handle.read(2)
+    if len(start) == 2 and start[0] == 0x80 and 2 <= start[1] <= 5:
+        return
+    raise UserError(f"{what} {path}: not a whole PyTorch checkpoint (truncated or corrupt?)")
+
+
+def add_trust_checkpoint_argument(parser) -> None:
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle --base without torch's weights_only safety (only for files you trust)")
+
+
+def load_checkpoint_file(path, trust_checkpoint: bool = False, flag: str = "--base") -> dict:
+    """A fairseq checkpoint, read with torch's weights_only loader (allow-list) unless trusted."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+    except pickle.UnpicklingError as error:
+        if trust_checkpoint:
+            raise UserError(f"{flag} {path}: cannot read the checkpoint: {one_line(error)}") from None
+        raise UserError(f"{flag} {path}: not a plain fairseq checkpoint, or it holds Python objects outside the "
+                        f"allow-list ({one_line(error)}); pass --trust-checkpoint to unpickle it if you trust "
+                        "the file") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as error:
+        raise UserError(f"{flag} {path}: cannot read the checkpoint (truncated or corrupt?): "
+                        f"{one_line(error)}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise UserError(f"{flag} {path}: not a fairseq checkpoint (no 'model' state dict)")
+    return state
+
+
+def read_checkpoint_model_config(path) -> Dict[str, object]:
+    """The model config stored in a fairseq checkpoint, as a dict, without reading its tensors."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files from torch < 1.6 cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as error:
+        raise UserError(f"{path}: cannot read the checkpoint: {one_line(error)}") from None
+    cfg = state.get("cfg") if isinstance(state, dict) else None
+    model_cfg = cfg.get("model") if isinstance(cfg, dict) else None
+    if model_cfg is None and isinstance(state, dict):
+        model_cfg = state.get("args")
+    if isinstance(model_cfg, argparse.Namespace):
+        model_cfg = vars(model_cfg)
+    if not isinstance(model_cfg, dict):
+        raise UserError(f"{path}: no model config (cfg.model or args) in the checkpoint")
+    return model_cfg
+
+
+def model_only_checkpoint(cfg: dict, model_state: Dict[str, torch.Tensor], num_updates: int = 0,
+                          extra_state: Optional[dict] = None) -> dict:
+    """A fairseq checkpoint with a model and its config but no optimizer state.
+
+    Like a pretrained model.pt it is a model file, not a resume point: ``--restore-file``,
+    ``load_model_ensemble_and_task`` and train.py's resume check read it.
+    """
+    return {
+        "args": None,
+        "cfg": cfg,
+        "model": model_state,
+        "criterion": None,
+        # fairseq's checkpoint upgrade reads optimizer_history[-1]; no optimizer state is stored.
+        "optimizer_history": [{"criterion_name": "none", "optimizer_name": "none",
+                               "lr_scheduler_state": {"best": None}, "num_updates": num_updates}],
+        "task_state": {},
+        "extra_state": {"train_iterator": {"epoch": 1, "iterations_in_epoch": 0}, **(extra_state or {})},
+        "last_optimizer_state": None,
+    }

@@ -1,0 +1,1 @@
+"""Criterions: the registered ``glue_prediction`` criterion."""

@@ -1,0 +1,1 @@
+"""Data: the registered ``wordpiece`` BPE, and GLUE files prepared as fairseq data."""

@@ -1,0 +1,1 @@
+"""Models: the registered ``bert`` model, building models from configs, model folders and their import."""

@@ -1,0 +1,387 @@
+"""Every change this package makes to fairseq's own behaviour, in one place.
+
+``PATCHES`` lists each one: what it replaces, extends or relies on (a dotted path
+into fairseq, or torch), when it is in effect, and why.  ``install()`` applies the
+ones that hold whenever the plugin is loaded; train.py calls it, and so does the
+plugin's registration (``import fairseq_ext`` or ``--user-dir fairseq_ext``).  The
+others are scoped: train.py's Trainer and progress bars while fairseq's training
+loop runs (``fairseq_train_with``), the delta-following checkpoint copies of BitFit
+runs (``route_checkpoint_copies``), the cached module walks of each trained model
+(``cache_module_walks``), and the benchmark's CUDA peak counter.
+
+Each patch was checked against ``CHECKED_AGAINST``.  ``tests/test_patches.py``
+checks that every target still exists in the installed fairseq, with the shape
+each patch assumes, so an upgrade fails loudly instead of silently changing what
+a run does.  docs/fairseq_patches.md explains each one for a reader.
+"""
+import contextlib
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def quiet_fairseq_import():
+    """Import fairseq without it reconfiguring logging for the whole program.
+
+    fairseq's wav2vec2_classification.py runs logging.basicConfig(level=DEBUG) when
+    fairseq is first imported, and its text_to_speech task logs "Please install
+    tensorboardX" through the root logger: the root logger is put back as it was,
+    and that one logger is hushed.
+    """
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
+
+
+with quiet_fairseq_import():
+    from fairseq import checkpoint_utils, models
+    from fairseq.distributed import utils as distributed_utils
+    from fairseq.logging import progress_bar
+    from fairseq.models import BaseFairseqModel, FairseqEncoder
+
+from .checkpoints import FAIRSEQ_CHECKPOINT_TYPES
+
+CHECKED_AGAINST = "ve-fairseq 0.12.3"
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One change to fairseq's behaviour, or one private fairseq detail this package relies on."""
+
+    name: str
+    target: str  # dotted path: fairseq's function, class or attribute this patch is about
+    action: str  # "replaces", "extends" (subclass or wrapper) or "relies on"
+    when: str  # "install()" or the scope it is in effect for
+    why: str
+    # Text that must appear in the target's source, in this order: the fairseq code shape the patch assumes.
+    source_has: Tuple[str, ...] = ()
+
+
+PATCHES: Tuple[Patch, ...] = (
+    Patch("quiet-import", "fairseq.models.wav2vec.wav2vec2_classification", "extends", "the first fairseq import",
+          "it calls logging.basicConfig(level=DEBUG) when fairseq is imported: a library import must not "
+          "switch the whole program to DEBUG logging; the root logger is put back as it was",
+          source_has=("logging.basicConfig(level=logging.DEBUG)",)),
+    Patch("quiet-import", "fairseq.tasks.text_to_speech", "extends", "the first fairseq import",
+          "it logs 'Please install tensorboardX' at import through a root handler of its own: hushed",
+          source_has=("logging.basicConfig(", "Please install tensorboardX")),
+    Patch("safe-checkpoint-types", "torch.serialization.add_safe_globals", "extends", "install()",
+          "fairseq calls torch.load without weights_only; torch >= 2.6 then rejects argparse.Namespace and "
+          "numpy scalars in every fairseq checkpoint. Allow-listing exactly those keeps loading safe"),
+    Patch("rank-broadcast", "fairseq.distributed.utils._broadcast_object_slow", "replaces", "install()",
+          "fairseq sends the loaded checkpoint to the other ranks with torch.save/torch.load, and the safe "
+          "loader rejects its omegaconf cfg; rank 0 read the file safely, so plain pickling between ranks "
+          "(torch.distributed.broadcast_object_list) is sound"),
+    Patch("bert-arch-names", "fairseq.models.ARCH_MODEL_REGISTRY", "replaces", "install()",
+          "fairseq's deprecated masked_lm model registers the arch names bert_base and bert_large; "
+          "the plugin's bert model takes them over"),
+    Patch("bitfit-trainer", "fairseq_cli.train.Trainer", "replaces", "fairseq_train_with() (train.py)",
+          "fairseq_cli.train.main builds the model, then the Trainer; train.py's Trainer freezes the model "
+          "in between, before the optimizer, fp16 master copies and DDP buckets exist"),
+    Patch("recorded-progress-bars", "fairseq.logging.progress_bar.progress_bar", "extends",
+          "fairseq_train_with() (train.py)",
+          "what fairseq's training loop prints at each epoch end and validation also goes to the run's "
+          "machine-readable record (run_record.json), not only into log text"),
+    Patch("delta-following-copies", "fairseq.checkpoint_utils.PathManager", "extends",
+          "route_checkpoint_copies() (BitFit runs)",
+          "fairseq saves a checkpoint once and copies it to the other names due (best -> last); a "
+          "BitFit delta must follow each copy, and delta-only runs skip the full copy"),
+    Patch("cached-module-walks", "fairseq.models.BaseFairseqModel.set_num_updates", "extends",
+          "cache_module_walks() (every train.py model)",
+          "every update fairseq walks the module tree for train() twice and for set_num_updates "
+          "quadratically through nested encoders: milliseconds of Python per update that change nothing"),
+    Patch("cached-module-walks", "fairseq.models.FairseqEncoder.set_num_updates", "extends",
+          "cache_module_walks() (every train.py model)", "as above: FairseqEncoder's version only forwards"),
+    Patch("cuda-peak-memory", "torch.cuda.reset_peak_memory_stats", "extends", "cuda_peak_memory() (benchmark)",
+          "fairseq's train_step resets the CUDA peak after every update; the benchmark reads each peak "
+          "before it is reset"),
+    Patch("resume-check-hook", "fairseq.trainer.Trainer.load_checkpoint", "relies on", "BitFitTrainer",
+          "BitFitTrainer checks a resumed checkpoint's selection in _build_optimizer, which "
+          "load_checkpoint calls after reading the optimizer history and before loading optimizer state",
+          source_has=("self._optim_history = state[\"optimizer_history\"]", "self._build_optimizer()",
+                      "self.optimizer.load_state_dict(")),
+    Patch("lazy-ddp-wrapper", "fairseq.trainer.Trainer.model", "relies on", "BitFitTrainer",
+          "BitFitTrainer builds its own DDP wrapper (legacy_ddp sized by the trained tensors, c10d on CPU) "
+          "by filling _wrapped_model before fairseq's property does",
+          source_has=("if self._wrapped_model is None:", "self.use_distributed_wrapper")),
+    Patch("trainable-only-optimizer", "fairseq.trainer.Trainer._build_optimizer", "relies on", "BitFitTrainer",
+          "freezing before the Trainer exists is enough because the optimizer is built from the parameters "
+          "that require grad",
+          source_has=("filter(", "lambda p: p.requires_grad")),
+)
+
+
+def resolve(target: str):
+    """The object a dotted path names: the longest importable module, then attributes."""
+    parts = target.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attribute in parts[split:]:
+            obj = getattr(obj, attribute)
+        return obj
+    raise ImportError(f"cannot import any part of {target}")
+
+
+_installed: List[str] = []
+
+
+def installed() -> List[str]:
+    """Names of the patches in effect in this process now."""
+    return list(_installed)
+
+
+def _mark(name: str, active: bool = True) -> None:
+    if active and name not in _installed:
+        _installed.append(name)
+    elif not active and name in _installed:
+        _installed.remove(name)
+
+
+# --------------------------------------------------------------------------- install(): always on
+
+
+def install() -> None:
+    """Apply the patches that hold whenever the plugin is loaded (idempotent)."""
+    _mark("quiet-import")  # applied when this module imported fairseq
+    torch.serialization.add_safe_globals(FAIRSEQ_CHECKPOINT_TYPES)
+    _mark("safe-checkpoint-types")
+    distributed_utils._broadcast_object_slow = _broadcast_object
+    _mark("rank-broadcast")
+    for arch in ("bert_base", "bert_large"):
+        _claim_arch_name(arch)
+    _mark("bert-arch-names")
+
+
+def _broadcast_object(obj, src_rank, group, dist_device):
+    """Send a Python object from ``src_rank`` to every rank of ``group`` (see PATCHES: rank-broadcast)."""
+    objects = [obj]
+    torch.distributed.broadcast_object_list(objects, src=src_rank, group=group, device=dist_device)
+    return objects[0]
+
+
+def _claim_arch_name(arch: str) -> None:
+    """Take ``arch`` from fairseq's deprecated ``masked_lm`` model, so the plugin's bert can register it."""
+    if models.ARCH_MODEL_NAME_REGISTRY.get(arch) != "masked_lm":
+        return
+    del models.ARCH_MODEL_NAME_REGISTRY[arch], models.ARCH_MODEL_REGISTRY[arch], models.ARCH_CONFIG_REGISTRY[arch]
+    models.ARCH_MODEL_INV_REGISTRY["masked_lm"].remove(arch)
+
+
+# --------------------------------------------------------------------------- train.py: fairseq's loop, our Trainer
+
+
+StatsCallback = Callable[[str, Optional[int], Dict[str, object]], None]  # (tag, epoch, stats)
+
+
+class _RecordedProgressBar(progress_bar.BaseProgressBar):
+    """A fairseq progress bar that also hands each printed stats dict to a callback."""
+
+    def __init__(self, wrapped_bar, on_stats: StatsCallback):
+        self.wrapped_bar = wrapped_bar
+        self.on_stats = on_stats
+
+    def __iter__(self):
+        return iter(self.wrapped_bar)
+
+    def __getattr__(self, name):
+        return getattr(self.wrapped_bar, name)
+
+    def log(self, stats, tag=None, step=None):
+        self.wrapped_bar.log(stats, tag=tag, step=step)
+
+    def print(self, stats, tag=None, step=None):
+        self.wrapped_bar.print(stats, tag=tag, step=step)
+        self.on_stats(tag, getattr(self.wrapped_bar, "epoch", None), stats)
+
+    def update_config(self, config):
+        self.wrapped_bar.update_config(config)
+
+
+@contextlib.contextmanager
+def fairseq_train_with(trainer_factory, on_stats: Optional[StatsCallback] = None):
+    """While the block runs, fairseq_cli.train.main builds ``trainer_factory(cfg, task, model,
+    criterion, quantizer)`` instead of fairseq's Trainer, and (with ``on_stats``) its progress
+    bars hand every stats dict they print to ``on_stats(tag, epoch, stats)``."""
+    # Imported here, not with the plugin: its import sets up fairseq-train's logging (INFO on stdout).
+    import fairseq_cli.train
+
+    original_trainer, original_bar = fairseq_cli.train.Trainer, progress_bar.progress_bar
+
+    def recorded_progress_bar(*args, **kwargs):
+        return _RecordedProgressBar(original_bar(*args, **kwargs), on_stats)
+
+    fairseq_cli.train.Trainer = trainer_factory
+    _mark("bitfit-trainer")
+    if on_stats is not None:
+        progress_bar.progress_bar = recorded_progress_bar
+        _mark("recorded-progress-bars")
+    try:
+        yield
+    finally:
+        fairseq_cli.train.Trainer, progress_bar.progress_bar = original_trainer, original_bar
+        _mark("bitfit-trainer", False)
+        _mark("recorded-progress-bars", False)
+
+
+# --------------------------------------------------------------------------- BitFit runs: deltas follow checkpoint copies
+
+
+CopyHook = Callable[[str, str, bool, Callable[[str, str, bool], bool]], bool]
+_copy_hook: Optional[CopyHook] = None
+
+
+def route_checkpoint_copies(hook: CopyHook) -> None:
+    """fairseq's copies of a saved checkpoint to its other names go through
+    ``hook(src, dst, overwrite, copy_file)``, with fairseq's own copy as ``copy_file``.
+    The latest hook wins: one training run saves at a time in a process."""
+    global _copy_hook
+    _copy_hook = hook
+    if getattr(checkpoint_utils.PathManager, "routes_copies", False):
+        return
+    fairseq_path_manager = checkpoint_utils.PathManager
+
+    class RoutedPathManager(fairseq_path_manager):
+        routes_copies = True
+
+        @staticmethod
+        def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+            if _copy_hook is None:
+                return fairseq_path_manager.copy(src_path, dst_path, overwrite)
+            return _copy_hook(src_path, dst_path, overwrite, fairseq_path_manager.copy)
+
+    checkpoint_utils.PathManager = RoutedPathManager
+    _mark("delta-following-copies")
+
+
+# --------------------------------------------------------------------------- every train.py model: cached module walks
+
+
+# set_num_updates implementations that only pass the count on to descendants.
+_FORWARDING = {BaseFairseqModel.set_num_updates, FairseqEncoder.set_num_updates}
+# What a model caches about its own tree; never pickled or copied.
+_CACHE_KEYS = ("_walked_mode", "_update_count_receivers")
+
+
+def _update_count_receivers(model: nn.Module) -> List[nn.Module]:
+    """The modules below ``model`` with a set_num_updates of their own (not a forwarding one)."""
+    receivers = []
+    for module in model.modules():
+        if module is model or not hasattr(module, "set_num_updates"):
+            continue
+        if getattr(type(module), "set_num_updates", None) not in _FORWARDING:
+            receivers.append(module)
+    return receivers
+
+
+def _new_instance(cls):
+    return cls.__new__(cls)
+
+
+class CachedModuleWalks:
+    """Mixin for a fairseq model: ``train``/``eval`` and ``set_num_updates`` without redundant walks.
+
+    Every update, fairseq calls ``model.train()`` twice (Trainer.train_step and
+    FairseqTask.train_step) and ``model.set_num_updates(n)``, which BaseFairseqModel
+    calls on every module that has it, and FairseqEncoder's version walks its subtree
+    again: quadratic in nested encoders (RoBERTa's).  The model here walks only when
+    its mode really changes and sends the update count straight to the modules that
+    use it; the result is the same.  A caller that switches a submodule's mode
+    directly (``model.encoder.eval()``) must call ``model.train()``/``eval()`` on the
+    model itself afterwards, as fairseq always does.
+    """
+
+    def train(self, mode: bool = True):
+        if self.__dict__.get("_walked_mode") is mode:
+            return self
+        super().train(mode)
+        # The tree may have grown since the last walk (heads registered by a checkpoint load).
+        self.__dict__["_update_count_receivers"] = _update_count_receivers(self)
+        self.__dict__["_walked_mode"] = mode
+        return self
+
+    def set_num_updates(self, num_updates):
+        receivers = self.__dict__.get("_update_count_receivers")
+        if receivers is None:
+            receivers = self.__dict__["_update_count_receivers"] = _update_count_receivers(self)
+        for module in receivers:
+            module.set_num_updates(num_updates)
+
+    def load_state_dict(self, *args, **kwargs):
+        for key in _CACHE_KEYS:  # a load may add modules: walk again next time
+            self.__dict__.pop(key, None)
+        return super().load_state_dict(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        # Pickle and deep-copy as the plain fairseq class (the subclass is made at run time
+        # and cannot be found by name); the copy walks as fairseq does.
+        reduced = list(super().__reduce_ex__(protocol))
+        reduced[0], reduced[1] = _new_instance, (_PLAIN_CLASS[type(self)],)
+        reduced[2] = {k: v for k, v in reduced[2].items() if k not in _CACHE_KEYS}
+        return tuple(reduced)
+
+
+_SUBCLASSES: Dict[type, type] = {}  # fairseq model class -> its CachedModuleWalks subclass
+_PLAIN_CLASS: Dict[type, type] = {}  # and back
+
+
+def cache_module_walks(model: nn.Module) -> nn.Module:
+    """Switch a fairseq model (in place) to its CachedModuleWalks subclass; returns it.
+
+    Models that are not BaseFairseqModel are left alone: their set_num_updates
+    semantics are unknown.
+    """
+    cls = type(model)
+    if not isinstance(model, BaseFairseqModel) or isinstance(model, CachedModuleWalks):
+        return model
+    if cls not in _SUBCLASSES:
+        _SUBCLASSES[cls] = type(cls.__name__, (CachedModuleWalks, cls),
+                                {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _PLAIN_CLASS[_SUBCLASSES[cls]] = cls
+    model.__class__ = _SUBCLASSES[cls]
+    _mark("cached-module-walks")
+    return model
+
+
+# --------------------------------------------------------------------------- the benchmark: CUDA peaks fairseq resets
+
+
+class cuda_peak_memory:
+    """The most CUDA memory allocated at any moment inside the block (``.peak``, bytes).
+
+    fairseq's train_step reads and resets the CUDA peak after every update (its
+    gb_free stat): each peak is recorded just before it is reset.  What an earlier
+    run in the same process left allocated for good (cuBLAS's workspace) counts in
+    every run alike, as it does in a fresh process once the first matmul has run.
+    """
+
+    def __enter__(self):
+        self._peaks = []
+        self._reset = torch.cuda.reset_peak_memory_stats
+        self._reset()
+
+        def record_then_reset(*args, **kwargs):
+            self._peaks.append(torch.cuda.max_memory_allocated())
+            self._reset(*args, **kwargs)
+
+        torch.cuda.reset_peak_memory_stats = record_then_reset
+        _mark("cuda-peak-memory")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.reset_peak_memory_stats = self._reset
+        _mark("cuda-peak-memory", False)
+        self.peak = max(self._peaks + [torch.cuda.max_memory_allocated()])
+        return False

@@ -1,0 +1,315 @@
+"""Predict many BitFit tasks with one base model in memory.
+
+A BitFit task differs from its pretrained base only in a few bias vectors and
+its classification head, which is what its delta holds (``fairseq_ext.delta``).
+``MultiTaskPredictor`` loads the base once; each task keeps its delta's small
+tensors and its own classification head (registered under the task's key).
+Switching tasks copies the task's bias vectors into the shared model in place,
+and puts back the base values of those another task had changed: no reload.
+
+    from fairseq_ext.plugin.predictor import MultiTaskPredictor
+    predictor = MultiTaskPredictor(model_dir)            # a model folder, or a checkpoint (+ dictionary=)
+    predictor.add_task("cola", "runs/cola/checkpoint_best.delta.safetensors")
+    predictor.add_task("rte", "runs/rte/checkpoint_best.delta.safetensors")
+    predictor.predict("cola", ["The book was read by Mary."])
+    predictor.predict("rte", [("A man sleeps.", "A person rests.")])
+    # -> [Prediction(label='1', score=0.93, logits=[...], probabilities=[...])]
+
+Examples are encoded as the run's training data was: the model folder's
+tokenizer (none for a bare checkpoint: whitespace-separated tokens, as
+fairseq-preprocess without --bpe) and dictionary, then the task's --init-token
+and --separator-token (BERT pairs ``<s> a </s> b </s>``, RoBERTa pairs
+``<s> a </s> </s> b </s>``), truncated to the task's length; batches group
+examples of similar length.  Logits are bit-identical to the run's full
+checkpoint for the same batches.
+
+The command line (``python -m fairseq_ext.tools.predict``) reads GLUE test files
+and plain text; ``predict_prepared_split`` scores a prepared GLUE split with a
+full checkpoint (the GLUE runner's leaderboard files).
+"""
+from __future__ import annotations
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from fairseq import checkpoint_utils
+from fairseq.data import Dictionary
+from fairseq.data.data_utils import collate_tokens
+
+from ..core.delta_file import Delta, check_base_fingerprint, check_delta_fits, dictionary_identity, read_delta
+from ..core.errors import UserError
+from ..core.glue_tasks import TASK_NAMES, get_task_spec
+from .checkpoints import load_checkpoint_file
+from .deltas import build_model, load_base, register_head
+from .models.build import SHARED_MODEL_OPTIONS
+from .models.model_dir import MODEL_INFO, build_bpe, load_model_dir
+
+logger = logging.getLogger(__name__)
+
+Example = Union[str, Sequence[str]]  # a sentence, or a pair of sentences
+
+
+@dataclass
+class Prediction:
+    label: Optional[str]  # the predicted class's name; None for regression
+    score: float  # the predicted class's probability; the predicted value for regression
+    logits: List[float]
+    probabilities: Optional[List[float]]  # softmax over the classes, in class order; None for regression
+
+
+@dataclass
+class _Task:
+    name: str
+    delta: Delta
+    head_key: str  # its head in model.classification_heads
+    body: Dict[str, torch.Tensor]  # its trained non-head tensors, float32 on the model's device
+    pair: Optional[bool]  # True/False when known (a GLUE task), None: either
+
+
+def usable_device(name: str) -> torch.device:
+    """The torch device ``--device`` names, if this machine has it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this torch has no CUDA device; use --device cpu")
+    return device
+
+
+class MultiTaskPredictor:
+    """One base model, many task deltas; see the module docstring."""
+
+    def __init__(self, base, *, dictionary=None, trust_checkpoint: bool = False, batch_size: int = 32,
+                 device: str = "cpu"):
+        base = Path(base)
+        if base.is_file() and base.name == "model.pt" and (base.parent / MODEL_INFO).is_file():
+            base = base.parent  # a model folder's own model.pt stands for the folder: its tokenizer applies
+        if base.is_dir():
+            model_dir = load_model_dir(base)
+            checkpoint, dictionary = model_dir.checkpoint, dictionary or model_dir.dictionary
+            self._bpe = build_bpe(model_dir)
+        elif base.is_file():
+            checkpoint, dictionary = base, dictionary or base.parent / "dict.txt"
+            self._bpe = None
+        else:
+            raise UserError(f"--base {base}: no such model folder or checkpoint")
+        if not Path(dictionary).is_file():
+            raise UserError(f"{dictionary}: no such dictionary (the base model's fairseq dict.txt)")
+        if batch_size < 1:
+            raise UserError(f"--batch-size {batch_size}: must be at least 1")
+        self.dictionary = Dictionary.load(str(dictionary))
+        self.dictionary.add_symbol("<mask>")  # as sentence_prediction and masked_lm load it
+        self.batch_size = batch_size
+        self.device = usable_device(device)
+        self.base_source = str(checkpoint)
+        self._base_state: Optional[dict] = load_checkpoint_file(checkpoint, trust_checkpoint)["model"]
+        self.model = None  # built from the first task's model config
+        self._model_delta: Optional[Delta] = None
+        self._parameters: Dict[str, torch.nn.Parameter] = {}
+        self._base_values: Dict[str, torch.Tensor] = {}  # base values of every tensor some task trains
+        self._tasks: Dict[str, _Task] = {}
+        self._active: Optional[str] = None
+
+    # -- tasks ------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> List[str]:
+        return list(self._tasks)
+
+    def add_task(self, name: str, delta: Union[str, Path, Delta]) -> None:
+        """Add a task from its delta file; the delta must come from a run on this base."""
+        if name in self._tasks:
+            raise UserError(f"task {name!r} is added twice")
+        if not isinstance(delta, Delta):
+            delta = read_delta(delta)
+        source = f"--delta {name}={delta.path}"
+        if delta.head_name not in delta.head_names():
+            raise UserError(f"{source}: holds no classification head {delta.head_name!r}")
+        if self.model is None:
+            self._build(delta, source)
+        else:
+            self._check_same_model(delta, source)
+        if dictionary_identity(self.dictionary) != delta.dictionary:
+            raise UserError(f"{source}: trained with another dictionary ({delta.dictionary['size']} symbols) than "
+                            f"the base's ({len(self.dictionary)} symbols)")
+        check_base_fingerprint(self._base_view(), delta, f"--base {self.base_source}", force_flag=None)
+        # float32 like the model (see _build); bf16/fp16 deltas upcast losslessly.
+        body = {tensor_name: tensor.float() for tensor_name, tensor in delta.body_tensors().items()}
+        check_delta_fits(self.model, body, source)
+        for tensor_name in body:
+            if tensor_name not in self._base_values:
+                # Only tensors some task trains are ever overwritten: this one still holds its base value.
+                self._base_values[tensor_name] = self._parameters[tensor_name].detach().clone()
+        head_key = f"task{len(self._tasks)}"
+        register_head(self.model, head_key, delta.head_tensors(delta.head_name))
+        head = self.model.classification_heads[head_key].to(self.device).eval()
+        head.load_state_dict(delta.head_tensors(delta.head_name), strict=True)
+        self._parameters = dict(self.model.named_parameters())
+        glue_task = delta.glue_task
+        pair = get_task_spec(glue_task).is_pair if glue_task else None
+        body = {tensor_name: tensor.to(self.device) for tensor_name, tensor in body.items()}
+        self._tasks[name] = _Task(name, delta, head_key, body, pair)
+
+    def _build(self, delta: Delta, source: str) -> None:
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG be
+            model = build_model(delta, self.dictionary)
+        # load_base upgrades (renames) keys in the dict it gets: keep ours intact for a later, fitting delta.
+        load_base(model, dict(self._base_state), delta, source)
+        # A bf16/fp16 run trained on the base rounded to that dtype; its full checkpoint holds float32
+        # upcasts, which fairseq loads into a float32 model: do the same.
+        self.model = model.to(delta.dtype).float().to(self.device).eval()
+        self._model_delta = delta
+        self._base_state = None  # the model holds the base now
+        self._parameters = dict(model.named_parameters())
+
+    def _check_same_model(self, delta: Delta, source: str) -> None:
+        ours = {**self._model_delta.model["args"], "arch": self._model_delta.arch}
+        theirs = {**delta.model["args"], "arch": delta.arch}
+        for option in SHARED_MODEL_OPTIONS:
+            if ours.get(option) != theirs.get(option):
+                raise UserError(f"{source}: model {option} {theirs.get(option)!r} differs from the loaded model's "
+                                f"{ours.get(option)!r} (from {self._model_delta.path}); tasks of one predictor "
+                                "share one model")
+        if delta.dtype != self._model_delta.dtype:
+            raise UserError(f"{source}: trained in {delta.base['dtype']}, the loaded model is "
+                            f"{self._model_delta.base['dtype']}")
+
+    def _base_view(self) -> Dict[str, torch.Tensor]:
+        """The model's state with every tensor some task changed put back to its base value."""
+        return {name: self._base_values.get(name, tensor) for name, tensor in self.model.state_dict().items()}
+
+    def _task(self, name: str) -> _Task:
+        if name not in self._tasks:
+            raise UserError(f"no task {name!r}; added: {', '.join(self._tasks) or 'none'}")
+        return self._tasks[name]
+
+    def use(self, name: str) -> None:
+        """Switch the shared model to task ``name``: copy its bias tensors in place."""
+        task = self._task(name)
+        if self._active == name:
+            return
+        previous = self._tasks[self._active].body if self._active is not None else {}
+        with torch.no_grad():
+            for tensor_name in previous.keys() - task.body.keys():
+                self._parameters[tensor_name].copy_(self._base_values[tensor_name])
+            for tensor_name, tensor in task.body.items():
+                self._parameters[tensor_name].copy_(tensor)
+        self._active = name
+
+    # -- encoding and batching ----------------------------------------------------------
+
+    def encode(self, name: str, examples: Sequence[Example]) -> List[torch.Tensor]:
+        """Token ids per example, exactly as the task's training data was encoded."""
+        task = self._task(name)
+        return [self._encode(task, example) for example in examples]
+
+    def _encode(self, task: _Task, example: Example) -> torch.Tensor:
+        texts = (example,) if isinstance(example, str) else tuple(example)
+        if not 1 <= len(texts) <= 2 or not all(isinstance(text, str) for text in texts):
+            raise UserError(f"an example is a sentence or a pair of sentences, not {example!r}")
+        if task.pair is not None and (len(texts) == 2) != task.pair:
+            raise UserError(f"task {task.name!r} ({task.delta.glue_task}) takes "
+                            f"{'sentence pairs' if task.pair else 'single sentences'}")
+        cfg = task.delta.task_cfg
+        segments = []
+        for position, text in enumerate(texts):
+            line = self._bpe.encode(text) if self._bpe is not None else text
+            ids = self.dictionary.encode_line(line, append_eos=True, add_if_not_exist=False).long()
+            # sentence_prediction: <init> first sentence, then <separator> second sentence.
+            prefix = cfg.get("init_token") if position == 0 else cfg.get("separator_token")
+            if prefix is not None:
+                ids = torch.cat([ids.new_tensor([prefix]), ids])
+            segments.append(ids)
+        tokens = torch.cat(segments)
+        truncate_to = task.delta.task.get("truncate_to") or cfg.get("max_positions")
+        return tokens[:truncate_to] if truncate_to else tokens
+
+    def batches(self, tokens: Sequence[torch.Tensor]) -> Iterator[Tuple[List[int], torch.Tensor]]:
+        """(example indices, right-padded src_tokens) batches of similar length, longest first."""
+        order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start:start + self.batch_size]
+            yield indices, collate_tokens([tokens[i] for i in indices], self.dictionary.pad(), left_pad=False)
+
+    # -- prediction -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logits(self, name: str, examples: Sequence[Example]) -> torch.Tensor:
+        """[N, classes] head outputs in the order of ``examples`` (the model's dtype)."""
+        task = self._task(name)
+        tokens = self.encode(name, examples)
+        self.use(name)
+        rows: List[Optional[torch.Tensor]] = [None] * len(tokens)
+        for indices, src_tokens in self.batches(tokens):
+            output, _ = self.model(src_tokens.to(self.device), features_only=True,
+                                   classification_head_name=task.head_key)
+            for index, row in zip(indices, output.cpu()):
+                rows[index] = row
+        if not rows:
+            return torch.empty(0, self.model.classification_heads[task.head_key].out_proj.out_features)
+        return torch.stack(rows)
+
+    def predict(self, name: str, examples: Sequence[Example]) -> List[Prediction]:
+        """One Prediction per example: label, score, logits and class probabilities."""
+        delta = self._task(name).delta
+        logits = self.logits(name, examples).float()
+        if delta.regression:
+            return [Prediction(None, float(row[0]), row.tolist(), None) for row in logits]
+        probabilities = torch.softmax(logits, dim=-1)
+        labels = delta.label_symbols or [str(i) for i in range(logits.shape[1])]
+        predictions = []
+        for row, probs in zip(logits, probabilities):
+            best = int(probs.argmax())
+            predictions.append(Prediction(labels[best], float(probs[best]), row.tolist(), probs.tolist()))
+        return predictions
+
+
+def glue_spec_for(name: str, delta: Delta):
+    """The GLUE task of a delta (its glue task, or a --task named like a GLUE task), or None."""
+    glue_name = delta.glue_task or next((t for t in TASK_NAMES if t.lower() == name.lower()), None)
+    if glue_name is None:
+        return None
+    spec = get_task_spec(glue_name)
+    labels = None if spec.regression else list(spec.labels)
+    if delta.regression != spec.regression or (labels is not None and delta.label_symbols != labels):
+        def outputs(regression, symbols):
+            return "a regression target" if regression else "classes " + ", ".join(symbols or [])
+
+        raise UserError(f"--task {name}: GLUE {spec.name} has {outputs(spec.regression, labels)}, but {delta.path} "
+                        f"predicts {outputs(delta.regression, delta.label_symbols)}")
+    return spec
+
+
+@torch.no_grad()
+def predict_prepared_split(checkpoint, prepared_dir, split: str, batch_size: int = 64) -> np.ndarray:
+    """A full checkpoint's classification logits [N, classes] or regression scores [N] on a split
+    prepared by glue_prepare (the test sets, mostly), in the split's row order."""
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(checkpoint)], arg_overrides={"data": str(Path(prepared_dir))}
+    )
+    model = models[0].eval()
+    task.load_dataset(split)
+    dataset = task.dataset(split)
+    # fairseq's loader asks for pinned memory, which a CPU-only machine warns about.
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+    batches = task.get_batch_iterator(
+        dataset, max_sentences=batch_size, max_positions=None, ignore_invalid_inputs=False, seed=1,
+        num_workers=0,
+    ).next_epoch_itr(shuffle=False)
+    outputs = [None] * len(dataset)
+    for sample in batches:
+        logits, _ = model(
+            **sample["net_input"], features_only=True,
+            classification_head_name=cfg.task.classification_head_name,
+        )
+        for example_id, row in zip(sample["id"].tolist(), logits.float().cpu().numpy()):
+            outputs[example_id] = row
+    return np.stack(outputs).squeeze(-1) if task.cfg.regression_target else np.stack(outputs)

@@ -1,0 +1,89 @@
+"""train.py's flow: fairseq-train's own training loop, with a Trainer that freezes for BitFit.
+
+1. ``patches.install()``: the fairseq fixes every run needs (docs/fairseq_patches.md).
+2. ``options.parse(argv)``: fairseq-train's parser plus ``--bitfit*``, checked, fitted to
+   this machine (torchrun, precision), and the resume rule: a restarted fine-tuning
+   run continues from its ``checkpoint_last.pt``.
+3. ``distributed_utils.call_main``: fairseq's launcher (one process, a torchrun rank, or
+   spawned GPU workers) runs ``train_worker`` in each training process.
+4. ``train_worker``: ``fairseq_cli.train.main`` with ``BitFitTrainer`` in place of
+   fairseq's Trainer (it freezes the model after it is built and before the optimizer
+   exists); the first worker keeps ``SAVE_DIR/run_record.json``.
+
+``python -m fairseq_ext.training.main`` is train.py (``TRAIN_COMMAND``: how the
+experiment drivers launch it, also under torchrun's ``-m``).
+"""
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+import fairseq_cli.train  # its import sets up fairseq-train's logging (INFO on stdout), as in fairseq-train
+from fairseq.distributed import utils as distributed_utils
+
+from ..core.errors import UserError, exit_on_user_error, one_line
+from ..core.run_record import RunRecord
+from ..plugin import patches
+from . import options
+from .trainer import BitFitTrainer
+
+logger = logging.getLogger(__name__)
+
+TRAIN_PROG = "train.py"  # the name in train.py's error lines, however it was launched
+TRAIN_MODULE = __name__
+TRAIN_COMMAND = [sys.executable, "-m", TRAIN_MODULE]
+
+
+@exit_on_user_error(prog=TRAIN_PROG)
+def cli_main(argv=None, trainer_class=BitFitTrainer) -> None:
+    """train.py: every fairseq-train option, plus ``--bitfit``.  ``trainer_class`` lets tools
+    such as the benchmark time the real loop with a BitFitTrainer subclass."""
+    argv = sys.argv[1:] if argv is None else argv
+    patches.install()
+    cfg, resumed_from = options.parse(argv, prog=TRAIN_PROG)
+    # A partial of a module-level function: fairseq's spawned GPU workers unpickle it by name,
+    # so they too train with trainer_class, not with fairseq's Trainer.
+    worker = functools.partial(train_worker, trainer_class=trainer_class, resumed_from=resumed_from)
+    distributed_utils.call_main(cfg, worker)
+
+
+def train_worker(cfg, trainer_class=BitFitTrainer, resumed_from: Optional[str] = None, **kwargs) -> None:
+    """One training process: fairseq_cli.train.main with ``trainer_class``, recorded by the first worker."""
+    patches.install()  # a spawned worker is a fresh interpreter
+    record = _open_record(cfg, resumed_from)
+    trainer = functools.partial(trainer_class, record=record) if record is not None else trainer_class
+    with patches.fairseq_train_with(trainer, on_stats=record.add_stats if record is not None else None):
+        try:
+            fairseq_cli.train.main(cfg, **kwargs)
+        except BaseException as error:
+            if record is not None:
+                interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+                record.end("interrupted" if interrupted else "failed", _checkpoints(cfg),
+                           error=None if interrupted else str(error) if isinstance(error, UserError)
+                           else f"{type(error).__name__}: {one_line(error)}")
+            raise
+    if record is not None:
+        record.end("finished", _checkpoints(cfg))
+
+
+def _open_record(cfg, resumed_from: Optional[str]) -> Optional[RunRecord]:
+    """The run record, kept by the first worker of runs that save."""
+    if cfg.checkpoint.no_save or not distributed_utils.is_master(cfg.distributed_training):
+        return None
+    save_dir = Path(cfg.checkpoint.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    return RunRecord.open(save_dir, resumed_from)
+
+
+def _checkpoints(cfg) -> Dict[str, str]:
+    """{file name: path} of the checkpoints and deltas in the save dir."""
+    save_dir = Path(cfg.checkpoint.save_dir).resolve()
+    return {path.name: str(path) for path in sorted(save_dir.glob("checkpoint*")) if path.is_file()}
+
+
+if __name__ == "__main__":
+    # Run the imported module, not this __main__ copy: fairseq's spawned workers find train_worker by name.
+    from fairseq_ext.training.main import cli_main as train_cli_main
+
+    train_cli_main()

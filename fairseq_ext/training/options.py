@@ -1,0 +1,141 @@
+"""train.py's options: fairseq-train's, plus the ``--bitfit*`` group, parsed into fairseq's config.
+
+``parse(argv)`` is the whole sequence from a command line to the config that
+fairseq_cli.train.main takes: fairseq's training parser with the BitFit group,
+the BitFit checks, the fixes for this machine (torchrun, precision) and the
+resume rule (``launch``), then fairseq's argparse-to-omegaconf conversion with the
+BitFit options attached as ``cfg.bitfit``.
+"""
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+from fairseq import options
+from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf, gen_parser_from_dataclass
+from omegaconf import OmegaConf, open_dict
+
+from ..core import bitfit
+from ..core.errors import UserError
+from . import launch
+
+logger = logging.getLogger(__name__)
+
+# Run modes of the experiment drivers (GLUE runner, benchmark): full fine-tuning, the heads
+# alone, or BitFit with a --bitfit-terms selection.
+FULL, HEAD_ONLY, BITFIT_PREFIX = "full", "head", "bitfit-"
+
+
+def mode_label(mode: str, bitfit_terms: str = "ofa") -> str:
+    """``bitfit`` + terms -> ``bitfit-<terms>``; ``full`` and ``head`` stay as they are."""
+    return f"{BITFIT_PREFIX}{bitfit_terms}" if mode == "bitfit" else mode
+
+
+def mode_flags(label: str) -> List[str]:
+    """train.py flags of a run mode: ``full``, ``head`` (heads only) or ``bitfit-<any --bitfit-terms>``."""
+    if label == FULL:
+        return []
+    if label == HEAD_ONLY:
+        return ["--bitfit", "--bitfit-terms", "none"]
+    if label.startswith(BITFIT_PREFIX) and label != BITFIT_PREFIX:
+        return ["--bitfit", "--bitfit-terms", label[len(BITFIT_PREFIX):]]
+    raise UserError(f"unknown mode {label!r}; modes: {FULL}, {HEAD_ONLY} or {BITFIT_PREFIX}<terms>, "
+                    f"e.g. {BITFIT_PREFIX}ofa")
+
+
+@dataclass
+class BitFitConfig(FairseqDataclass):
+    bitfit: bool = field(
+        default=False,
+        metadata={"help": "train only bias terms (and the task heads); freeze every other weight"},
+    )
+    bitfit_terms: str = field(
+        default="ofa",
+        metadata={
+            "help": "which bias terms --bitfit trains: 'ofa' (OFA's layer_norm/fc bias filter), "
+            "'all' (every bias, as in the paper), 'none' (heads only), paper symbols joined by "
+            "commas (q,k,v,m1,ln1,m2,m3,ln2,emb_ln; e.g. 'q,m2'), or 're:REGEX' on parameter names"
+        },
+    )
+    bitfit_freeze_heads: bool = field(
+        default=False,
+        metadata={
+            "help": "freeze the task heads (classification_heads.*) too, exactly as OFA's filter "
+            "does; a newly initialised head then stays at its random init"
+        },
+    )
+    bitfit_delta_only: bool = field(
+        default=False,
+        metadata={
+            "help": "save BitFit deltas (NAME.delta.safetensors: the trained tensors) for every checkpoint, "
+            "but a full checkpoint only as checkpoint_last.pt, which resuming needs"
+        },
+    )
+
+
+def add_bitfit_args(parser) -> None:
+    """Add the ``--bitfit*`` options to a fairseq training parser (once, before parsing)."""
+    gen_parser_from_dataclass(parser.add_argument_group("BitFit"), BitFitConfig())
+
+
+def attach_bitfit_config(cfg, args) -> None:
+    """Store the BitFit options in ``cfg.bitfit``.
+
+    convert_namespace_to_omegaconf keeps only dataclass fields, so a plain argparse
+    flag would vanish for dataclass models; a config node survives, is pickled to
+    spawned workers and is saved in every checkpoint's cfg.
+    """
+    values = {name: getattr(args, name) for name in BitFitConfig.__dataclass_fields__ if name != "_name"}
+    with open_dict(cfg):
+        cfg.bitfit = OmegaConf.structured(BitFitConfig(**values))
+
+
+def validate_bitfit_args(args) -> None:
+    """Reject impossible BitFit options before anything is built."""
+    try:
+        bitfit.parse_terms(args.bitfit_terms)
+    except bitfit.SelectionError as error:
+        raise UserError(f"argument --bitfit-terms: {error}") from None
+    if args.bitfit and getattr(args, "model_parallel_size", 1) > 1:
+        raise UserError("--bitfit cannot be used with --model-parallel-size > 1: fairseq trains model-parallel "
+                        "runs with its MegatronTrainer, which this package does not extend")
+    if args.bitfit_delta_only and not args.bitfit:
+        raise UserError("--bitfit-delta-only needs --bitfit: only BitFit runs write deltas")
+    if args.bitfit and getattr(args, "ddp_backend", None) == "fully_sharded":
+        raise UserError(
+            "--bitfit cannot be used with --ddp-backend fully_sharded: it flattens and renames "
+            "parameters, so no bias filter can see them; use pytorch_ddp, c10d or legacy_ddp"
+        )
+
+
+def parse_args(argv: Sequence[str], prog: Optional[str] = None):
+    """fairseq-train's options plus ``--bitfit*``, checked and fitted to this machine."""
+    argv = list(argv)
+    launch.reject_conflicting_precision(argv)
+    parser = options.get_training_parser()
+    if prog:
+        parser.prog = prog
+    add_bitfit_args(parser)
+    args = options.parse_args_and_arch(parser, input_args=argv)
+    validate_bitfit_args(args)
+    launch.configure_precision(args, argv)
+    launch.configure_torchrun(args, argv)
+    return args
+
+
+def to_config(args):
+    """fairseq's omegaconf config of parsed options, with ``cfg.bitfit``."""
+    with warnings.catch_warnings():
+        # fairseq composes its config through hydra's deprecated APIs: noise for users.
+        warnings.simplefilter("ignore")
+        cfg = convert_namespace_to_omegaconf(args)
+    attach_bitfit_config(cfg, args)
+    return cfg
+
+
+def parse(argv: Sequence[str], prog: Optional[str] = None) -> Tuple[object, Optional[str]]:
+    """(cfg, the checkpoint this launch resumes or None) from train.py's command line."""
+    args = parse_args(argv, prog)
+    resumed_from = launch.resolve_restore_file(args)
+    return to_config(args), resumed_from

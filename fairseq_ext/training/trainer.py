@@ -1,0 +1,220 @@
+"""BitFit inside fairseq's training loop: a Trainer that freezes the model before
+fairseq builds the optimizer.
+
+fairseq builds the optimizer, the fp16/bf16 master copies, gradient clipping
+and the DDP wrapper lazily, from ``filter(lambda p: p.requires_grad, ...)``
+(trainer.py ``_build_optimizer``), the first time ``load_checkpoint`` or a step
+needs them.  Freezing when the Trainer is constructed is therefore enough for
+all of them.
+"""
+import logging
+from typing import List, Optional
+
+import torch
+from fairseq.distributed import LegacyDistributedDataParallel, ModuleProxyWrapper
+from fairseq.trainer import Trainer
+
+from ..core import bitfit
+from ..core.errors import UserError
+from ..core.run_record import RunRecord
+from ..plugin.patches import cache_module_walks
+from .delta_writer import CheckpointDeltaWriter
+
+logger = logging.getLogger(__name__)
+
+# train.py resumes a --save-dir's checkpoint_last.pt whatever --reset-optimizer says.
+START_ELSEWHERE = ("or start the other selection from this checkpoint in a new --save-dir "
+                   "(--restore-file CHECKPOINT --reset-optimizer)")
+
+
+def _probe_sample(task, cfg):
+    """A two-example batch from the first loaded validation set, or None."""
+    for split in cfg.dataset.valid_subset.split(",") + ["valid"]:
+        try:
+            dataset = task.dataset(split)
+        except KeyError:
+            continue
+        if len(dataset) > 0:
+            return dataset.collater([dataset[i] for i in range(min(2, len(dataset)))])
+    return None
+
+
+class BitFitTrainer(Trainer):
+    """fairseq's Trainer, freezing everything but the BitFit selection when ``--bitfit`` is on.
+
+    Without ``--bitfit`` it computes what fairseq's Trainer computes, so train.py
+    reproduces fairseq-train exactly; in both cases the model skips fairseq's
+    redundant per-update module walks (patches.cache_module_walks).  ``record``
+    (the first worker's run record) gets the trained and total parameter counts
+    and the selection.
+    """
+
+    def __init__(self, cfg, task, model, criterion, quantizer=None, record: Optional[RunRecord] = None):
+        cache_module_walks(model)
+        bitfit_cfg = cfg.get("bitfit", None)
+        self.bitfit_selection: Optional[bitfit.Selection] = None
+        self._checking_resumed_selection = False
+        self._delta_writer: Optional[CheckpointDeltaWriter] = None
+        if bitfit_cfg is not None and bitfit_cfg.bitfit:
+            self.bitfit_selection = self._apply_bitfit(bitfit_cfg, cfg, task, model, criterion)
+        else:
+            logger.info(bitfit.trainable_summary(model))
+        if record is not None:
+            summary = bitfit.summary(model, self.bitfit_selection) if self.bitfit_selection else None
+            record.set_parameters(*bitfit.count_parameters(model), bitfit=summary)
+        super().__init__(cfg, task, model, criterion, quantizer)
+
+    @staticmethod
+    def _apply_bitfit(bitfit_cfg, cfg, task, model, criterion) -> bitfit.Selection:
+        sample = _probe_sample(task, cfg)
+
+        def forward_backward():
+            # One real loss on two validation examples shows which selected
+            # tensors get a gradient; fork the RNG so training is unaffected.
+            with torch.random.fork_rng(devices=[]):
+                loss, _, _ = criterion(model, sample)
+                loss.backward()
+
+        if sample is None:
+            logger.warning(
+                "BitFit: no validation data to probe which biases the forward pass uses; "
+                "every selected tensor stays trainable"
+            )
+        try:
+            selection = bitfit.apply(
+                model,
+                terms=bitfit_cfg.bitfit_terms,
+                train_heads=not bitfit_cfg.bitfit_freeze_heads,
+                forward_backward=forward_backward if sample is not None else None,
+            )
+        except bitfit.SelectionError as error:
+            raise UserError(f"--bitfit-terms: {error}") from None
+        for line in bitfit.report(model, selection).splitlines():
+            logger.info(line)
+        return selection
+
+    # -- distributed: reduce only what is trained ----------------------------------
+
+    @property
+    def model(self):
+        if self._wrapped_model is None and self.use_distributed_wrapper:
+            wrapped = self._build_distributed_wrapper()
+            if wrapped is not None:
+                self._wrapped_model = wrapped
+        return super().model
+
+    def _build_distributed_wrapper(self):
+        """The DDP wrapper where fairseq's own does not fit; None to use fairseq's.
+
+        - legacy_ddp: fairseq sizes its all-reduce buffer by the whole model; size it
+          by the trained tensors (the same for full fine-tuning).
+        - c10d/pytorch_ddp on CPU: fairseq passes ``device_ids=[id]``, which torch
+          rejects for CPU modules.
+        """
+        dt = self.cfg.distributed_training
+        trainable = [p for p in self._model.parameters() if p.requires_grad]
+        self._log_all_reduce_volume(trainable)
+        module = self._model.to(self.device)
+        if dt.ddp_backend in ("legacy_ddp", "no_c10d"):
+            wrapped = LegacyDistributedDataParallel(
+                module=module,
+                process_group=self.data_parallel_process_group,
+                buffer_size=min(2**28, max(1, sum(p.numel() for p in trainable))),
+            )
+        elif dt.ddp_backend in ("c10d", "pytorch_ddp") and not self.cuda:
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                module=module,
+                device_ids=None,
+                broadcast_buffers=dt.broadcast_buffers,
+                bucket_cap_mb=dt.bucket_cap_mb,
+                process_group=self.data_parallel_process_group,
+                find_unused_parameters=dt.find_unused_parameters,
+                gradient_as_bucket_view=dt.gradient_as_bucket_view,
+            )
+        else:
+            return None
+        # fairseq reaches model attributes and state_dict through the wrapper.
+        return ModuleProxyWrapper(wrapped)
+
+    def _log_all_reduce_volume(self, trainable) -> None:
+        if self.data_parallel_rank == 0:
+            size = sum(p.numel() * p.element_size() for p in trainable)
+            logger.info(
+                f"gradient all-reduce per step: {len(trainable)} tensors, {size:,} bytes "
+                f"({self.cfg.distributed_training.ddp_backend}, "
+                f"{self.data_parallel_world_size} workers)"
+            )
+
+    # -- checkpoints: the selection travels with the optimizer state it shapes ------
+
+    def _trainable_names(self) -> List[str]:
+        return [name for name, p in self._model.named_parameters() if p.requires_grad]
+
+    def state_dict(self):
+        state = super().state_dict()
+        if self.bitfit_selection is not None:
+            state["optimizer_history"][-1]["bitfit"] = {
+                "terms": self.bitfit_selection.terms,
+                "train_heads": self.bitfit_selection.train_heads,
+                "trainable": self._trainable_names(),
+            }
+        return state
+
+    def load_checkpoint(self, filename, reset_optimizer=False, *args, **kwargs):
+        # fairseq rebuilds the optimizer from the checkpoint's history right before
+        # loading its state: the check runs there, before any size mismatch can hide.
+        self._checking_resumed_selection = not reset_optimizer
+        try:
+            return super().load_checkpoint(filename, reset_optimizer, *args, **kwargs)
+        finally:
+            self._checking_resumed_selection = False
+
+    def _build_optimizer(self):
+        if self._checking_resumed_selection and self._optim_history:
+            self._check_resumed_selection(self._optim_history[-1].get("bitfit"))
+        super()._build_optimizer()
+        if self._checking_resumed_selection and self._optim_history:
+            self._check_resumed_components(self._optim_history[-1])
+
+    def _check_resumed_components(self, saved) -> None:
+        """fairseq asserts these right after; a changed flag deserves a sentence, not a traceback."""
+        for what, flag, name in (("optimizer", "--optimizer", type(self.optimizer).__name__),
+                                 ("criterion", "--criterion", type(self.get_criterion()).__name__)):
+            if saved.get(f"{what}_name", name) != name:
+                raise UserError(
+                    f"the checkpoint being resumed was trained with the {what} {saved[f'{what}_name']}, this "
+                    f"run builds {name}; resume with the same {flag}, {START_ELSEWHERE}")
+
+    def _check_resumed_selection(self, saved) -> None:
+        current = self.bitfit_selection
+        if saved is None and current is None:
+            return
+        if saved is None:
+            raise UserError(
+                "the checkpoint being resumed was trained without --bitfit, so its optimizer "
+                f"state covers every parameter; resume without --bitfit, {START_ELSEWHERE}"
+            )
+        if current is None:
+            raise UserError(
+                f"the checkpoint being resumed was trained with --bitfit --bitfit-terms "
+                f"{saved['terms']!r}; resume with the same --bitfit flags, {START_ELSEWHERE}"
+            )
+        if saved["trainable"] != self._trainable_names():
+            raise UserError(
+                f"the checkpoint being resumed trained {len(saved['trainable'])} tensors "
+                f"(--bitfit-terms {saved['terms']!r}, heads "
+                f"{'trained' if saved['train_heads'] else 'frozen'}), this run selects "
+                f"{len(self._trainable_names())} (--bitfit-terms {current.terms!r}, heads "
+                f"{'trained' if current.train_heads else 'frozen'}); use the same selection, "
+                f"{START_ELSEWHERE}"
+            )
+
+    # -- BitFit deltas: the trained tensors next to every checkpoint ---------------
+
+    def save_checkpoint(self, filename, extra_state):
+        """fairseq's save, plus NAME.delta.safetensors beside NAME.pt (training.delta_writer)."""
+        if self.bitfit_selection is None:
+            return super().save_checkpoint(filename, extra_state)
+        if self._delta_writer is None:
+            self._delta_writer = CheckpointDeltaWriter(self)
+        return self._delta_writer.save(filename, extra_state, super().save_checkpoint)

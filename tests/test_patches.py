@@ -1,0 +1,74 @@
+"""fairseq patches (fairseq_ext.plugin.patches): each target still exists in the installed fairseq,
+with the code shape the patch assumes, and the patches do what they say."""
+import functools
+import inspect
+import pickle
+import textwrap
+
+import pytest
+import torch
+
+import fairseq_ext  # noqa: F401  (registers the plugin: install() has run)
+import tiny
+from fairseq_ext.plugin import patches
+from fairseq_ext.training.main import train_worker
+from fairseq_ext.training.trainer import BitFitTrainer
+
+
+@pytest.mark.parametrize("patch", patches.PATCHES, ids=lambda p: f"{p.name}:{p.target}")
+def test_every_patch_target_still_exists_as_the_patch_assumes(patch):
+    target = patches.resolve(patch.target)
+    if patch.source_has:
+        source = inspect.getsource(target.fget if isinstance(target, property) else target)
+        position = 0
+        for text in patch.source_has:
+            found = source.find(text, position)
+            assert found >= 0, f"{patch.target} no longer has {text!r} (after position {position})"
+            position = found + len(text)
+
+
+def test_the_plugin_installs_the_always_on_patches():
+    from fairseq.distributed import utils as distributed_utils
+    from fairseq.models import ARCH_MODEL_NAME_REGISTRY
+
+    installed = patches.installed()
+    assert {"quiet-import", "safe-checkpoint-types", "rank-broadcast", "bert-arch-names"} <= set(installed)
+    assert set(installed) <= {patch.name for patch in patches.PATCHES}
+    assert distributed_utils._broadcast_object_slow is patches._broadcast_object
+    assert ARCH_MODEL_NAME_REGISTRY["bert_base"] == ARCH_MODEL_NAME_REGISTRY["bert_large"] == "bert"
+    import argparse
+    assert argparse.Namespace in torch.serialization.get_safe_globals()
+    patches.install()  # idempotent
+    assert patches.installed() == installed
+
+
+def test_scoped_patches_are_undone_when_their_scope_ends():
+    import fairseq_cli.train
+    from fairseq.logging import progress_bar
+
+    trainer, bar = fairseq_cli.train.Trainer, progress_bar.progress_bar
+    seen = []
+    with patches.fairseq_train_with(BitFitTrainer, on_stats=lambda *args: seen.append(args)):
+        assert fairseq_cli.train.Trainer is BitFitTrainer and "bitfit-trainer" in patches.installed()
+        recorded = progress_bar.progress_bar(iter([1, 2]), log_format="none", epoch=3)
+        assert list(recorded) == [1, 2]
+        recorded.print({"loss": 0.5}, tag="valid", step=7)
+    assert seen == [("valid", 3, {"loss": 0.5})]
+    assert fairseq_cli.train.Trainer is trainer and progress_bar.progress_bar is bar
+    assert "bitfit-trainer" not in patches.installed()
+
+
+def test_a_fresh_worker_process_trains_with_the_bitfit_trainer():
+    """fairseq's spawned GPU workers unpickle the training function in a new interpreter: train.py's
+    worker brings BitFitTrainer there (a plain `fairseq_cli.train.Trainer = ...` would not)."""
+    worker = pickle.dumps(functools.partial(train_worker, trainer_class=BitFitTrainer, resumed_from=None))
+    script = textwrap.dedent(f"""
+        import pickle, sys
+        import fairseq_cli.train
+        from omegaconf import OmegaConf
+        worker = pickle.loads({worker!r})
+        fairseq_cli.train.main = lambda cfg: print("trainer:", fairseq_cli.train.Trainer.__name__)
+        worker(OmegaConf.create({{"checkpoint": {{"no_save": True}}}}))
+    """)
+    result = tiny.run(["-c", script])
+    assert "trainer: BitFitTrainer" in result.stdout, result.stdout + result.stderr
