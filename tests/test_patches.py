@@ -72,3 +72,30 @@ def test_a_fresh_worker_process_trains_with_the_bitfit_trainer():
     """)
     result = tiny.run(["-c", script])
     assert "trainer: BitFitTrainer" in result.stdout, result.stdout + result.stderr
+
+
+def test_batch_prefetching_threads_end_before_the_interpreter_does():
+    """A run stopped mid-epoch (--max-update) leaves fairseq's prefetching thread collating;
+    CPython would end it inside a torch call at exit and abort the finished process."""
+    import threading
+    import time
+
+    from fairseq.data import iterators
+
+    def slow_batches():
+        for index in range(1000):
+            time.sleep(0.01)
+            yield torch.full((4,), index)
+
+    class Batches:
+        def __iter__(self):
+            return slow_batches()
+
+        def __len__(self):
+            return 1000
+
+    buffered = iterators.BufferedIterator(5, Batches())
+    assert torch.equal(next(buffered), torch.zeros(4))  # the thread now prefetches the rest
+    consumer = next(t for t in threading.enumerate() if isinstance(t, iterators.BackgroundConsumer))
+    patches.stop_batch_prefetching()
+    assert not consumer.is_alive() and consumer.count < 1000

@@ -4,7 +4,7 @@ What trained, what every epoch and validation gave, and which checkpoints the ru
 left, as one JSON object (``RECORD_NAME`` in the save dir)::
 
     {"format": "fairseq-bitfit-run-record", "format_version": 1,
-     "status": "running" | "finished" | "failed",
+     "status": "running" | "finished" | "failed" | "interrupted",
      "launches": [{"started": ISO time, "ended": ISO time or null, "resumed_from": path or null,
                    "status": ..., "error": the one-line error or null}],
      "parameters": {"trainable": N, "total": M},
@@ -84,8 +84,8 @@ class RunRecord:
                                    "values": {key: _plain(value) for key, value in values.items()}})
         self.save()
 
-    def end(self, status: str, checkpoints: Dict[str, str], error: Optional[str] = None) -> None:
-        """The launch ended: ``finished`` or ``failed`` (with its one-line error)."""
+    def end(self, status: str, error: Optional[str] = None, *, checkpoints: Dict[str, str]) -> None:
+        """The launch ended: ``finished``, ``interrupted``, or ``failed`` with its one-line error."""
         launch = self.data["launches"][-1]
         launch.update(ended=_now(), status=status, error=error)
         self.data["status"] = status

@@ -17,6 +17,9 @@ a run does.  docs/fairseq_patches.md explains each one for a reader.
 import contextlib
 import importlib
 import logging
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -45,6 +48,7 @@ def quiet_fairseq_import():
 
 with quiet_fairseq_import():
     from fairseq import checkpoint_utils, models
+    from fairseq.data import iterators
     from fairseq.distributed import utils as distributed_utils
     from fairseq.logging import progress_bar
     from fairseq.models import BaseFairseqModel, FairseqEncoder
@@ -92,6 +96,13 @@ PATCHES: Tuple[Patch, ...] = (
           "fairseq_train_with() (train.py)",
           "what fairseq's training loop prints at each epoch end and validation also goes to the run's "
           "machine-readable record (run_record.json), not only into log text"),
+    Patch("stop-batch-prefetching", "fairseq.data.iterators.BackgroundConsumer.run", "relies on",
+          "stop_batch_prefetching() (end of each train.py training process)",
+          "fairseq prefetches batches in a daemon thread; when training stops before an epoch's end "
+          "(--max-update) it is still collating at exit, and CPython ends it inside a torch call, which "
+          "aborts the finished process ('terminate called without an active exception', exit -6). The "
+          "threads are told to stop and drained first",
+          source_has=("self._max_len is not None and self.count >= self._max_len", "self._queue.put(_sentinel)")),
     Patch("delta-following-copies", "fairseq.checkpoint_utils.PathManager", "extends",
           "route_checkpoint_copies() (BitFit runs)",
           "fairseq saves a checkpoint once and copies it to the other names due (best -> last); a "
@@ -234,6 +245,26 @@ def fairseq_train_with(trainer_factory, on_stats: Optional[StatsCallback] = None
         fairseq_cli.train.Trainer, progress_bar.progress_bar = original_trainer, original_bar
         _mark("bitfit-trainer", False)
         _mark("recorded-progress-bars", False)
+
+
+def stop_batch_prefetching(timeout_s: float = 10.0) -> None:
+    """End fairseq's batch-prefetching threads (see PATCHES: stop-batch-prefetching).
+
+    Each stops after the batch it is making: its length limit is set to what it has
+    made, and its queue is emptied until the thread has put its end marker and left.
+    Call it when nothing reads the batches any more.
+    """
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if not isinstance(thread, iterators.BackgroundConsumer):
+            continue
+        thread._max_len = 0  # checked after each batch it puts
+        while thread.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    thread._queue.get_nowait()
+            thread.join(0.05)
+    _mark("stop-batch-prefetching")
 
 
 # --------------------------------------------------------------------------- BitFit runs: deltas follow checkpoint copies

@@ -58,13 +58,21 @@ def train_worker(cfg, trainer_class=BitFitTrainer, resumed_from: Optional[str] =
             fairseq_cli.train.main(cfg, **kwargs)
         except BaseException as error:
             if record is not None:
-                interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
-                record.end("interrupted" if interrupted else "failed", _checkpoints(cfg),
-                           error=None if interrupted else str(error) if isinstance(error, UserError)
-                           else f"{type(error).__name__}: {one_line(error)}")
+                record.end(*_how_it_ended(error), checkpoints=_checkpoints(cfg))
             raise
+        finally:
+            patches.stop_batch_prefetching()  # before the interpreter ends them mid-batch
     if record is not None:
-        record.end("finished", _checkpoints(cfg))
+        record.end("finished", checkpoints=_checkpoints(cfg))
+
+
+def _how_it_ended(error: BaseException):
+    """(status, one-line error or None) of a launch that raised ``error``."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted", None
+    if isinstance(error, UserError):
+        return "failed", str(error)
+    return "failed", f"{type(error).__name__}: {one_line(error)}"
 
 
 def _open_record(cfg, resumed_from: Optional[str]) -> Optional[RunRecord]:
