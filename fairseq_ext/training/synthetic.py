@@ -49,9 +49,11 @@ def write_dictionaries(data: Path, dictionary: Path) -> None:
 
 def train_args(data: Path, model_args: Sequence[str], batch: int, device: str, precision: str,
                mode: str) -> List[str]:
-    """The train.py options every synthetic run shares: two-class sentence prediction, Adam."""
+    """The train.py options every synthetic run shares: two-class sentence prediction, Adam, and
+    data loaded in the training process (as the GLUE runner's runs do): no loader processes."""
     return [str(data), "--task", "sentence_prediction", "--criterion", "sentence_prediction",
             "--num-classes", "2", *model_args, "--max-positions", "512", "--batch-size", str(batch),
+            "--num-workers", "0",
             "--optimizer", "adam", "--lr", "1e-4", "--seed", "1", *(["--cpu"] if device == "cpu" else []),
             *({"fp16": ["--fp16"], "bf16": ["--bf16"], "fp32": []}[precision]), *options.mode_flags(mode)]
 
@@ -117,7 +119,7 @@ def build_trainer(model: str, mode: str, device: str, batch: int, seq_len: int, 
         workdir = Path(tmp)
         model_args, dictionary, checkpoint = model_setup(model, workdir)
         write_dictionaries(workdir, dictionary)
-        argv = [*train_args(workdir, model_args, batch, device, precision, mode), "--num-workers", "0", *extra_args]
+        argv = [*train_args(workdir, model_args, batch, device, precision, mode), *extra_args]
         cfg = options.to_config(options.parse_args(argv))
         if distributed:
             if device == "cuda":
