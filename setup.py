@@ -37,8 +37,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        # transformers is only the reference implementation in parity tests.
-        "test": ["pytest>=7", "transformers>=4.40"],
+        # transformers is only the reference implementation in parity tests; the suite runs
+        # on two pytest-xdist workers (tests/pytest.ini).
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["fairseq-bitfit-train=fairseq_ext.training.main:cli_main"]},
 )

@@ -70,7 +70,7 @@ def test_ofa_is_exactly_the_ofa_filter_plus_heads(roberta):
     heads = {n for n in all_names if n.startswith("classification_heads.")}
     assert names(roberta, "ofa") == ofa | heads
     assert names(roberta, "ofa", train_heads=False) == ofa
-    # What the filter keeps and misses on roberta (see FAIRSEQ_NOTES).
+    # What the filter keeps and misses on roberta (docs/fairseq_patches.md, "Facts the code and tests rely on").
     assert "encoder.sentence_encoder.layers.0.fc1.bias" in ofa
     assert "encoder.lm_head.layer_norm.bias" in ofa
     assert "encoder.sentence_encoder.layers.0.self_attn.q_proj.bias" not in ofa

@@ -48,6 +48,9 @@ def test_results_have_the_official_metrics_for_every_mode(glue_output):
     assert bitfit["trainable"] < 0.01 * bitfit["total"] and full["trainable"] == full["total"]
     assert bitfit["updates"] == full["updates"] == 4
     assert "CoLA bitfit lr 0.001 seed 1: training" in first.stdout
+    # Live progress comes from each run's record: its parameter counts and dev metrics.
+    assert "trainable params: 164,738 || all params: 22,862,594" in first.stdout
+    assert "epoch 1 valid: loss " in first.stdout and " mcc " in first.stdout
 
 
 def test_markdown_table_compares_modes_and_plot_is_a_png(glue_output):

@@ -6,6 +6,7 @@ import torch
 
 import fairseq_ext  # noqa: F401  (allow-lists fairseq checkpoint types for torch.load)
 import tiny
+from fairseq_ext.core.run_record import epoch_stats, read_run_record
 
 
 def load(path):
@@ -51,6 +52,19 @@ def test_bitfit_trains_only_the_selection(tiny_data, tiny_pretrained, tmp_path, 
         else:
             assert torch.equal(before, after), f"{name} is frozen but changed"
 
+    # The run record says the same, for programs to read.
+    record = read_run_record(tmp_path / "run_record.json")
+    assert record["status"] == "finished" and len(record["launches"]) == 1
+    sizes = {name: tensor.numel() for name, tensor in finetuned["model"].items()}
+    assert record["parameters"]["trainable"] == sum(sizes[name] for name in trained)
+    assert record["bitfit"]["terms"] == terms and record["bitfit"]["train_heads"] is True
+    assert all(name.startswith("encoder.lm_head.") for name in record["bitfit"]["unused"])
+    assert sum(group["params"] for group in record["bitfit"]["groups"].values()) == record["parameters"]["trainable"]
+    valid = epoch_stats(record, "valid")
+    assert valid and all("accuracy" in values and "loss" in values for values in valid.values())
+    assert max(values["num_updates"] for values in valid.values()) == 12
+    assert record["checkpoints"]["checkpoint_last.pt"] == str((tmp_path / "checkpoint_last.pt").resolve())
+
 
 def test_freeze_heads_reproduces_ofa_exactly(tiny_data, tiny_pretrained, tmp_path):
     tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=2,
@@ -70,6 +84,10 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_data, tiny_pretrained, 
     assert "resuming the interrupted run" in second.stdout
     assert "@ 6 updates" in second.stdout
 
+    launches = read_run_record(resumed / "run_record.json")["launches"]
+    assert [launch["resumed_from"] for launch in launches] == [None, str(resumed / "checkpoint_last.pt")]
+    assert [launch["status"] for launch in launches] == ["finished", "finished"]
+
     a = load(straight / "checkpoint_last.pt")
     b = load(resumed / "checkpoint_last.pt")
     assert b["optimizer_history"][-1]["num_updates"] == 12
@@ -87,6 +105,8 @@ def test_resume_with_another_selection_is_refused(tiny_data, tiny_pretrained, tm
         assert result.returncode == 2, result.stderr[-2000:]
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], result.stderr
+        launch = read_run_record(tmp_path / "run_record.json")["launches"][-1]
+        assert launch["status"] == "failed" and message in launch["error"]
 
 
 def test_without_bitfit_matches_fairseq_train_exactly(tiny_data, tiny_pretrained, tmp_path):
