@@ -15,7 +15,7 @@ The layers and what may import what: docs/architecture.md.
 """
 import importlib.util
 
-from .core import bitfit  # noqa: F401  (the core, importable as fairseq_ext.bitfit)
+from .core import bitfit  # noqa: F401  (the core: `from fairseq_ext import bitfit`)
 
 if importlib.util.find_spec("fairseq") is not None:
     from .plugin import register as _register_plugin

@@ -139,6 +139,14 @@ def test_the_core_works_with_fairseq_unimportable(tmp_path):
     assert "trainable params:" in result.stdout and result.stdout.strip().endswith("core ok")
 
 
+def test_drivers_launch_train_py_by_its_module_name():
+    import fairseq_ext.training.main
+    from fairseq_ext.training import options
+
+    assert options.TRAIN_MODULE == fairseq_ext.training.main.__name__
+    assert options.TRAIN_COMMAND[1:] == ["-m", options.TRAIN_MODULE]
+
+
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_every_layer_is_a_documented_package(layer):
     assert (PACKAGE / layer / "__init__.py").read_text(encoding="utf-8").startswith('"""')

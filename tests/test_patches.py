@@ -10,6 +10,7 @@ import torch
 
 import fairseq_ext  # noqa: F401  (registers the plugin: install() has run)
 import tiny
+from fairseq_ext.core.run_record import read_run_record
 from fairseq_ext.plugin import patches
 from fairseq_ext.training.main import train_worker
 from fairseq_ext.training.trainer import BitFitTrainer
@@ -42,7 +43,7 @@ def test_the_plugin_installs_the_always_on_patches():
     assert patches.installed() == installed
 
 
-def test_scoped_patches_are_undone_when_their_scope_ends():
+def test_scoped_patches_are_undone_when_their_scope_ends(tmp_path):
     import fairseq_cli.train
     from fairseq.logging import progress_bar
 
@@ -53,12 +54,15 @@ def test_scoped_patches_are_undone_when_their_scope_ends():
         recorded = progress_bar.progress_bar(iter([1, 2]), log_format="none", epoch=3)
         assert list(recorded) == [1, 2]
         recorded.print({"loss": 0.5}, tag="valid", step=7)
-    assert seen == [("valid", 3, {"loss": 0.5})]
+        # fairseq's tensorboard wrapper has no epoch of its own: the record still gets it
+        wrapped = progress_bar.progress_bar(iter([]), log_format="none", epoch=4, tensorboard_logdir=str(tmp_path))
+        wrapped.print({"loss": 0.4}, tag="valid", step=8)
+    assert seen == [("valid", 3, {"loss": 0.5}), ("valid", 4, {"loss": 0.4})]
     assert fairseq_cli.train.Trainer is trainer and progress_bar.progress_bar is bar
     assert "bitfit-trainer" not in patches.installed()
 
 
-def test_a_fresh_worker_process_trains_with_the_bitfit_trainer():
+def test_a_fresh_worker_process_trains_with_the_bitfit_trainer(tmp_path):
     """fairseq's spawned GPU workers unpickle the training function in a new interpreter: train.py's
     worker brings BitFitTrainer there (a plain `fairseq_cli.train.Trainer = ...` would not)."""
     worker = pickle.dumps(functools.partial(train_worker, trainer_class=BitFitTrainer, resumed_from=None))
@@ -67,11 +71,13 @@ def test_a_fresh_worker_process_trains_with_the_bitfit_trainer():
         import fairseq_cli.train
         from omegaconf import OmegaConf
         worker = pickle.loads({worker!r})
-        fairseq_cli.train.main = lambda cfg: print("trainer:", fairseq_cli.train.Trainer.__name__)
-        worker(OmegaConf.create({{"checkpoint": {{"no_save": True}}}}))
+        fairseq_cli.train.main = lambda cfg: print("trainer:", fairseq_cli.train.Trainer.func.__name__)
+        worker(OmegaConf.create({{"checkpoint": {{"save_dir": {str(tmp_path)!r}}},
+                                 "distributed_training": {{"distributed_rank": 0}}}}))
     """)
     result = tiny.run(["-c", script])
     assert "trainer: BitFitTrainer" in result.stdout, result.stdout + result.stderr
+    assert read_run_record(tmp_path / "run_record.json")["status"] == "finished"
 
 
 def test_batch_prefetching_threads_end_before_the_interpreter_does():

@@ -1,4 +1,4 @@
-"""The framework-free core: torch, numpy and safetensors only, never fairseq.
+"""The framework-free core: torch, numpy, scipy and safetensors only, never fairseq.
 
 BitFit's selection, freezing, report and trained-part save/load on any
 ``torch.nn.Module`` (``bitfit``), the delta file format (``delta_file``), the GLUE

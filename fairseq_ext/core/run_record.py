@@ -21,6 +21,7 @@ writes it, atomically at every change: a reader never sees half a file.
 """
 import datetime
 import json
+import math
 import numbers
 from pathlib import Path
 from typing import Dict, Mapping, Optional
@@ -38,13 +39,14 @@ def _now() -> str:
 
 
 def _plain(value):
-    """A stats value as JSON: numbers (numpy and torch scalars included) as numbers, the rest as text."""
+    """A stats value as JSON: numbers (numpy and torch scalars included) as numbers, NaN and
+    infinities as null, the rest as text."""
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
-        return float(value)
+        return float(value) if math.isfinite(value) else None  # strict JSON has no NaN or infinity
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
         return _plain(value.item())
     return str(value)
@@ -72,7 +74,7 @@ class RunRecord:
         return record
 
     def save(self) -> None:
-        write_text_atomically(self.path, json.dumps(self.data, indent=1) + "\n")
+        write_text_atomically(self.path, json.dumps(self.data, indent=1, allow_nan=False) + "\n")
 
     def set_parameters(self, trainable: int, total: int, bitfit: Optional[dict]) -> None:
         self.data["parameters"] = {"trainable": int(trainable), "total": int(total)}

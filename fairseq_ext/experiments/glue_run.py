@@ -39,10 +39,9 @@ from ..plugin.models import hf_import
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir
 from ..plugin.predictor import predict_prepared_split
-from ..training.main import TRAIN_COMMAND, TRAIN_MODULE, TRAIN_PROG
-from ..training.options import mode_flags, mode_label
+from ..training.options import TRAIN_COMMAND, TRAIN_MODULE, TRAIN_PROG, mode_flags, mode_label
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fairseq_ext.experiments.glue_run")  # also when run as __main__
 
 
 MODES = ("bitfit", "full", "head")
@@ -339,9 +338,10 @@ class RecordEcho:
     def poll(self) -> List[str]:
         """The lines to show for what was added since the last poll."""
         try:
-            version = self.path.stat().st_mtime_ns
+            stat = self.path.stat()
         except FileNotFoundError:
             return []
+        version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # every write replaces the file
         if version == self.version:
             return []
         self.version = version
@@ -479,18 +479,18 @@ def one_run(run: PlannedRun, args) -> dict:
     command = launcher(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port) + run.train_args
     print(f"  {label}: training ({run_dir})", flush=True)
     wall = train_timed(command, run_dir)
+    row = {"task": spec.name, "mode": mode_label(args.mode, args.bitfit_terms), "lr": run.lr, "seed": run.seed,
+           "primary_metric": spec.primary_metric, "wall_time_s": round(wall, 1), "train_rows": run.train_rows,
+           "run_dir": str(run_dir)}
+    if args.node_rank != 0:
+        return row  # the job's first worker, on node 0, keeps the run record and the results
     parsed = run_summary(read_run_record(run_dir / RECORD_NAME), spec)
     best = best_epoch(parsed["epochs"], spec.primary_metric)
-    row = {
-        "task": spec.name, "mode": mode_label(args.mode, args.bitfit_terms), "lr": run.lr, "seed": run.seed,
-        "primary_metric": spec.primary_metric, "dev": parsed["epochs"].get(best, {}), "best_epoch": best,
-        "curve": {str(e): v for e, v in sorted(parsed["epochs"].items())},
-        "trainable": parsed["trainable"], "total": parsed["total"], "updates": parsed["updates"],
-        "wall_time_s": round(wall, 1), "train_rows": run.train_rows, "run_dir": str(run_dir),
-    }
-    if args.node_rank == 0:
-        row["predictions"] = predict_test_sets(spec, run.prepared, run_dir, run.base_checkpoint)
-        write_text_atomically(done, json.dumps(row, indent=1) + "\n")
+    row.update(dev=parsed["epochs"].get(best, {}), best_epoch=best,
+               curve={str(e): v for e, v in sorted(parsed["epochs"].items())},
+               trainable=parsed["trainable"], total=parsed["total"], updates=parsed["updates"],
+               predictions=predict_test_sets(spec, run.prepared, run_dir, run.base_checkpoint))
+    write_text_atomically(done, json.dumps(row, indent=1) + "\n")
     return row
 
 

@@ -36,8 +36,7 @@ from ..plugin.models.build import architecture_config, build_fairseq_model
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir
 from ..plugin.predictor import MultiTaskPredictor
-from ..training.main import TRAIN_COMMAND
-from ..training.options import mode_flags
+from ..training.options import TRAIN_COMMAND, mode_flags
 
 TASKS = {"cola": "CoLA", "stsb": "STS-B"}
 

@@ -57,6 +57,8 @@ from .checkpoints import FAIRSEQ_CHECKPOINT_TYPES
 
 CHECKED_AGAINST = "ve-fairseq 0.12.3"
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Patch:
@@ -198,10 +200,15 @@ StatsCallback = Callable[[str, Optional[int], Dict[str, object]], None]  # (tag,
 
 
 class _RecordedProgressBar(progress_bar.BaseProgressBar):
-    """A fairseq progress bar that also hands each printed stats dict to a callback."""
+    """A fairseq progress bar that also hands each printed stats dict to a callback.
 
-    def __init__(self, wrapped_bar, on_stats: StatsCallback):
+    The epoch is the one the bar was made for: fairseq's tensorboard, wandb, aim and
+    azureml wrappers do not carry it themselves.
+    """
+
+    def __init__(self, wrapped_bar, epoch: Optional[int], on_stats: StatsCallback):
         self.wrapped_bar = wrapped_bar
+        self.epoch = epoch
         self.on_stats = on_stats
 
     def __iter__(self):
@@ -215,7 +222,7 @@ class _RecordedProgressBar(progress_bar.BaseProgressBar):
 
     def print(self, stats, tag=None, step=None):
         self.wrapped_bar.print(stats, tag=tag, step=step)
-        self.on_stats(tag, getattr(self.wrapped_bar, "epoch", None), stats)
+        self.on_stats(tag, self.epoch, stats)
 
     def update_config(self, config):
         self.wrapped_bar.update_config(config)
@@ -231,8 +238,8 @@ def fairseq_train_with(trainer_factory, on_stats: Optional[StatsCallback] = None
 
     original_trainer, original_bar = fairseq_cli.train.Trainer, progress_bar.progress_bar
 
-    def recorded_progress_bar(*args, **kwargs):
-        return _RecordedProgressBar(original_bar(*args, **kwargs), on_stats)
+    def recorded_progress_bar(iterator, *args, epoch: Optional[int] = None, **kwargs):
+        return _RecordedProgressBar(original_bar(iterator, *args, epoch=epoch, **kwargs), epoch, on_stats)
 
     fairseq_cli.train.Trainer = trainer_factory
     _mark("bitfit-trainer")
@@ -254,17 +261,18 @@ def stop_batch_prefetching(timeout_s: float = 10.0) -> None:
     made, and its queue is emptied until the thread has put its end marker and left.
     Call it when nothing reads the batches any more.
     """
-    deadline = time.monotonic() + timeout_s
     for thread in threading.enumerate():
         if not isinstance(thread, iterators.BackgroundConsumer):
             continue
         thread._max_len = 0  # checked after each batch it puts
+        deadline = time.monotonic() + timeout_s
         while thread.is_alive() and time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):
                 while True:
                     thread._queue.get_nowait()
             thread.join(0.05)
-    _mark("stop-batch-prefetching")
+        if thread.is_alive():
+            logger.warning(f"fairseq's batch-prefetching thread {thread.name} did not stop within {timeout_s:g} s")
 
 
 # --------------------------------------------------------------------------- BitFit runs: deltas follow checkpoint copies

@@ -1,7 +1,7 @@
 """Predict many BitFit tasks with one base model in memory.
 
 A BitFit task differs from its pretrained base only in a few bias vectors and
-its classification head, which is what its delta holds (``fairseq_ext.delta``).
+its classification head, which is what its delta holds (``fairseq_ext.core.delta_file``).
 ``MultiTaskPredictor`` loads the base once; each task keeps its delta's small
 tensors and its own classification head (registered under the task's key).
 Switching tasks copies the task's bias vectors into the shared model in place,
@@ -27,8 +27,6 @@ The command line (``python -m fairseq_ext.tools.predict``) reads GLUE test files
 and plain text; ``predict_prepared_split`` scores a prepared GLUE split with a
 full checkpoint (the GLUE runner's leaderboard files).
 """
-from __future__ import annotations
-
 from __future__ import annotations
 
 import logging

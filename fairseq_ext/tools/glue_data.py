@@ -16,7 +16,7 @@ from ..core.errors import exit_on_user_error
 from ..core.glue_tasks import TASK_NAMES, TASKS, get_task_spec
 from ..plugin.data.glue_prepare import prepare_task
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fairseq_ext.tools.glue_data")  # also when run as __main__
 
 
 def _usable_cpus() -> int:

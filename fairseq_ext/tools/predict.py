@@ -91,7 +91,7 @@ def parse_delta_option(value: str) -> Tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fairseq_ext.predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fairseq_ext.tools.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the pretrained model folder (model.pt, dict.txt, tokenizer), "
                         "or a fairseq checkpoint with dict.txt beside it (then, unless it is a model folder's "
                         "model.pt, inputs are pre-tokenized text)")

@@ -5,10 +5,8 @@
 stdout carries only the path, so run scripts can capture it; logs and errors go to stderr.
 """
 import argparse
-import logging
-import sys
 
-from ..core.errors import exit_on_user_error
+from ..core.errors import exit_on_user_error, quiet_cli_logging
 from ..plugin.models.pretrained import default_model_dir
 
 
@@ -19,8 +17,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cache-dir", help="cache folder (default: $FAIRSEQ_EXT_CACHE, "
                                             "$XDG_CACHE_HOME/fairseq_ext or ~/.cache/fairseq_ext)")
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(levelname)s | %(name)s | %(message)s", level=logging.WARNING, stream=sys.stderr,
-                        force=True)
+    quiet_cli_logging()
     print(default_model_dir(args.cache_dir))
 
 

@@ -10,7 +10,7 @@
    fairseq's Trainer (it freezes the model after it is built and before the optimizer
    exists); the first worker keeps ``SAVE_DIR/run_record.json``.
 
-``python -m fairseq_ext.training.main`` is train.py (``TRAIN_COMMAND``: how the
+``python -m fairseq_ext.training.main`` is train.py (``options.TRAIN_COMMAND``: how the
 experiment drivers launch it, also under torchrun's ``-m``).
 """
 import functools
@@ -26,14 +26,10 @@ from ..core.errors import UserError, exit_on_user_error, one_line
 from ..core.run_record import RunRecord
 from ..plugin import patches
 from . import options
+from .options import TRAIN_PROG
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger(__name__)
-
-TRAIN_PROG = "train.py"  # the name in train.py's error lines, however it was launched
-TRAIN_MODULE = __name__
-TRAIN_COMMAND = [sys.executable, "-m", TRAIN_MODULE]
-
 
 @exit_on_user_error(prog=TRAIN_PROG)
 def cli_main(argv=None, trainer_class=BitFitTrainer) -> None:
@@ -70,14 +66,16 @@ def _how_it_ended(error: BaseException):
     """(status, one-line error or None) of a launch that raised ``error``."""
     if isinstance(error, KeyboardInterrupt):
         return "interrupted", None
+    if isinstance(error, SystemExit):
+        return ("finished", None) if error.code in (0, None) else ("failed", f"exit status {error.code}")
     if isinstance(error, UserError):
         return "failed", str(error)
     return "failed", f"{type(error).__name__}: {one_line(error)}"
 
 
 def _open_record(cfg, resumed_from: Optional[str]) -> Optional[RunRecord]:
-    """The run record, kept by the first worker of runs that save."""
-    if cfg.checkpoint.no_save or not distributed_utils.is_master(cfg.distributed_training):
+    """The run record, kept by the first worker (with --no-save too: it is not a checkpoint)."""
+    if not distributed_utils.is_master(cfg.distributed_training):
         return None
     save_dir = Path(cfg.checkpoint.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)

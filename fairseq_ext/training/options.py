@@ -7,6 +7,7 @@ resume rule (``launch``), then fairseq's argparse-to-omegaconf conversion with t
 BitFit options attached as ``cfg.bitfit``.
 """
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -21,6 +22,12 @@ from ..core.errors import UserError
 from . import launch
 
 logger = logging.getLogger(__name__)
+
+# train.py as a module, for drivers that launch it (also under torchrun's -m), and the name
+# its error lines carry however it was launched.
+TRAIN_MODULE = "fairseq_ext.training.main"
+TRAIN_COMMAND = [sys.executable, "-m", TRAIN_MODULE]
+TRAIN_PROG = "train.py"
 
 # Run modes of the experiment drivers (GLUE runner, benchmark): full fine-tuning, the heads
 # alone, or BitFit with a --bitfit-terms selection.

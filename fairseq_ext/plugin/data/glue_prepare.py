@@ -154,7 +154,7 @@ def prepare_task(
         task: task name (``"CoLA"``, case-insensitive) or a ``GlueTaskSpec``.
         glue_dir: the ``glue_data`` directory holding ``<TASK>/*.tsv``.
         model_dir_or_bpe: a pretrained model directory (path or ``ModelDir``, see
-            ``fairseq_ext.model_dir``), or any BPE object with ``.encode(text) -> str``.
+            ``fairseq_ext.plugin.models.model_dir``), or any BPE object with ``.encode(text) -> str``.
         dictionary: the model's ``dict.txt``; None takes the model directory's.
         out_dir: where the fairseq data goes; replaced as a whole, never half-written.
         workers: processes that tokenize in parallel.

@@ -36,6 +36,8 @@ FAMILIES = ("bert", "roberta")
 BPE_FILE_OPTIONS = ("wordpiece_vocab", "gpt2_encoder_json", "gpt2_vocab_bpe", "sentencepiece_model")
 # fairseq models that are RoBERTa encoders (same classification interface and pair format).
 ROBERTA_MODELS = ("roberta", "xlmr", "camembert", "gottbert")
+
+
 @dataclass(frozen=True)
 class ModelDir:
     path: str  # absolute

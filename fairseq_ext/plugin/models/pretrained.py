@@ -80,7 +80,12 @@ def _exclusive(lock_path: Path):
     """Hold an exclusive lock on ``lock_path`` (created if needed) for the block."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as error:  # a file system without locks (some network mounts)
+            logger.warning(f"{lock_path}: cannot lock ({error.strerror}); converting without the lock")
+            yield
+            return
         try:
             yield
         finally:
