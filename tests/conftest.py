@@ -19,3 +19,12 @@ def tiny_data(tmp_path_factory):
 def tiny_pretrained(tiny_data, tmp_path_factory):
     """A tiny RoBERTa pretrained with the masked-LM objective by train.py."""
     return tiny.pretrain_masked_lm(tiny_data, tmp_path_factory.mktemp("tiny_pretrained"))
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_data, tiny_pretrained, tmp_path_factory):
+    """Two BitFit tasks on the tiny base: OFA's biases, and every bias (q/k/v too) with another seed."""
+    root = tmp_path_factory.mktemp("tiny_runs")
+    for name, extra in (("ofa", ["--bitfit"]), ("all", ["--bitfit", "--bitfit-terms", "all", "--seed", "2"])):
+        tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, root / name, extra=extra))
+    return root

@@ -4,7 +4,7 @@ Two tiny RoBERTa BitFit runs (different selections) share the tiny pretrained
 base; a few BitFit updates of the embedded all-MiniLM-L6-v2 on a CoLA subset
 check the real tokenizer, GLUE test files and the leaderboard output.
 """
-import dataclasses
+import random
 import shutil
 from pathlib import Path
 
@@ -15,20 +15,11 @@ import fairseq_ext  # noqa: F401  (the glue task, bert model and safe checkpoint
 import tiny
 from fairseq_ext.core import delta_file as deltas
 from fairseq_ext.core.errors import UserError
-from fairseq_ext.plugin.predictor import MultiTaskPredictor
+from fairseq_ext.plugin.predictor import MultiTaskPredictor, PerExampleBiases
 from fairseq_ext.tools import predict as predict_cli
 
 REAL_GLUE = tiny.REAL_GLUE
 BEST_DELTA = f"checkpoint_best{deltas.DELTA_SUFFIX}"
-
-
-@pytest.fixture(scope="module")
-def tiny_runs(tiny_data, tiny_pretrained, tmp_path_factory):
-    """Two tasks on one base: OFA's biases, and every bias (q/k/v too) with another seed."""
-    root = tmp_path_factory.mktemp("tiny_runs")
-    for name, extra in (("ofa", ["--bitfit"]), ("all", ["--bitfit", "--bitfit-terms", "all", "--seed", "2"])):
-        tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, root / name, extra=extra))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -116,19 +107,49 @@ def test_predictions_hold_label_score_and_probabilities(tiny_predictor, tiny_run
 
 
 def test_regression_tasks_predict_a_value(tiny_runs, tiny_pretrained, tiny_data):
-    # A regression delta made from a trained one: a 1-output head, regression_target on.
-    trained = deltas.read_delta(tiny_runs / "ofa" / BEST_DELTA)
-    head = "classification_heads.sentence_classification_head.out_proj."
-    tensors = dict(trained.tensors, **{head + "weight": trained.tensors[head + "weight"][:1].clone(),
-                                       head + "bias": trained.tensors[head + "bias"][:1].clone()})
-    task = {**trained.task, "cfg": {**trained.task_cfg, "num_classes": 1, "regression_target": True},
-            "label_symbols": None}
-    regression = dataclasses.replace(trained, tensors=tensors, task=task, path="regression")
     predictor = MultiTaskPredictor(tiny_pretrained, dictionary=tiny_data / "input0" / "dict.txt")
-    predictor.add_task("score", regression)
+    predictor.add_task("score", tiny.as_regression(deltas.read_delta(tiny_runs / "ofa" / BEST_DELTA)))
     (prediction,) = predictor.predict("score", ["good w1 w2"])
     assert prediction.label is None and prediction.probabilities is None
     assert prediction.score == prediction.logits[0]
+
+
+def assert_mixed_equals_one_task_batches(predictor, items):
+    """logits_mixed equals logits() of each task within 1e-6 (fp32), and the in-place task stays."""
+    before = {name: predictor.logits(name, [example for task, example in items if task == name])
+              for name in predictor.tasks}
+    active = predictor.tasks[-1]  # predictor.logits left this task in place
+    mixed = predictor.logits_mixed(items)
+    assert len(mixed) == len(items)
+    for name in predictor.tasks:
+        rows = torch.stack([row for (task, _), row in zip(items, mixed) if task == name])
+        assert rows.shape == before[name].shape
+        assert torch.allclose(rows, before[name], rtol=0, atol=1e-6), (name, (rows - before[name]).abs().max())
+    # The single-task path is untouched: bit for bit what it gave before.
+    examples = [example for task, example in items if task == active]
+    assert torch.equal(predictor.logits(active, examples), before[active])
+    for (task, _), prediction, row in zip(items, predictor.predict_mixed(items), mixed):
+        assert prediction.logits == row.tolist()
+        assert (prediction.probabilities is None) == predictor.delta(task).regression
+
+
+def test_mixed_task_batches_equal_one_task_batches(tiny_runs, tiny_pretrained, tiny_data):
+    predictor = MultiTaskPredictor(tiny_pretrained, dictionary=tiny_data / "input0" / "dict.txt", batch_size=8)
+    predictor.add_task("ofa", tiny_runs / "ofa" / BEST_DELTA)
+    predictor.add_task("all", tiny_runs / "all" / BEST_DELTA)  # q/k/v biases too: attention per example
+    predictor.add_task("score", tiny.as_regression(deltas.read_delta(tiny_runs / "all" / BEST_DELTA)))
+    rng = random.Random(0)
+    items = [(rng.choice(predictor.tasks), sentence) for sentence in tiny_sentences(tiny_data)]
+    items += [("ofa", ("good w1", "bad w2")), ("score", ("w3 nice", "w4"))]  # pairs mix in too
+    assert_mixed_equals_one_task_batches(predictor, items)
+    assert predictor.logits_mixed([]) == []
+    with pytest.raises(UserError, match="no task 'nope'; added: ofa, all, score"):
+        predictor.predict_mixed([("ofa", "good"), ("nope", "bad")])
+    with pytest.raises(UserError, match="an item is"):
+        predictor.predict_mixed(["good w1"])
+    weight = next(name for name, _ in predictor.model.named_parameters() if name.endswith("fc1.weight"))
+    with pytest.raises(UserError, match="Linear and LayerNorm modules only"):
+        PerExampleBiases(predictor.model, {weight: torch.zeros(3, 1)})
 
 
 def test_cli_on_plain_lines(tiny_runs, tiny_pretrained, tiny_data, tiny_predictor, tmp_path, capsys):
@@ -215,11 +236,13 @@ def minilm_cola(tmp_path_factory):
         head = (REAL_GLUE / "CoLA" / name).read_text(encoding="utf-8").split("\n")[:lines]
         (glue / name).write_text("\n".join(head) + "\n", encoding="utf-8")
     prepare_task("CoLA", root / "glue", model, None, root / "data", 1)
-    tiny.run(["train.py", str(root / "data"), "--task", "glue", "--criterion", "glue_prediction", *model.arch_args(),
-              "--restore-file", model.checkpoint, "--reset-optimizer", "--reset-dataloader", "--reset-meters",
-              "--max-seq-len", "64", "--batch-size", "16", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "3",
-              "--save-dir", str(root / "run"), "--no-epoch-checkpoints", "--best-checkpoint-metric", "mcc",
-              "--maximize-best-checkpoint-metric", *tiny.COMMON, "--bitfit"])
+    for run, terms in (("run", "ofa"), ("run_all", "all")):
+        tiny.run(["train.py", str(root / "data"), "--task", "glue", "--criterion", "glue_prediction",
+                  *model.arch_args(), "--restore-file", model.checkpoint, "--reset-optimizer", "--reset-dataloader",
+                  "--reset-meters", "--max-seq-len", "64", "--batch-size", "16", "--optimizer", "adam", "--lr", "1e-3",
+                  "--max-update", "3", "--save-dir", str(root / run), "--no-epoch-checkpoints",
+                  "--best-checkpoint-metric", "mcc", "--maximize-best-checkpoint-metric", *tiny.COMMON,
+                  "--bitfit", "--bitfit-terms", terms])
     return model, root
 
 
@@ -270,3 +293,17 @@ def test_minilm_rejects_wrong_columns_and_foreign_deltas(minilm_cola, tiny_runs,
         MultiTaskPredictor(tiny_pretrained, dictionary=tiny_data / "input0" / "dict.txt").add_task(
             "cola", root / "run" / BEST_DELTA)
     assert not out.exists()
+
+
+def test_minilm_mixed_task_batches_equal_one_task_batches(minilm_cola):
+    """Three MiniLM tasks in one stream: OFA's biases, every bias, and a regression head."""
+    model, root = minilm_cola
+    predictor = MultiTaskPredictor(model.path, batch_size=16)
+    predictor.add_task("cola", root / "run" / BEST_DELTA)
+    predictor.add_task("cola_all", root / "run_all" / BEST_DELTA)
+    predictor.add_task("score", tiny.as_regression(deltas.read_delta(root / "run" / BEST_DELTA)))
+    sentences = [line.split("\t")[1] for line in (root / "glue" / "CoLA" / "test.tsv").read_text().splitlines()[1:]]
+    items = [(predictor.tasks[index % 3], sentence) for index, sentence in enumerate(sentences)]
+    assert_mixed_equals_one_task_batches(predictor, items)
+    with pytest.raises(UserError, match="takes single sentences"):
+        predictor.predict_mixed([("cola", ("a premise", "a hypothesis"))])

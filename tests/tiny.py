@@ -5,6 +5,7 @@ with fairseq-preprocess into the layouts fairseq's masked_lm and
 sentence_prediction tasks read.  The pretrained model is a real fairseq RoBERTa
 trained by train.py for a few masked-LM updates.
 """
+import dataclasses
 import os
 import random
 import subprocess
@@ -35,6 +36,18 @@ def _sentence(rng: random.Random, label: int) -> str:
     for _ in range(rng.randint(1, 3)):
         words.insert(rng.randrange(len(words) + 1), rng.choice(sentiment))
     return " ".join(words)
+
+
+def as_regression(delta):
+    """A regression delta made from a trained classification one: a 1-output head, regression_target on."""
+    out_proj = [name for name in delta.tensors if name.endswith(".out_proj.weight") and "classification_heads" in name]
+    tensors = dict(delta.tensors)
+    for name in out_proj:
+        bias = name[:-len("weight")] + "bias"
+        tensors[name], tensors[bias] = delta.tensors[name][:1].clone(), delta.tensors[bias][:1].clone()
+    task = {**delta.task, "cfg": {**delta.task_cfg, "num_classes": 1, "regression_target": True},
+            "label_symbols": None}
+    return dataclasses.replace(delta, tensors=tensors, task=task, path=f"{delta.path}#regression")
 
 
 def run(args, cwd=REPO, env=None, check=True, **kwargs):

@@ -15,6 +15,7 @@ each patch assumes, so an upgrade fails loudly instead of silently changing what
 a run does.  docs/fairseq_patches.md explains each one for a reader.
 """
 import contextlib
+import functools
 import importlib
 import logging
 import queue
@@ -115,6 +116,15 @@ PATCHES: Tuple[Patch, ...] = (
           "quadratically through nested encoders: milliseconds of Python per update that change nothing"),
     Patch("cached-module-walks", "fairseq.models.FairseqEncoder.set_num_updates", "extends",
           "cache_module_walks() (every train.py model)", "as above: FairseqEncoder's version only forwards"),
+    Patch("attention-through-projections", "fairseq.modules.multihead_attention.MultiheadAttention.forward",
+          "replaces", "attention_through_projections() (the predictor's mixed-task batches)",
+          "fairseq's attention hands its q/k/v/out biases to torch's multi_head_attention_forward, where no hook "
+          "can reach them; for the block, eval-mode self-attention runs its q/k/v/out projection modules and "
+          "torch's scaled_dot_product_attention, as that function does, and anything else fairseq's own path "
+          "that calls the projection modules (skip_embed_dim_check)",
+          source_has=("and not self.skip_embed_dim_check", "F.multi_head_attention_forward(",
+                      "use_separate_proj_weight=True", "q = self.q_proj(query)", "q *= self.scaling",
+                      "attn = self.out_proj(attn)")),
     Patch("cuda-peak-memory", "torch.cuda.reset_peak_memory_stats", "extends", "cuda_peak_memory() (benchmark)",
           "fairseq's train_step resets the CUDA peak after every update; the benchmark reads each peak "
           "before it is reset"),
@@ -392,6 +402,52 @@ def cache_module_walks(model: nn.Module) -> nn.Module:
     model.__class__ = _SUBCLASSES[cls]
     _mark("cached-module-walks")
     return model
+
+
+# --------------------------------------------------------------------------- the predictor: attention through its modules
+
+
+@contextlib.contextmanager
+def attention_through_projections(attention_modules):
+    """While the block runs, each of fairseq's MultiheadAttention modules given computes with its
+    q/k/v/out projection modules, so forward hooks on them see every projection (see PATCHES)."""
+    attention_modules = list(attention_modules)
+    before = [module.skip_embed_dim_check for module in attention_modules]
+    for module in attention_modules:
+        module.skip_embed_dim_check = True  # fairseq's own path, for what the fast one below does not cover
+        module.forward = functools.partial(_attention_through_projections, module, module.forward)
+    try:
+        yield
+    finally:
+        for module, value in zip(attention_modules, before):
+            module.skip_embed_dim_check = value
+            del module.forward  # back to the class's forward
+
+
+def _attention_through_projections(module, fairseq_forward, query, key=None, value=None, key_padding_mask=None,
+                                   incremental_state=None, need_weights=True, static_kv=False, attn_mask=None,
+                                   before_softmax=False, need_head_weights=False):
+    """Eval-mode attention as torch's multi_head_attention_forward computes it without weights
+    (three projections, scaled_dot_product_attention, the output projection), through the modules."""
+    if (module.training or incremental_state is not None or static_kv or before_softmax or need_weights
+            or need_head_weights or attn_mask is not None or module.bias_k is not None or module.add_zero_attn
+            or key is None or value is None):
+        return fairseq_forward(query, key, value, key_padding_mask=key_padding_mask,
+                               incremental_state=incremental_state, need_weights=need_weights, static_kv=static_kv,
+                               attn_mask=attn_mask, before_softmax=before_softmax,
+                               need_head_weights=need_head_weights)
+    target_length, batch, embed_dim = query.shape
+
+    def heads(x):  # (T, B, C) -> (B, heads, T, head_dim)
+        return x.view(x.shape[0], batch, module.num_heads, module.head_dim).permute(1, 2, 0, 3)
+
+    mask = None
+    if key_padding_mask is not None:
+        mask = ~key_padding_mask.bool().view(batch, 1, 1, -1)  # True: attend
+    attention = torch.nn.functional.scaled_dot_product_attention(
+        heads(module.q_proj(query)), heads(module.k_proj(key)), heads(module.v_proj(value)), attn_mask=mask)
+    attention = attention.permute(2, 0, 1, 3).reshape(target_length, batch, embed_dim)
+    return module.out_proj(attention), None
 
 
 # --------------------------------------------------------------------------- the benchmark: CUDA peaks fairseq resets
