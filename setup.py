@@ -22,6 +22,8 @@ FAIRSEQ_RUNTIME = [
     "cython",
 ]
 
+SERVE = ["fastapi>=0.100", "uvicorn>=0.23"]
+
 setup(
     name="fairseq-bitfit",
     version="0.1.0",
@@ -37,9 +39,11 @@ setup(
         "matplotlib",
     ],
     extras_require={
+        # The HTTP server (python -m fairseq_ext.tools.serve).
+        "serve": SERVE,
         # transformers is only the reference implementation in parity tests; the suite runs
-        # on two pytest-xdist workers (tests/pytest.ini).
-        "test": ["pytest>=7", "pytest-xdist>=3.5", "transformers>=4.40"],
+        # on two pytest-xdist workers (tests/pytest.ini), and tests the server too.
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "transformers>=4.40", *SERVE],
     },
     entry_points={"console_scripts": ["fairseq-bitfit-train=fairseq_ext.training.main:cli_main"]},
 )
