@@ -120,3 +120,15 @@ def test_cuda_peak_counts_the_peaks_that_fairseq_resets(monkeypatch):
         allocate(50)
     assert peak.peak == 100 + 900
     assert torch.cuda.reset_peak_memory_stats is reset_peak_memory_stats
+
+
+def test_serving_benchmark_measures_three_ways(tmp_path):
+    """Mixed batches, one task per batch, and one task alone, on MiniLM task deltas (a small run)."""
+    result = tiny.run(["-m", "fairseq_ext.experiments.serving_benchmark", "--tasks", "3", "--examples", "24",
+                       "--batch-size", "8", "--rounds", "1", "--output-dir", str(tmp_path)], timeout=600)
+    measured = json.loads((tmp_path / "serving.json").read_text())
+    assert measured["tasks"] == 3 and measured["examples"] == 24
+    assert set(measured["examples_per_s"]) == {"mixed", "switching", "single"}
+    assert all(rate > 0 for rate in measured["examples_per_s"].values())
+    assert measured["mixed_over_single"] > 0 and measured["mixed_over_switching"] > 0
+    assert "| mixed |" in (tmp_path / "serving.md").read_text() and "mixed / switching" in result.stdout
