@@ -21,7 +21,7 @@ from ..core.errors import UserError, exit_on_user_error, quiet_cli_logging
 from ..core.files import check_output_file, write_text_atomically
 from ..core.glue_files import read_tsv, write_leaderboard_tsv
 from ..plugin.checkpoints import add_trust_checkpoint_argument
-from ..plugin.predictor import MultiTaskPredictor, Prediction, glue_spec_for, usable_device
+from ..plugin.predictor import MultiTaskPredictor, Prediction, glue_spec_for, parse_delta_option, usable_device
 
 
 def read_glue_tsv(spec, path: Path) -> Tuple[List[str], List[Tuple[str, ...]]]:
@@ -80,14 +80,6 @@ def format_lines(predictions: Sequence[Prediction]) -> str:
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def parse_delta_option(value: str) -> Tuple[str, str]:
-    name, separator, path = value.partition("=")
-    if not separator or not name.strip() or not path:
-        raise UserError(f"--delta {value!r}: expected TASK=PATH, e.g. "
-                        "--delta cola=runs/cola/checkpoint_best.delta.safetensors")
-    return name.strip(), path
 
 
 def build_parser() -> argparse.ArgumentParser:
