@@ -105,3 +105,25 @@ def test_batch_prefetching_threads_end_before_the_interpreter_does():
     consumer = next(t for t in threading.enumerate() if isinstance(t, iterators.BackgroundConsumer))
     patches.stop_batch_prefetching()
     assert not consumer.is_alive() and consumer.count < 1000
+
+
+@torch.no_grad()
+def test_attention_through_projections_matches_fairseq_and_falls_back():
+    """Eval-mode self-attention through the projection modules gives fairseq's output; what that
+    path does not cover (attention weights, training) goes through fairseq's own."""
+    from fairseq.modules import MultiheadAttention
+
+    torch.manual_seed(0)
+    attention = MultiheadAttention(16, 2, self_attention=True).eval()
+    x = torch.randn(5, 3, 16)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    expected, _ = attention(x, x, x, key_padding_mask=padding, need_weights=False)
+    seen = []
+    handle = attention.q_proj.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    with patches.attention_through_projections([attention]):
+        got, weights = attention(x, x, x, key_padding_mask=padding, need_weights=False)
+        _, with_weights = attention(x, x, x, key_padding_mask=padding, need_weights=True)
+    handle.remove()
+    assert torch.allclose(got, expected, atol=1e-6) and weights is None
+    assert with_weights is not None and len(seen) == 2  # the fallback still ran the projection modules
+    assert "forward" not in attention.__dict__ and attention.skip_embed_dim_check is False

@@ -119,7 +119,14 @@ def assert_mixed_equals_one_task_batches(predictor, items):
     before = {name: predictor.logits(name, [example for task, example in items if task == name])
               for name in predictor.tasks}
     active = predictor.tasks[-1]  # predictor.logits left this task in place
-    mixed = predictor.logits_mixed(items)
+    predictor.prepare_mixed()  # its one probe pass reads each module's batch dimension
+    forward, passes = predictor.model.forward, []
+    predictor.model.forward = lambda *args, **kwargs: passes.append(1) or forward(*args, **kwargs)
+    try:
+        mixed = predictor.logits_mixed(items)
+    finally:
+        del predictor.model.forward
+    assert len(passes) == -(-len(items) // predictor.batch_size)  # one pass per batch, whatever its tasks
     assert len(mixed) == len(items)
     for name in predictor.tasks:
         rows = torch.stack([row for (task, _), row in zip(items, mixed) if task == name])
@@ -131,6 +138,52 @@ def assert_mixed_equals_one_task_batches(predictor, items):
     for (task, _), prediction, row in zip(items, predictor.predict_mixed(items), mixed):
         assert prediction.logits == row.tolist()
         assert (prediction.probabilities is None) == predictor.delta(task).regression
+
+
+@torch.no_grad()
+def test_per_example_biases_follow_each_module_s_batch_dimension():
+    """A pre-norm RoBERTa's final LayerNorm runs time-major after the layers, its embedding
+    LayerNorm batch-major: each example gets its own rows, also when batch and length are equal."""
+    from fairseq.data import Dictionary
+
+    from fairseq_ext.plugin.models.build import architecture_config, build_fairseq_model
+
+    dictionary = Dictionary()
+    for index in range(20):
+        dictionary.add_symbol(f"w{index}")
+    cfg = architecture_config("roberta", arch="roberta", encoder_layers=1, encoder_embed_dim=16,
+                              encoder_ffn_embed_dim=32, encoder_attention_heads=2, max_positions=16,
+                              encoder_normalize_before=True)
+    torch.manual_seed(0)
+    model = build_fairseq_model(cfg, dictionary).eval()
+    parameters = dict(model.named_parameters())
+    names = [name for name in parameters if name.endswith(".bias") and "lm_head" not in name
+             and any(part in name for part in ("layer_norm", "layernorm_embedding", "q_proj", "v_proj", "fc1"))]
+    assert "encoder.sentence_encoder.layer_norm.bias" in names
+    tables = {name: torch.randn(3, parameters[name].numel()) for name in names}
+    probe = torch.tensor([[0, 5, 2], [0, 6, 2]])
+    mixed = PerExampleBiases(model, tables, probe)
+    assert {name: dim for name, (_, dim) in mixed.targets.items()}["encoder.sentence_encoder.layer_norm.bias"] == 1
+    before = {name: parameters[name].clone() for name in names}
+    for batch, length in ((4, 4), (3, 5)):
+        tokens = torch.randint(4, len(dictionary), (batch, length))
+        task_index = torch.randint(0, 3, (batch,))
+        with mixed.applied(task_index):
+            features, _ = model(tokens, features_only=True)
+        for row in range(batch):
+            for name in names:
+                parameters[name].copy_(tables[name][task_index[row]])
+            alone, _ = model(tokens[row:row + 1], features_only=True)
+            assert torch.allclose(features[row], alone[0], atol=1e-5), (batch, length, row)
+        for name in names:
+            parameters[name].copy_(before[name])
+    # A failure inside the pass leaves the model as it was: biases, hooks, attention.
+    with pytest.raises(RuntimeError, match="inside"):
+        with mixed.applied(torch.zeros(2, dtype=torch.long)):
+            raise RuntimeError("inside")
+    assert all(torch.equal(parameters[name], before[name]) for name in names)
+    assert not any(module._forward_hooks for module in model.modules())
+    assert not any("forward" in module.__dict__ for module in model.modules())
 
 
 def test_mixed_task_batches_equal_one_task_batches(tiny_runs, tiny_pretrained, tiny_data):
@@ -149,7 +202,7 @@ def test_mixed_task_batches_equal_one_task_batches(tiny_runs, tiny_pretrained, t
         predictor.predict_mixed(["good w1"])
     weight = next(name for name, _ in predictor.model.named_parameters() if name.endswith("fc1.weight"))
     with pytest.raises(UserError, match="Linear and LayerNorm modules only"):
-        PerExampleBiases(predictor.model, {weight: torch.zeros(3, 1)})
+        PerExampleBiases(predictor.model, {weight: torch.zeros(3, 1)}, torch.tensor([[0, 4, 2], [0, 5, 2]]))
 
 
 def test_cli_on_plain_lines(tiny_runs, tiny_pretrained, tiny_data, tiny_predictor, tmp_path, capsys):

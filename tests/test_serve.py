@@ -1,4 +1,5 @@
 """The HTTP server (python -m fairseq_ext.tools.serve) on localhost, driven by a real HTTP client."""
+import dataclasses
 import json
 import os
 import socket
@@ -43,21 +44,28 @@ def request(port, path, body=None):
 def serve_command(base, dictionary, deltas_by_task, port):
     return [sys.executable, "-m", "fairseq_ext.tools.serve", "--base", str(base), "--dictionary", str(dictionary),
             *[arg for name, path in deltas_by_task.items() for arg in ("--delta", f"{name}={path}")],
-            "--port", str(port), "--max-batch", "8", "--wait-ms", "20"]
+            "--port", str(port), "--max-batch", "8", "--wait-ms", "20", "--max-inputs", "50"]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_runs, tiny_pretrained, tiny_data):
+def server(tiny_runs, tiny_pretrained, tiny_data, tmp_path_factory):
     port = free_port()
     dictionary = tiny_data / "input0" / "dict.txt"
-    task_deltas = {"ofa": tiny_runs / "ofa" / BEST_DELTA, "all": tiny_runs / "all" / BEST_DELTA}
-    process = subprocess.Popen(serve_command(tiny_pretrained, dictionary, task_deltas, port), cwd=tiny.REPO,
-                               env=dict(os.environ, PYTHONPATH=str(tiny.REPO), OMP_NUM_THREADS="1"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path_factory.mktemp("serve")
+    # The ofa delta as a single-sentence GLUE task (CoLA's two classes), so pairs are refused for it.
+    ofa = deltas.read_delta(tiny_runs / "ofa" / BEST_DELTA)
+    dataclasses.replace(ofa, task={**ofa.task, "cfg": {**ofa.task_cfg, "glue_task": "CoLA"}}).save(folder / "cola.delta")
+    task_deltas = {"ofa": tiny_runs / "ofa" / BEST_DELTA, "all": tiny_runs / "all" / BEST_DELTA,
+                   "cola": folder / "cola.delta"}
+    with open(folder / "server.log", "w") as log:
+        process = subprocess.Popen(serve_command(tiny_pretrained, dictionary, task_deltas, port), cwd=tiny.REPO,
+                                   env=dict(os.environ, PYTHONPATH=str(tiny.REPO), OMP_NUM_THREADS="1"),
+                                   stdout=subprocess.DEVNULL, stderr=log)
     try:
         for _ in range(240):
             if process.poll() is not None:
-                raise AssertionError(f"the server exited {process.returncode}: {process.stderr.read()[-3000:]}")
+                raise AssertionError(f"the server exited {process.returncode}: "
+                                     f"{(folder / 'server.log').read_text()[-3000:]}")
             try:
                 if request(port, "/health")[0] == 200:
                     break
@@ -77,17 +85,20 @@ def server(tiny_runs, tiny_pretrained, tiny_data):
 def test_health_lists_the_tasks(server):
     port, _ = server
     status, body = request(port, "/health")
-    assert status == 200 and body["status"] == "ok" and set(body["tasks"]) == {"ofa", "all"}
+    assert status == 200 and body["status"] == "ok" and set(body["tasks"]) == {"ofa", "all", "cola"}
     assert body["tasks"]["ofa"] == {"glue_task": None, "regression": False, "labels": ["0", "1"], "pair": None}
+    assert body["tasks"]["cola"]["glue_task"] == "CoLA" and body["tasks"]["cola"]["pair"] is False
 
 
 def test_concurrent_requests_for_different_tasks_get_predict_s_answers(server, tiny_data):
     port, predictor = server
     sentences = (tiny_data.parent / "raw" / "valid.input0").read_text().splitlines()[:24]
     requests = [("ofa" if index % 2 else "all", sentences[index:index + 3]) for index in range(0, 24, 3)]
+    before = request(port, "/health")[1]["served"]
     with ThreadPoolExecutor(max_workers=len(requests)) as pool:  # at once: the server mixes them in batches
         answers = list(pool.map(lambda job: request(port, "/predict", {"task": job[0], "inputs": job[1]}), requests))
-    served = request(port, "/health")[1]["served"]
+    served = {key: value - before[key] for key, value in request(port, "/health")[1]["served"].items()}
+    assert served["requests"] == len(requests) and served["examples"] == 24
     assert served["batches"] < served["requests"]  # requests for both tasks shared batches
     for (task, inputs), (status, body) in zip(requests, answers):
         assert status == 200 and body["task"] == task and len(body["predictions"]) == len(inputs)
@@ -101,6 +112,8 @@ def test_concurrent_requests_for_different_tasks_get_predict_s_answers(server, t
     ({"task": "nope", "inputs": ["good"]}, 404, "no task 'nope'; loaded: ofa, all"),
     ({"task": "ofa", "inputs": []}, 422, "inputs: empty"),
     ({"task": "ofa", "inputs": [["a", "b", "c"]]}, 422, "at most 2 items"),
+    ({"task": "cola", "inputs": [["a premise", "a hypothesis"]]}, 422, "takes single sentences"),
+    ({"task": "ofa", "inputs": ["good"] * 51}, 422, "51 given, at most 50"),
     ({"task": "ofa"}, 422, "Field required"),
 ])
 def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, body, status, needle):

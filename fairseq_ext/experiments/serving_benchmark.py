@@ -13,12 +13,17 @@ sentence) arrives interleaved, example i for task i mod N, and is predicted thre
 * ``switching``: the same windows, cut into one batch per task, switching the model in place;
 * ``single``: the same windows with every example for one task (no mixing: the upper bound).
 
-Reported: examples per second of each (the median of ``--rounds`` interleaved rounds),
-and the ratios mixed/single and mixed/switching.
+Each window is predicted the three ways back to back, in a rotating order, and each way's
+time is summed over the windows of a round, so a machine whose speed drifts over seconds
+shifts all ways alike.  Reported: examples per second of each (the median of ``--rounds``
+rounds), and the ratios mixed/single and mixed/switching as the median of each round's own.
 """
 import argparse
 import dataclasses
+import datetime
 import json
+import os
+import platform
 import random
 import statistics
 import subprocess
@@ -66,6 +71,17 @@ def task_deltas(delta, count: int) -> Dict[str, object]:
     return deltas
 
 
+def cpu_model() -> str:
+    """The CPU's model name, as Linux reports it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def synthetic_sentences(vocab_file: str, count: int, seed: int = 1) -> List[str]:
     words = [word for word in Path(vocab_file).read_text(encoding="utf-8").split("\n")
              if word.isalpha() and not word.startswith("[")]
@@ -73,15 +89,13 @@ def synthetic_sentences(vocab_file: str, count: int, seed: int = 1) -> List[str]
     return [" ".join(rng.choices(words, k=rng.randint(8, 40))) for _ in range(count)]
 
 
-def predict_way(predictor: MultiTaskPredictor, way: str, items, window: int) -> None:
-    """Predict ``items`` as a server would: window by window of arrivals."""
-    for start in range(0, len(items), window):
-        batch = items[start:start + window]
-        if way == "mixed":
-            predictor.logits_mixed(batch)
-            continue
-        for task in dict.fromkeys(name for name, _ in batch):  # single: one task; switching: each in turn
-            predictor.logits(task, [example for name, example in batch if name == task])
+def predict_window(predictor: MultiTaskPredictor, way: str, window) -> None:
+    """Predict one window of arrivals as a server would: one mixed batch, or a batch per task."""
+    if way == "mixed":
+        predictor.logits_mixed(window)
+        return
+    for task in dict.fromkeys(name for name, _ in window):  # single: one task; switching: each in turn
+        predictor.logits(task, [example for name, example in window if name == task])
 
 
 def measure(tasks: int, examples: int, batch_size: int, rounds: int) -> dict:
@@ -96,33 +110,45 @@ def measure(tasks: int, examples: int, batch_size: int, rounds: int) -> dict:
     sentences = synthetic_sentences(folder.bpe_args["wordpiece_vocab"], examples)
     interleaved = [(f"task{i % tasks}", sentence) for i, sentence in enumerate(sentences)]
     streams = {"mixed": interleaved, "switching": interleaved, "single": [("task0", s) for s in sentences]}
-    predict_way(predictor, "mixed", interleaved[:batch_size], batch_size)  # warm-up
+    starts = range(0, examples, batch_size)
+    for way in WAYS:  # warm-up
+        predict_window(predictor, way, streams[way][:batch_size])
     seconds = {way: [] for way in WAYS}
     for _ in range(rounds):
-        for way in WAYS:  # interleaved rounds: a machine that drifts affects every way alike
-            started = time.perf_counter()
-            predict_way(predictor, way, streams[way], batch_size)
-            seconds[way].append(time.perf_counter() - started)
+        spent = dict.fromkeys(WAYS, 0.0)
+        for number, start in enumerate(starts):
+            for way in WAYS[number % 3:] + WAYS[:number % 3]:
+                started = time.perf_counter()
+                predict_window(predictor, way, streams[way][start:start + batch_size])
+                spent[way] += time.perf_counter() - started
+        for way in WAYS:
+            seconds[way].append(spent[way])
     rates = {way: examples / statistics.median(times) for way, times in seconds.items()}
+
+    def paired(way, other):  # a rate ratio is the inverse time ratio, round by round
+        return round(statistics.median(b / a for a, b in zip(seconds[way], seconds[other])), 3)
+
     return {"model": "all-MiniLM-L6-v2", "tasks": tasks, "selection": "all", "examples": examples,
             "batch_size": batch_size, "rounds": rounds, "threads": torch.get_num_threads(),
+            "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {cpu_model()}",
             "examples_per_s": {way: round(rate, 1) for way, rate in rates.items()},
             "seconds_per_round": {way: [round(t, 3) for t in times] for way, times in seconds.items()},
-            "mixed_over_single": round(rates["mixed"] / rates["single"], 3),
-            "mixed_over_switching": round(rates["mixed"] / rates["switching"], 3)}
+            "mixed_over_single": paired("mixed", "single"),
+            "mixed_over_switching": paired("mixed", "switching")}
 
 
 def markdown(result: dict) -> str:
     rates = result["examples_per_s"]
     lines = [f"MiniLM, {result['tasks']} task deltas (`{result['selection']}`), {result['examples']} interleaved "
              f"examples, batch {result['batch_size']}, {result['threads']} torch threads, median of "
-             f"{result['rounds']} rounds",
+             f"{result['rounds']} rounds ({result['date']}, {result['machine']})",
              "",
-             "| way | examples/s | / single |",
-             "|---|---:|---:|"]
-    for way in WAYS:
-        lines.append(f"| {way} | {rates[way]:,.1f} | {rates[way] / rates['single']:.2f} |")
-    lines += ["", f"mixed / switching: {result['mixed_over_switching']:.2f}×"]
+             "| way | examples/s |",
+             "|---|---:|"]
+    lines += [f"| {way} | {rates[way]:,.1f} |" for way in WAYS]
+    lines += ["", f"mixed / single: {result['mixed_over_single']:.2f}, mixed / switching: "
+                  f"{result['mixed_over_switching']:.2f}× (medians of each round's ratio)"]
     return "\n".join(lines) + "\n"
 
 

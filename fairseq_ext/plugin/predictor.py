@@ -65,7 +65,6 @@ logger = logging.getLogger(__name__)
 
 Example = Union[str, Sequence[str]]  # a sentence, or a pair of sentences
 Item = Tuple[str, Example]  # (task, example), for a batch that mixes tasks
-_IN_LAYER = re.compile(r"(^|\.)layers\.\d+\.")  # fairseq's encoder layers run time-major (T x B x C)
 _ATTENTION_PROJECTION = re.compile(r"^(.*)\.(q|k|v|out)_proj\.bias$")
 
 
@@ -307,6 +306,8 @@ class MultiTaskPredictor:
         where its task trains fewer terms than another), and each task's head runs on
         its rows.  The model's in-place task (``use``) is left as it was.
         """
+        if not items:
+            return []
         task_names = list(self._tasks)
         task_of, tokens = [], []
         for item in items:
@@ -316,13 +317,12 @@ class MultiTaskPredictor:
             task = self._task(name)
             task_of.append(task_names.index(name))
             tokens.append(self._encode(task, example))
-        if self._mixed is None:
-            self._mixed = self._per_example_biases()
+        mixed = self.prepare_mixed()
         task_of = torch.tensor(task_of, dtype=torch.long)
         rows: List[Optional[torch.Tensor]] = [None] * len(tokens)
         for indices, src_tokens in self.batches(tokens):
             src_tokens, task_index = src_tokens.to(self.device), task_of[indices].to(self.device)
-            with self._mixed.applied(task_index):
+            with mixed.applied(task_index):
                 features, _ = self.model(src_tokens, features_only=True)
             padding_mask = src_tokens.eq(self.dictionary.pad())
             for task_number in task_index.unique().tolist():
@@ -338,11 +338,19 @@ class MultiTaskPredictor:
         return [_prediction(self._tasks[item[0]].delta, row.float())
                 for item, row in zip(items, self.logits_mixed(items))]
 
-    def _per_example_biases(self) -> "PerExampleBiases":
-        trained = sorted({name for task in self._tasks.values() for name in task.body})
-        tables = {name: torch.stack([task.body.get(name, self._base_values[name]) for task in self._tasks.values()])
-                  for name in trained}
-        return PerExampleBiases(self.model, tables)
+    def prepare_mixed(self) -> "PerExampleBiases":
+        """The bias tables of the tasks added so far (made once after each add_task); a UserError
+        if some task trains what a mixed batch cannot add per example.  Servers call it at start."""
+        if self._mixed is None:
+            if not self._tasks:
+                raise UserError("no task added")
+            trained = sorted({name for task in self._tasks.values() for name in task.body})
+            tables = {name: torch.stack([task.body.get(name, self._base_values[name])
+                                         for task in self._tasks.values()]) for name in trained}
+            probe = torch.full((2, 3), self.dictionary.unk(), dtype=torch.long, device=self.device)
+            probe[:, 0], probe[:, -1] = self.dictionary.bos(), self.dictionary.eos()
+            self._mixed = PerExampleBiases(self.model, tables, probe)
+        return self._mixed
 
 
 class PerExampleBiases:
@@ -352,36 +360,43 @@ class PerExampleBiases:
     ``norm(x) * g + beta``.  For the pass, each biased module in ``tables`` ({parameter name:
     [tasks, dim]}) has its bias set to zero and a forward hook adds every example's row of
     the table, gathered by the example's task index.  fairseq's attention then computes
-    through its projection modules (``patches.attention_through_projections``).
+    through its projection modules (``patches.attention_through_projections``).  Which
+    dimension of each module's output is the batch (fairseq's encoder layers and a pre-norm
+    encoder's final LayerNorm run time-major, its embedding LayerNorm batch-major) is read
+    off one forward pass of ``probe``, a [2, 3] batch of token ids.
     """
 
-    def __init__(self, model: nn.Module, tables: Dict[str, torch.Tensor]):
+    def __init__(self, model: nn.Module, tables: Dict[str, torch.Tensor], probe: torch.Tensor):
         modules = dict(model.named_modules())
         self.tables = tables
         self.parameters = dict(model.named_parameters())
-        self.targets = {}  # parameter name -> (module, the batch dimension of its output)
+        targets = {}
         attention = {}
         for name in tables:
             module_name, _, kind = name.rpartition(".")
             module = modules.get(module_name)
-            if kind != "bias" or not isinstance(module, (nn.Linear, nn.LayerNorm)):
+            if kind != "bias" or not _adds_its_bias(module):
                 raise UserError(f"{name}: a mixed-task batch adds per-task bias terms of Linear and LayerNorm "
                                 "modules only; predict tasks that train other tensors one task at a time (predict)")
-            self.targets[name] = (module, 1 if _IN_LAYER.search(name) else 0)
+            targets[name] = module
             projection = _ATTENTION_PROJECTION.match(name)
             if projection and isinstance(modules.get(projection.group(1)), MultiheadAttention):
                 attention[projection.group(1)] = modules[projection.group(1)]
         self.attention = list(attention.values())
+        self.targets = {}  # parameter name -> (module, the batch dimension of its output)
+        for name, batch_dim in _batch_dims(model, targets, probe, self.attention).items():
+            self.targets[name] = (targets[name], batch_dim)
+        self.zeros = {name: torch.zeros_like(self.parameters[name]) for name in self.targets}
 
     @contextlib.contextmanager
     def applied(self, task_index: torch.Tensor):
         """While the block runs, example i of the model's input gets the biases of task ``task_index[i]``."""
-        saved = {name: self.parameters[name].detach().clone() for name in self.tables}
-        handles = []
+        saved, handles = {}, []
         try:
             for name, (module, batch_dim) in self.targets.items():
                 rows = self.tables[name].index_select(0, task_index).unsqueeze(1 - batch_dim)
-                self.parameters[name].data.zero_()
+                saved[name] = self.parameters[name].data
+                self.parameters[name].data = self.zeros[name]  # swapped for the pass, not copied
                 handles.append(module.register_forward_hook(functools.partial(_add_rows, rows=rows,
                                                                               batch_dim=batch_dim)))
             with patches.attention_through_projections(self.attention):
@@ -389,8 +404,46 @@ class PerExampleBiases:
         finally:
             for handle in handles:
                 handle.remove()
-            for name, value in saved.items():
-                self.parameters[name].data.copy_(value)
+            for name, data in saved.items():
+                self.parameters[name].data = data
+
+
+def _adds_its_bias(module) -> bool:
+    """A module whose bias is added to its output last: Linear, and LayerNorms (torch's, apex's)."""
+    return isinstance(module, (nn.Linear, nn.LayerNorm)) or (
+        type(module).__name__.endswith("LayerNorm") and hasattr(module, "normalized_shape"))
+
+
+@torch.no_grad()
+def _batch_dims(model: nn.Module, targets: Dict[str, nn.Module], probe: torch.Tensor,
+                attention: List[nn.Module]) -> Dict[str, int]:
+    """{parameter name: the batch dimension of its module's output} from one forward of ``probe``
+    (batch 2, length 3), with ``attention`` through its projections as in a mixed pass; modules
+    the forward never runs are left out: their bias is never added."""
+    batch, length = probe.shape
+    shapes, handles = {}, []
+
+    def record(module, inputs, output, name):
+        shapes.setdefault(name, tuple(output.shape))  # returns None: the output stays as it is
+
+    try:
+        for name, module in targets.items():
+            handles.append(module.register_forward_hook(functools.partial(record, name=name)))
+        with patches.attention_through_projections(attention):
+            model(probe, features_only=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    dims = {}
+    for name, shape in shapes.items():
+        if shape[:2] == (batch, length):
+            dims[name] = 0
+        elif shape[:2] == (length, batch):
+            dims[name] = 1
+        else:
+            raise UserError(f"{name}: its module's output {shape} has no batch x time layout; a mixed-task batch "
+                            "cannot add per-example biases there")
+    return dims
 
 
 def _add_rows(module, inputs, output, rows, batch_dim):

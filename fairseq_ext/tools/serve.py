@@ -8,12 +8,13 @@
     GET  /health   -> {"status": "ok", "base": ..., "tasks": {"cola": {"glue_task": "CoLA", ...}, ...},
                        "served": {"requests": R, "batches": B, "examples": E}}
 
-Requests wait in one queue; a batch closes when it holds ``--max-batch`` examples or
-``--wait-ms`` after its first request arrived, and runs as one
+Requests wait in one queue; a batch closes once it holds ``--max-batch`` examples, or
+``--wait-ms`` after the batcher took its first request, and runs as one
 ``MultiTaskPredictor.predict_mixed`` call: every task's examples in the same forward
-passes.  An unknown task is a 404, malformed or empty inputs a 422, with the reason in
-``detail``.  Deltas are read without pickle; a delta trained on another base is refused
-at start, with one line and exit status 2.  Needs the ``serve`` extra (FastAPI, uvicorn).
+passes.  An unknown task is a 404; malformed or empty inputs, or more than
+``--max-inputs``, a 422, with the reason in ``detail``.  Deltas are read without pickle;
+a delta trained on another base, or one a mixed batch cannot serve, is refused at start
+with one line and exit status 2.  Needs the ``serve`` extra (FastAPI, uvicorn).
 """
 import argparse
 import asyncio
@@ -65,19 +66,25 @@ class MixedBatcher:
                 except asyncio.TimeoutError:
                     break
                 size += len(pending[-1][0])
+            pending = [(items, future) for items, future in pending if not future.done()]  # cancelled: gone
             items = [item for request_items, _ in pending for item in request_items]
+            if not items:
+                continue
+            try:
+                predictions = await loop.run_in_executor(self.executor, self.predictor.predict_mixed, items)
+            except Exception as error:  # every request of the batch learns why; the batcher goes on
+                logger.exception("a batch failed")
+                for _, future in pending:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
             self.served["requests"] += len(pending)
             self.served["batches"] += 1
             self.served["examples"] += len(items)
-            try:
-                predictions = await loop.run_in_executor(self.executor, self.predictor.predict_mixed, items)
-            except Exception as error:  # every request of the batch learns why
-                for _, future in pending:
-                    future.set_exception(error)
-                continue
             start = 0
             for request_items, future in pending:
-                future.set_result(predictions[start:start + len(request_items)])
+                if not future.done():
+                    future.set_result(predictions[start:start + len(request_items)])
                 start += len(request_items)
 
 
@@ -87,18 +94,19 @@ def task_info(predictor: MultiTaskPredictor, name: str) -> dict:
             "pair": predictor.takes_pairs(name)}
 
 
-def create_app(predictor: MultiTaskPredictor, max_batch: int = 32, wait_ms: float = 5.0):
+def create_app(predictor: MultiTaskPredictor, max_batch: int = 32, wait_ms: float = 5.0, max_inputs: int = 1024):
     """The FastAPI application serving ``predictor``'s tasks."""
+    predictor.prepare_mixed()  # a task a mixed batch cannot serve is refused now, not at every request
 
     class PredictRequest(BaseModel):
         task: str
         inputs: List[Union[str, Tuple[str, str]]]
 
-    batcher = None
+    batcher, worker = None, None
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        nonlocal batcher
+        nonlocal batcher, worker
         batcher = MixedBatcher(predictor, max_batch, wait_ms / 1000.0)
         worker = asyncio.create_task(batcher.run())
         yield
@@ -109,7 +117,8 @@ def create_app(predictor: MultiTaskPredictor, max_batch: int = 32, wait_ms: floa
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "base": predictor.base_source,
+        alive = worker is not None and not worker.done()
+        return {"status": "ok" if alive else "batcher stopped", "base": predictor.base_source,
                 "tasks": {name: task_info(predictor, name) for name in predictor.tasks}, "served": batcher.served}
 
     @app.post("/predict")
@@ -118,11 +127,17 @@ def create_app(predictor: MultiTaskPredictor, max_batch: int = 32, wait_ms: floa
             raise HTTPException(404, f"no task {request.task!r}; loaded: {', '.join(predictor.tasks)}")
         if not request.inputs:
             raise HTTPException(422, "inputs: empty; give one or more sentences, or [first, second] pairs")
+        if len(request.inputs) > max_inputs:
+            raise HTTPException(422, f"inputs: {len(request.inputs)} given, at most {max_inputs} a request "
+                                     "(--max-inputs)")
         try:
             predictor.check(request.task, request.inputs)
         except UserError as error:
             raise HTTPException(422, str(error)) from None
-        predictions = await batcher.predict(request.task, request.inputs)
+        try:
+            predictions = await batcher.predict(request.task, request.inputs)
+        except Exception as error:
+            raise HTTPException(500, f"the batch failed: {type(error).__name__}: {error}") from None
         return {"task": request.task, "predictions": [dataclasses.asdict(prediction) for prediction in predictions]}
 
     return app
@@ -139,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=32, help="examples per mixed batch (default: 32)")
     parser.add_argument("--wait-ms", type=float, default=5.0,
                         help="how long a batch waits for more requests after its first (default: 5)")
+    parser.add_argument("--max-inputs", type=int, default=1024, help="inputs one request may send (default: 1024)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     add_trust_checkpoint_argument(parser)
     return parser
@@ -149,8 +165,8 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if _MISSING is not None:
         raise UserError(f"the server needs {_MISSING}: pip install -e '.[serve]' (FastAPI and uvicorn)")
-    if args.max_batch < 1 or args.wait_ms < 0:
-        raise UserError("--max-batch must be at least 1 and --wait-ms at least 0")
+    if args.max_batch < 1 or args.max_inputs < 1 or args.wait_ms < 0:
+        raise UserError("--max-batch and --max-inputs must be at least 1, --wait-ms at least 0")
     quiet_cli_logging()
     deltas = [parse_delta_option(value) for value in args.delta]
     if len({name for name, _ in deltas}) != len(deltas):
@@ -159,9 +175,9 @@ def main(argv=None) -> None:
                                    batch_size=args.max_batch, device=args.device)
     for name, path in deltas:
         predictor.add_task(name, path)
+    app = create_app(predictor, args.max_batch, args.wait_ms, args.max_inputs)
     print(f"serving {', '.join(predictor.tasks)} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(predictor, args.max_batch, args.wait_ms), host=args.host, port=args.port,
-                log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":
