@@ -1,4 +1,5 @@
 """Write a file so that it is either the old one or the whole new one, never half of it."""
+import json
 import os
 import uuid
 from pathlib import Path
@@ -23,6 +24,15 @@ def write_atomically(path, write) -> None:
 
 def write_text_atomically(path, text: str) -> None:
     write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_report(folder, stem: str, data, markdown: str) -> str:
+    """STEM.json (``data``) and STEM.md (``markdown``) in ``folder``, made if needed; a line naming them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(folder / f"{stem}.json", json.dumps(data, indent=1) + "\n")
+    write_text_atomically(folder / f"{stem}.md", markdown)
+    return f"written: {folder / f'{stem}.json'}, {folder / f'{stem}.md'}"
 
 
 def check_output_file(path, flag: str) -> None:

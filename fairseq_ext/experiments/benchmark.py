@@ -27,7 +27,7 @@ from typing import List
 import torch
 
 from ..core.errors import UserError, exit_on_user_error
-from ..core.files import write_text_atomically
+from ..core.files import write_report
 from ..plugin.patches import cuda_peak_memory
 from ..training import options
 from ..training.main import cli_main
@@ -253,12 +253,9 @@ def main(argv=None) -> None:
                       + (f"  (round {round_index + 1}/{args.rounds})" if args.rounds > 1 else ""), flush=True)
     rows = [combine_rounds(rounds) for rounds in runs.values()]
     add_ratios(rows)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(out / "benchmark.json", json.dumps(rows, indent=1) + "\n")
-    write_text_atomically(out / "benchmark.md", markdown(rows))
+    written = write_report(args.output_dir, "benchmark", rows, markdown(rows))
     print(markdown(rows))
-    print(f"written: {out / 'benchmark.json'}, {out / 'benchmark.md'}")
+    print(written)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ rounds), and the ratios mixed/single and mixed/switching as the median of each r
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import random
@@ -36,7 +35,7 @@ import torch
 
 from ..core.delta_file import read_delta
 from ..core.errors import UserError, exit_on_user_error
-from ..core.files import write_text_atomically
+from ..core.files import write_report
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir
 from ..plugin.predictor import MultiTaskPredictor
@@ -162,12 +161,9 @@ def main(argv=None) -> None:
     parser.add_argument("--output-dir", default="outputs/serving")
     args = parser.parse_args(argv)
     result = measure(args.tasks, args.examples, args.batch_size, args.rounds)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(out / "serving.json", json.dumps(result, indent=1) + "\n")
-    write_text_atomically(out / "serving.md", markdown(result))
+    written = write_report(args.output_dir, "serving", result, markdown(result))
     print(markdown(result))
-    print(f"written: {out / 'serving.json'}, {out / 'serving.md'}")
+    print(written)
 
 
 if __name__ == "__main__":

@@ -462,12 +462,18 @@ def _prediction(delta: Delta, logits: torch.Tensor) -> Prediction:
     return Prediction(labels[best], float(probabilities[best]), logits.tolist(), probabilities.tolist())
 
 
-def parse_delta_option(value: str) -> Tuple[str, str]:
-    name, separator, path = value.partition("=")
-    if not separator or not name.strip() or not path:
-        raise UserError(f"--delta {value!r}: expected TASK=PATH, e.g. "
-                        "--delta cola=runs/cola/checkpoint_best.delta.safetensors")
-    return name.strip(), path
+def parse_delta_options(values: Sequence[str]) -> Dict[str, str]:
+    """{task: delta path} of ``--delta TASK=PATH`` options; a task named twice is an error."""
+    deltas = {}
+    for value in values:
+        name, separator, path = value.partition("=")
+        if not separator or not name.strip() or not path:
+            raise UserError(f"--delta {value!r}: expected TASK=PATH, e.g. "
+                            "--delta cola=runs/cola/checkpoint_best.delta.safetensors")
+        if name.strip() in deltas:
+            raise UserError("--delta: a task name is given twice")
+        deltas[name.strip()] = path
+    return deltas
 
 
 def glue_spec_for(name: str, delta: Delta):

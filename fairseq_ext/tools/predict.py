@@ -21,7 +21,7 @@ from ..core.errors import UserError, exit_on_user_error, quiet_cli_logging
 from ..core.files import check_output_file, write_text_atomically
 from ..core.glue_files import read_tsv, write_leaderboard_tsv
 from ..plugin.checkpoints import add_trust_checkpoint_argument
-from ..plugin.predictor import MultiTaskPredictor, Prediction, glue_spec_for, parse_delta_option, usable_device
+from ..plugin.predictor import MultiTaskPredictor, Prediction, glue_spec_for, parse_delta_options, usable_device
 
 
 def read_glue_tsv(spec, path: Path) -> Tuple[List[str], List[Tuple[str, ...]]]:
@@ -105,9 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     quiet_cli_logging()
-    deltas = dict(parse_delta_option(value) for value in args.delta)
-    if len(deltas) != len(args.delta):
-        raise UserError("--delta: a task name is given twice")
+    deltas = parse_delta_options(args.delta)
     if args.task not in deltas:
         raise UserError(f"--task {args.task}: no --delta for it (given: {', '.join(deltas)})")
     input_path, output_path = Path(args.input), Path(args.output)

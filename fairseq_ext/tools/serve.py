@@ -27,7 +27,7 @@ from typing import List, Sequence, Tuple, Union
 
 from ..core.errors import UserError, exit_on_user_error, quiet_cli_logging
 from ..plugin.checkpoints import add_trust_checkpoint_argument
-from ..plugin.predictor import MultiTaskPredictor, Prediction, parse_delta_option
+from ..plugin.predictor import MultiTaskPredictor, Prediction, parse_delta_options
 
 try:
     import uvicorn
@@ -168,12 +168,10 @@ def main(argv=None) -> None:
     if args.max_batch < 1 or args.max_inputs < 1 or args.wait_ms < 0:
         raise UserError("--max-batch and --max-inputs must be at least 1, --wait-ms at least 0")
     quiet_cli_logging()
-    deltas = [parse_delta_option(value) for value in args.delta]
-    if len({name for name, _ in deltas}) != len(deltas):
-        raise UserError("--delta: a task name is given twice")
+    deltas = parse_delta_options(args.delta)
     predictor = MultiTaskPredictor(args.base, dictionary=args.dictionary, trust_checkpoint=args.trust_checkpoint,
                                    batch_size=args.max_batch, device=args.device)
-    for name, path in deltas:
+    for name, path in deltas.items():
         predictor.add_task(name, path)
     app = create_app(predictor, args.max_batch, args.wait_ms, args.max_inputs)
     print(f"serving {', '.join(predictor.tasks)} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
