@@ -117,7 +117,7 @@ def test_regex_and_none(roberta):
     assert names(roberta, "none") == heads
 
 
-@pytest.mark.parametrize("spec", ["qq", "q,,zz", "", "re:("])
+@pytest.mark.parametrize("spec", ["qq", "q,,zz", "q,,k", "q,", "", "re:("])
 def test_bad_terms_are_rejected_with_the_valid_names(spec):
     with pytest.raises(bitfit.SelectionError) as error:
         bitfit.parse_terms(spec)

@@ -80,9 +80,12 @@ def parse_terms(spec: str) -> Callable[[str], bool]:
         except re.error as error:
             raise SelectionError(f"invalid regular expression {spec[3:]!r}: {error}") from None
         return lambda name: pattern.search(name) is not None
-    terms = [term.strip() for term in spec.split(",") if term.strip()]
-    if not terms:
+    if not spec:
         raise SelectionError(f"empty selection; valid names: {', '.join(VALID_TERMS)} or re:REGEX")
+    terms = [term.strip() for term in spec.split(",")]
+    if not all(terms):
+        raise SelectionError(f"empty term in {spec!r}; valid names: {', '.join(VALID_TERMS)}, joined by "
+                             "single commas, or re:REGEX")
     unknown = [term for term in terms if term not in VALID_TERMS]
     if unknown:
         raise SelectionError(
