@@ -1,5 +1,8 @@
 """train.py end to end: the RoBERTa GLUE recipe with --bitfit, resume, and parity with fairseq-train."""
+import json
 import re
+import signal
+import time
 
 import pytest
 import torch
@@ -91,6 +94,43 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_data, tiny_pretrained, 
     a = load(straight / "checkpoint_last.pt")
     b = load(resumed / "checkpoint_last.pt")
     assert b["optimizer_history"][-1]["num_updates"] == 12
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_sigterm_mid_epoch_then_the_same_command_ends_bit_identical(tiny_data, tiny_pretrained, tmp_path):
+    """--save-interval-minutes saves inside an epoch; SIGTERM stops train.py with one line and exit 143,
+    leaving whole checkpoints; relaunching resumes inside the epoch and ends where an uninterrupted run does."""
+    small_batches = ["--bitfit", "--batch-size", "2", "--max-update", "100", "--total-num-update", "100"]  # 80 an epoch
+    straight = tmp_path / "straight"
+    tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, straight, extra=small_batches))
+
+    stopped = tmp_path / "stopped"
+    command = tiny.glue_recipe(tiny_data, tiny_pretrained, stopped, extra=[*small_batches, "--save-interval-minutes",
+                                                                            "0.0005"])
+    process = tiny.start(command)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        record = stopped / "run_record.json"
+        saved = (json.loads(record.read_text()).get("progress") or {}).get("last_saved_updates") \
+            if record.exists() else None
+        if saved is not None and saved >= 20:
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: SIGTERM: stopped.") and "checkpoint_last.pt" in lines[0]
+    assert not [p.name for p in stopped.iterdir() if ".tmp" in p.name]
+    assert read_run_record(stopped / "run_record.json")["launches"][-1]["status"] == "interrupted"
+    iterator = load(stopped / "checkpoint_last.pt")["extra_state"]["train_iterator"]
+    assert iterator["epoch"] == 1 and 0 < iterator["iterations_in_epoch"] < 80  # saved inside the first epoch
+
+    second = tiny.run(command)
+    assert "resuming the interrupted run" in second.stdout
+    a, b = load(straight / "checkpoint_last.pt"), load(stopped / "checkpoint_last.pt")
+    assert b["optimizer_history"][-1]["num_updates"] == 100
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
 

@@ -50,11 +50,14 @@ def as_regression(delta):
     return dataclasses.replace(delta, tensors=tensors, task=task, path=f"{delta.path}#regression")
 
 
+def _env(env=None) -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))
+
+
 def run(args, cwd=REPO, env=None, check=True, **kwargs):
     """Run a command with the test interpreter; fail with its output on error."""
-    full_env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))
     result = subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, **kwargs
+        [sys.executable, *args], cwd=cwd, env=_env(env), capture_output=True, text=True, **kwargs
     )
     if check and result.returncode != 0:
         raise AssertionError(
@@ -62,6 +65,12 @@ def run(args, cwd=REPO, env=None, check=True, **kwargs):
             f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-4000:]}"
         )
     return result
+
+
+def start(args, cwd=REPO, env=None) -> subprocess.Popen:
+    """``run``'s command in the background (stdout and stderr piped, as text)."""
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _preprocess(pref_args, destdir, srcdict=None):

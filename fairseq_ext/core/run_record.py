@@ -11,7 +11,15 @@ left, as one JSON object (``RECORD_NAME`` in the save dir)::
      "bitfit": null, or {"terms": "ofa", "train_heads": true, "unused": [names],
                          "groups": {"ln1": {"tensors": 2, "params": 64}, ..., "head": {...}}},
      "stats": [{"tag": "train" or a valid subset, "epoch": 1, "values": {"loss": 0.69, ...}}, ...],
-     "checkpoints": {"checkpoint_best.pt": path, "checkpoint_best.delta.safetensors": path, ...}}
+     "checkpoints": {"checkpoint_best.pt": path, "checkpoint_best.delta.safetensors": path, ...},
+     "progress": null, or {"updates": N, "total_updates": planned or null, "epoch": E, "max_epoch": M or null,
+                  "epoch_updates": n, "epoch_total": updates per epoch, "loss": the epoch's running mean,
+                  "updates_per_s": recent speed, "last_saved_updates": updates in the newest checkpoint or null,
+                  "time": ISO time}}
+
+``progress`` is refreshed every few seconds while the run trains, for a driver to
+show live; the planned total is an upper bound when early stopping (--patience) is on.
+A new launch starts it over, keeping only ``last_saved_updates`` until it saves.
 
 ``stats`` holds what fairseq prints at each epoch's end (tag ``train``) and at each
 validation (tag = the subset), in order; a resumed run appends to the record of its
@@ -65,8 +73,10 @@ class RunRecord:
         path = Path(save_dir) / RECORD_NAME
         data = read_run_record(path) if path.exists() else {
             "format": FORMAT, "format_version": FORMAT_VERSION, "status": "running", "launches": [],
-            "parameters": None, "bitfit": None, "stats": [], "checkpoints": {}}
+            "parameters": None, "bitfit": None, "stats": [], "checkpoints": {}, "progress": None}
         data["status"] = "running"
+        # A new launch has no progress yet; what the last one saved is still what a restart resumes from.
+        data["progress"] = {"last_saved_updates": (data.get("progress") or {}).get("last_saved_updates")}
         data["launches"].append({"started": _now(), "ended": None, "resumed_from": resumed_from,
                                  "status": "running", "error": None})
         record = cls(path, data)
@@ -84,6 +94,10 @@ class RunRecord:
     def add_stats(self, tag: str, epoch: Optional[int], values: Mapping[str, object]) -> None:
         self.data["stats"].append({"tag": tag, "epoch": epoch,
                                    "values": {key: _plain(value) for key, value in values.items()}})
+        self.save()
+
+    def set_progress(self, progress: Mapping[str, object]) -> None:
+        self.data["progress"] = {**{key: _plain(value) for key, value in progress.items()}, "time": _now()}
         self.save()
 
     def end(self, status: str, error: Optional[str] = None, *, checkpoints: Dict[str, str]) -> None:

@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -54,6 +55,7 @@ with quiet_fairseq_import():
     from fairseq.logging import progress_bar
     from fairseq.models import BaseFairseqModel, FairseqEncoder
 
+from ..core import interrupts
 from .checkpoints import FAIRSEQ_CHECKPOINT_TYPES
 
 CHECKED_AGAINST = "ve-fairseq 0.12.3"
@@ -82,6 +84,10 @@ PATCHES: Tuple[Patch, ...] = (
     Patch("quiet-import", "fairseq.tasks.text_to_speech", "extends", "the first fairseq import",
           "it logs 'Please install tensorboardX' at import through a root handler of its own: hushed",
           source_has=("logging.basicConfig(", "Please install tensorboardX")),
+    Patch("quiet-warnings", "fairseq.tasks.fairseq_task.FairseqTask.train_step", "extends", "install()",
+          "fairseq calls the deprecated torch.cuda.amp.autocast at every step and asks its data loaders for "
+          "pinned memory, which a CPU-only machine warns about: two warnings with nothing to act on, filtered",
+          source_has=("torch.cuda.amp.autocast(",)),
     Patch("safe-checkpoint-types", "torch.serialization.add_safe_globals", "extends", "install()",
           "fairseq calls torch.load without weights_only; torch >= 2.6 then rejects argparse.Namespace and "
           "numpy scalars in every fairseq checkpoint. Allow-listing exactly those keeps loading safe"),
@@ -99,6 +105,18 @@ PATCHES: Tuple[Patch, ...] = (
           "fairseq_train_with() (train.py)",
           "what fairseq's training loop prints at each epoch end and validation also goes to the run's "
           "machine-readable record (run_record.json), not only into log text"),
+    Patch("update-hooks", "fairseq_cli.train.validate_and_save", "extends", "fairseq_train_with() (train.py)",
+          "fairseq's loop calls it once per update, after deciding whether to validate and save; train.py's "
+          "progress (in the run record) and its --save-interval-minutes saves run right after it",
+          source_has=("def validate_and_save(", "end_of_epoch: bool", "return valid_losses, should_stop")),
+    Patch("update-hooks", "fairseq_cli.train.train", "relies on", "fairseq_train_with() (train.py)",
+          "the epoch loop calls validate_and_save after every update, by its module-level name",
+          source_has=("log_output = trainer.train_step(samples)", "valid_losses, should_stop = validate_and_save(")),
+    Patch("whole-checkpoints", "fairseq.checkpoint_utils.save_checkpoint", "extends", "fairseq_train_with() (train.py)",
+          "Ctrl-C or SIGTERM while fairseq writes a checkpoint and copies it to its other names (best -> last) "
+          "would leave a truncated checkpoint_last.pt; the signal waits until the save is done. fairseq keeps "
+          "the best score as an attribute of this function, so the wrapper forwards attributes to it",
+          source_has=("save_checkpoint.best = ", "PathManager.copy(")),
     Patch("stop-batch-prefetching", "fairseq.data.iterators.BackgroundConsumer.run", "relies on",
           "stop_batch_prefetching() (end of each train.py training process)",
           "fairseq prefetches batches in a daemon thread; when training stops before an epoch's end "
@@ -179,6 +197,9 @@ def _mark(name: str, active: bool = True) -> None:
 def install() -> None:
     """Apply the patches that hold whenever the plugin is loaded (idempotent)."""
     _mark("quiet-import")  # applied when this module imported fairseq
+    warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.autocast.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true but no accelerator.*")
+    _mark("quiet-warnings")
     torch.serialization.add_safe_globals(FAIRSEQ_CHECKPOINT_TYPES)
     _mark("safe-checkpoint-types")
     distributed_utils._broadcast_object_slow = _broadcast_object
@@ -238,30 +259,83 @@ class _RecordedProgressBar(progress_bar.BaseProgressBar):
         self.wrapped_bar.update_config(config)
 
 
+# after_update(cfg, trainer, epoch_itr, end_of_epoch, should_stop), once per update.
+UpdateHook = Callable[[object, object, object, bool, bool], None]
+# on_saved(trainer, the checkpoint this rank wrote or None), after each checkpoint save.
+SavedHook = Callable[[object, Optional[str]], None]
+
+
+class _WholeCheckpointSaves:
+    """fairseq's checkpoint_utils.save_checkpoint with stop signals held back while it writes, then ``on_saved``.
+
+    fairseq stores the best score as ``save_checkpoint.best`` (read and written through
+    the module's global name), so attributes go to the wrapped function.
+    """
+
+    def __init__(self, save_checkpoint, on_saved: Optional[SavedHook]):
+        object.__setattr__(self, "_save", save_checkpoint)
+        object.__setattr__(self, "_on_saved", on_saved)
+
+    def __call__(self, checkpoint_cfg, trainer, epoch_itr, val_loss):
+        with interrupts.deferred():
+            saved = self._save(checkpoint_cfg, trainer, epoch_itr, val_loss)
+        if self._on_saved is not None:
+            self._on_saved(trainer, saved)
+        return saved
+
+    def __getattr__(self, name):
+        return getattr(self._save, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._save, name, value)
+
+    def __delattr__(self, name):
+        delattr(self._save, name)
+
+
 @contextlib.contextmanager
-def fairseq_train_with(trainer_factory, on_stats: Optional[StatsCallback] = None):
+def fairseq_train_with(trainer_factory, on_stats: Optional[StatsCallback] = None,
+                       after_update: Optional[UpdateHook] = None, on_saved: Optional[SavedHook] = None):
     """While the block runs, fairseq_cli.train.main builds ``trainer_factory(cfg, task, model,
-    criterion, quantizer)`` instead of fairseq's Trainer, and (with ``on_stats``) its progress
-    bars hand every stats dict they print to ``on_stats(tag, epoch, stats)``."""
+    criterion, quantizer)`` instead of fairseq's Trainer; (with ``on_stats``) its progress
+    bars hand every stats dict they print to ``on_stats(tag, epoch, stats)``; ``after_update``
+    runs after each update's validate-and-save; checkpoints are written whole whatever signal
+    arrives, and ``on_saved(trainer, path)`` runs after each save on every rank (path: what this
+    rank wrote, or None)."""
     # Imported here, not with the plugin: its import sets up fairseq-train's logging (INFO on stdout).
     import fairseq_cli.train
 
     original_trainer, original_bar = fairseq_cli.train.Trainer, progress_bar.progress_bar
+    original_validate_and_save = fairseq_cli.train.validate_and_save
+    original_save = checkpoint_utils.save_checkpoint
 
     def recorded_progress_bar(iterator, *args, epoch: Optional[int] = None, **kwargs):
         return _RecordedProgressBar(original_bar(iterator, *args, epoch=epoch, **kwargs), epoch, on_stats)
 
+    def validate_and_save_then_hook(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch):
+        valid_losses, should_stop = original_validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets,
+                                                               end_of_epoch)
+        after_update(cfg, trainer, epoch_itr, end_of_epoch, should_stop)
+        return valid_losses, should_stop
+
     fairseq_cli.train.Trainer = trainer_factory
     _mark("bitfit-trainer")
+    checkpoint_utils.save_checkpoint = _WholeCheckpointSaves(original_save, on_saved)
+    _mark("whole-checkpoints")
     if on_stats is not None:
         progress_bar.progress_bar = recorded_progress_bar
         _mark("recorded-progress-bars")
+    if after_update is not None:
+        fairseq_cli.train.validate_and_save = validate_and_save_then_hook
+        _mark("update-hooks")
     try:
         yield
     finally:
         fairseq_cli.train.Trainer, progress_bar.progress_bar = original_trainer, original_bar
-        _mark("bitfit-trainer", False)
-        _mark("recorded-progress-bars", False)
+        fairseq_cli.train.validate_and_save = original_validate_and_save
+        checkpoint_utils.save_checkpoint = original_save
+        for name in ("bitfit-trainer", "recorded-progress-bars", "update-hooks", "whole-checkpoints"):
+            _mark(name, False)
 
 
 def stop_batch_prefetching(timeout_s: float = 10.0) -> None:

@@ -22,14 +22,18 @@ from typing import Dict, Optional
 import fairseq_cli.train  # its import sets up fairseq-train's logging (INFO on stdout), as in fairseq-train
 from fairseq.distributed import utils as distributed_utils
 
+from ..core import interrupts
 from ..core.errors import UserError, exit_on_user_error, one_line
-from ..core.run_record import RunRecord
+from ..core.run_record import RECORD_NAME, RunRecord, read_run_record
 from ..plugin import patches
 from . import options
 from .options import TRAIN_PROG
+from .progress import ProgressPublisher
+from .timed_saves import TimedCheckpoints
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger(__name__)
+
 
 @exit_on_user_error(prog=TRAIN_PROG)
 def cli_main(argv=None, trainer_class=BitFitTrainer) -> None:
@@ -41,7 +45,13 @@ def cli_main(argv=None, trainer_class=BitFitTrainer) -> None:
     # A partial of a module-level function: fairseq's spawned GPU workers unpickle it by name,
     # so they too train with trainer_class, not with fairseq's Trainer.
     worker = functools.partial(train_worker, trainer_class=trainer_class, resumed_from=resumed_from)
-    distributed_utils.call_main(cfg, worker)
+    try:
+        with interrupts.handled():
+            distributed_utils.call_main(cfg, worker)
+    except interrupts.Interrupted as stop:
+        if distributed_utils.is_master(cfg.distributed_training):
+            print(f"{TRAIN_PROG}: {stop.signal_name}: stopped. {_how_to_go_on(cfg)}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_status)
 
 
 def train_worker(cfg, trainer_class=BitFitTrainer, resumed_from: Optional[str] = None, **kwargs) -> None:
@@ -49,7 +59,24 @@ def train_worker(cfg, trainer_class=BitFitTrainer, resumed_from: Optional[str] =
     patches.install()  # a spawned worker is a fresh interpreter
     record = _open_record(cfg, resumed_from)
     trainer = functools.partial(trainer_class, record=record) if record is not None else trainer_class
-    with patches.fairseq_train_with(trainer, on_stats=record.add_stats if record is not None else None):
+    progress = ProgressPublisher(record) if record is not None else None
+    minutes = cfg.checkpoint.get("save_interval_minutes", 0.0)
+    timed_saves = TimedCheckpoints(minutes) if minutes else None
+
+    def after_update(*state):
+        if timed_saves is not None:
+            timed_saves.after_update(*state)
+        if progress is not None:
+            progress.after_update(*state)
+
+    def on_saved(trainer, path):
+        if timed_saves is not None:
+            timed_saves.saved()
+        if progress is not None and path is not None:
+            progress.saved(trainer.get_num_updates())
+
+    with patches.fairseq_train_with(trainer, on_stats=record.add_stats if record is not None else None,
+                                    after_update=after_update, on_saved=on_saved):
         try:
             fairseq_cli.train.main(cfg, **kwargs)
         except BaseException as error:
@@ -60,6 +87,19 @@ def train_worker(cfg, trainer_class=BitFitTrainer, resumed_from: Optional[str] =
             patches.stop_batch_prefetching()  # before the interpreter ends them mid-batch
     if record is not None:
         record.end("finished", checkpoints=_checkpoints(cfg))
+
+
+def _how_to_go_on(cfg) -> str:
+    """The sentence that tells an interrupted run's user what was kept and how to continue."""
+    last = Path(cfg.checkpoint.save_dir) / f"checkpoint_last{cfg.checkpoint.checkpoint_suffix}.pt"
+    if cfg.checkpoint.no_save or not last.exists():
+        return "No checkpoint was saved; the same command starts the run again."
+    saved = None
+    record_path = Path(cfg.checkpoint.save_dir) / RECORD_NAME
+    if record_path.exists():
+        saved = (read_run_record(record_path).get("progress") or {}).get("last_saved_updates")
+    at = f" (update {saved:,})" if saved is not None else ""
+    return f"{last}{at} is whole: run the same command to resume from it."
 
 
 def _how_it_ended(error: BaseException):

@@ -6,6 +6,7 @@ the BitFit checks, the fixes for this machine (torchrun, precision) and the
 resume rule (``launch``), then fairseq's argparse-to-omegaconf conversion with the
 BitFit options attached as ``cfg.bitfit``.
 """
+import argparse
 import logging
 import sys
 import warnings
@@ -81,9 +82,42 @@ class BitFitConfig(FairseqDataclass):
     )
 
 
+USAGE = f"{TRAIN_PROG} DATA [fairseq-train options] [--bitfit [--bitfit-terms SPEC] ...]"
+HELP_INTRO = """fairseq-train with BitFit: every fairseq-train option, plus the options below.
+
+BitFit (bias-only fine-tuning):
+  --bitfit                   train only the selected bias terms and the task heads; freeze the rest
+  --bitfit-terms SPEC        ofa (default: OFA's layer_norm/fc bias filter), all (every bias),
+                             none (heads only), paper symbols q,k,v,m1,ln1,m2,m3,ln2,emb_ln
+                             joined by commas (e.g. q,m2), or re:REGEX on parameter names
+  --bitfit-freeze-heads      freeze the task heads too (OFA's exact behaviour)
+  --bitfit-delta-only        keep checkpoint_last.pt whole; every other checkpoint is its delta alone
+train.py:
+  --save-interval-minutes M  also save checkpoint_last.pt every M minutes, mid-epoch included
+                             (0: off); a restarted run resumes from it
+
+A restarted run (same command, same --save-dir) resumes from its checkpoint_last.pt.
+Example, the RoBERTa GLUE recipe with BitFit:
+  train.py RTE-bin --task sentence_prediction --criterion sentence_prediction --num-classes 2 \\
+    --arch roberta_base --restore-file roberta.base/model.pt --reset-optimizer --reset-dataloader \\
+    --reset-meters --lr 1e-3 --batch-size 32 --max-epoch 10 --bitfit --bitfit-terms all
+Every fairseq-train option follows."""
+
+
+@dataclass
+class TimedSaveConfig(FairseqDataclass):
+    save_interval_minutes: float = field(
+        default=0.0,
+        metadata={"help": "also save checkpoint_last.pt (and its delta) whenever M minutes have passed since the "
+                          "last save, mid-epoch included, without validating; a restart resumes inside the epoch. "
+                          "0: off (fairseq-train's behaviour)"},
+    )
+
+
 def add_bitfit_args(parser) -> None:
-    """Add the ``--bitfit*`` options to a fairseq training parser (once, before parsing)."""
+    """Add the ``--bitfit*`` and train.py's own options to a fairseq training parser (once, before parsing)."""
     gen_parser_from_dataclass(parser.add_argument_group("BitFit"), BitFitConfig())
+    gen_parser_from_dataclass(parser.add_argument_group("train.py"), TimedSaveConfig())
 
 
 def attach_bitfit_config(cfg, args) -> None:
@@ -96,6 +130,8 @@ def attach_bitfit_config(cfg, args) -> None:
     values = {name: getattr(args, name) for name in BitFitConfig.__dataclass_fields__ if name != "_name"}
     with open_dict(cfg):
         cfg.bitfit = OmegaConf.structured(BitFitConfig(**values))
+    with open_dict(cfg.checkpoint):
+        cfg.checkpoint.save_interval_minutes = float(args.save_interval_minutes)
 
 
 def validate_bitfit_args(args) -> None:
@@ -109,6 +145,11 @@ def validate_bitfit_args(args) -> None:
                         "runs with its MegatronTrainer, which this package does not extend")
     if args.bitfit_delta_only and not args.bitfit:
         raise UserError("--bitfit-delta-only needs --bitfit: only BitFit runs write deltas")
+    if args.save_interval_minutes < 0:
+        raise UserError(f"--save-interval-minutes {args.save_interval_minutes:g}: must be positive (0: off)")
+    if args.save_interval_minutes and (args.no_save or args.no_last_checkpoints):
+        flag = "--no-save" if args.no_save else "--no-last-checkpoints"
+        raise UserError(f"--save-interval-minutes saves checkpoint_last.pt, which {flag} turns off")
     if args.bitfit and getattr(args, "ddp_backend", None) == "fully_sharded":
         raise UserError(
             "--bitfit cannot be used with --ddp-backend fully_sharded: it flattens and renames "
@@ -123,6 +164,8 @@ def parse_args(argv: Sequence[str], prog: Optional[str] = None):
     parser = options.get_training_parser()
     if prog:
         parser.prog = prog
+    parser.usage, parser.description = USAGE, HELP_INTRO
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_bitfit_args(parser)
     args = options.parse_args_and_arch(parser, input_args=argv)
     validate_bitfit_args(args)
