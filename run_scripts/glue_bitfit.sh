@@ -19,15 +19,29 @@
 #   TRAIN_SUBSET  train on a seeded sample of N training rows              [all]
 #   NPROC         processes per node; torchrun when > 1                    [1]
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT  multi-node torchrun       [1, 0, 127.0.0.1, 29500]
+#   SAVE_MINUTES  checkpoint_last.pt at least every M minutes, mid-epoch too [5]
+#   PROGRESS_SECONDS  seconds between progress lines when not on a terminal [60]
+#
+# Ctrl-C (or SIGTERM) stops the job with one line that says how to resume: the same command.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${here}${PYTHONPATH:+:${PYTHONPATH}}"
+# The command as it was given (the variables set for it included), for the line that says how to resume.
+command=""
+for name in GLUE_DIR TASKS MODE BITFIT_TERMS MODEL OUTPUT_DIR SEEDS LRS EPOCHS MAX_SEQ_LEN TRAIN_SUBSET NPROC \
+            NNODES NODE_RANK MASTER_ADDR MASTER_PORT SAVE_MINUTES PROGRESS_SECONDS; do
+  if [[ -n "${!name+set}" ]]; then command+="${name}=$(printf '%q' "${!name}") "; fi
+done
+command+="bash $(printf '%q' "$0")"
+for arg in "$@"; do command+=" $(printf '%q' "$arg")"; done
+export GLUE_BITFIT_COMMAND="${command}"
 args=(
   --glue-dir "${GLUE_DIR:-glue_data}" --tasks "${TASKS:-}" --mode "${MODE:-bitfit}"
   --bitfit-terms "${BITFIT_TERMS:-ofa}" --model "${MODEL:-}" --output-dir "${OUTPUT_DIR:-outputs/glue}"
   --seeds "${SEEDS:-1}" --lrs "${LRS:-}" --max-seq-len "${MAX_SEQ_LEN:-128}"
   --nproc "${NPROC:-1}" --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}"
   --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}"
+  --save-minutes "${SAVE_MINUTES:-5}" --progress-interval "${PROGRESS_SECONDS:-60}"
 )
 if [[ -n "${EPOCHS:-}" ]]; then args+=(--epochs "${EPOCHS}"); fi
 if [[ -n "${TRAIN_SUBSET:-}" ]]; then args+=(--train-subset "${TRAIN_SUBSET}"); fi

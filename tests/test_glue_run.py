@@ -2,8 +2,10 @@
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -85,10 +87,62 @@ def test_finished_runs_are_not_repeated(glue_output):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, env, needle):
-    result = glue_script(dict(env, OUTPUT_DIR=str(tmp_path / "out")), check=False)
+    out = tmp_path / "out"
+    result = glue_script(dict(env, OUTPUT_DIR=str(out)), check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert not out.exists()  # a failed start leaves no empty OUTPUT_DIR behind
+
+
+def test_an_output_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path):
+    taken = tmp_path / "results"
+    taken.write_text("not a folder")
+    result = glue_script({"GLUE_DIR": str(tiny.REAL_GLUE), "TASKS": "CoLA", "OUTPUT_DIR": str(taken)}, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"OUTPUT_DIR {taken}: is a file" in lines[0], result.stderr
+
+
+def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes_mid_epoch(tmp_path):
+    """SIGINT to the runner: train.py gets it, leaves whole checkpoints; the job ends with exit 130 and one
+    line naming the run and the command that resumes it; that command finishes the run from its last save."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLUE_DIR=str(tiny.REAL_GLUE), TASKS="CoLA", OUTPUT_DIR=str(out),
+               TRAIN_SUBSET="400", SAVE_MINUTES="0.01", PROGRESS_SECONDS="1")
+    args = ["--batch-size", "8", "--max-update", "40"]  # 50 updates an epoch
+    job = subprocess.Popen(["bash", str(SCRIPT), *args], env=env, cwd=tiny.REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    record = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1" / "run_record.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and job.poll() is None:
+        saved = (json.loads(record.read_text()).get("progress") or {}).get("last_saved_updates") \
+            if record.exists() else None
+        if saved and saved >= 25:  # mid-epoch, after a few progress lines
+            job.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.1)
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 130, stdout[-3000:] + stderr[-3000:]
+    assert "Traceback" not in stdout + stderr
+    assert " updates (" in stdout and "ETA" in stdout and "log: " in stdout  # live progress, and where the log is
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("glue_bitfit: SIGINT: stopped during CoLA bitfit lr 0.001 seed 1"), stderr
+    resume = last.split("run the same command: ", 1)[1]
+    assert "TASKS=CoLA" in resume and "bash" in resume and "--max-update 40" in resume
+    run_dir = record.parent
+    assert not [p.name for p in run_dir.iterdir() if p.is_dir() or ".tmp" in p.name]
+    assert read_last_launch(record)["status"] == "interrupted"
+
+    again = subprocess.run(["bash", "-c", resume], env=dict(env, TASKS="", SAVE_MINUTES=""), cwd=tiny.REPO,
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming the interrupted run" in again.stdout
+    assert json.loads((run_dir / "result.json").read_text())["updates"] == 40
+
+
+def read_last_launch(record):
+    return json.loads(record.read_text())["launches"][-1]
 
 
 def small_glue_dir(root, rows=40, edit=None):

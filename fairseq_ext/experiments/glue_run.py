@@ -13,25 +13,32 @@ from its log.  The results of all runs in OUTPUT_DIR (this call's and earlier
 ones', other modes included) are written to results.json, results.md and curves.png.
 """
 import argparse
+import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import math
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
+from ..core import interrupts
 from ..core.bitfit import format_trainable
 from ..core.errors import UserError, exit_on_user_error, user_error_in
 from ..core.files import write_atomically, write_text_atomically
 from ..core.glue_files import check_glue_dir, write_leaderboard_tsv
 from ..core.glue_tasks import GLUE_SOURCE_HINT, TASK_NAMES, TASKS, get_task_spec
+from ..core.progress import DEFAULT_INTERVAL_S, ConsoleProgress, format_duration
 from ..core.run_record import RECORD_NAME, epoch_stats, read_run_record
 from ..plugin.data.glue_prepare import prepare_task, read_test_indices
 from ..plugin.deltas import apply_delta
@@ -54,6 +61,7 @@ FULL_FT_BATCH = {"MNLI": 32, "QNLI": 32, "QQP": 32, "RTE": 16, "SST-2": 32,
 BITFIT_LR = 1e-3  # the official BitFit code's default
 BITFIT_BATCH = 32
 SMALL_TASK_ROWS = 10_000  # BitFit trains these longer: its updates are small
+DEFAULT_SAVE_MINUTES = 5.0
 
 
 # -- settings -------------------------------------------------------------------
@@ -111,8 +119,9 @@ def schedule_updates(passthrough: List[str], batch: int, epochs: int, train_rows
 
 def train_command(spec, model, data_dir: Path, save_dir: Path, mode: str, bitfit_terms: str,
                   lr: float, seed: int, train_rows: int, world_size: int, passthrough: List[str],
-                  epochs: Optional[int], max_seq_len: int) -> List[str]:
-    """The train.py arguments of one run: the RoBERTa GLUE recipe with this project's defaults."""
+                  epochs: Optional[int], max_seq_len: int, bookkeeping: Sequence[str] = ()) -> List[str]:
+    """The train.py arguments of one run: the RoBERTa GLUE recipe with this project's defaults,
+    then ``bookkeeping`` (flags that do not change what is trained), then the mode's and the user's."""
     batch = FULL_FT_BATCH[spec.name] if mode == "full" else BITFIT_BATCH
     epochs = epochs or default_epochs(mode, train_rows)
     total_updates = schedule_updates(passthrough, batch, epochs, train_rows, world_size)
@@ -128,12 +137,33 @@ def train_command(spec, model, data_dir: Path, save_dir: Path, mode: str, bitfit
         "--seed", str(seed), "--save-dir", str(save_dir), "--no-epoch-checkpoints",
         "--best-checkpoint-metric", spec.primary_metric, "--maximize-best-checkpoint-metric",
         "--valid-subset", ",".join(spec.valid_subsets),
-        "--log-format", "json", "--log-interval", "50", "--num-workers", "0",
-        "--find-unused-parameters" if (mode == "full" and world_size > 1) else "--no-progress-bar",
+        "--log-format", "json", "--log-interval", "50", "--no-progress-bar", "--num-workers", "0",
     ]
+    if mode == "full" and world_size > 1:
+        args.append("--find-unused-parameters")  # RoBERTa's LM head gets no gradient in classification
     if model.pair_separator:
         args += ["--separator-token", "2"]  # RoBERTa pairs: <s> a </s> </s> b </s>
-    return args + mode_flags(mode_label(mode, bitfit_terms)) + passthrough
+    return args + list(bookkeeping) + mode_flags(mode_label(mode, bitfit_terms)) + passthrough
+
+
+# train.py flags that change how a run is logged and saved, not what it trains: left out when
+# a run folder's settings are compared (value-taking flags first, then switches).
+BOOKKEEPING_FLAGS = ("--save-interval-minutes", "--tensorboard-logdir", "--log-format", "--log-interval")
+BOOKKEEPING_SWITCHES = ("--no-progress-bar",)
+
+
+def without_bookkeeping(train_args: List[str]) -> List[str]:
+    kept, skip = [], False
+    for arg in train_args:
+        if skip:
+            skip = False
+        elif arg in BOOKKEEPING_SWITCHES:
+            continue
+        elif arg in BOOKKEEPING_FLAGS:
+            skip = True
+        elif not arg.startswith(tuple(f"{flag}=" for flag in BOOKKEEPING_FLAGS)):
+            kept.append(arg)
+    return kept
 
 
 def launcher(nproc: int, nnodes: int, node_rank: int, master_addr: str, master_port: int) -> List[str]:
@@ -325,7 +355,7 @@ def present_tasks(glue_dir: Path) -> List[str]:
 
 class RecordEcho:
     """Echoes what a running train.py adds to its run record: its parameter counts, resumes,
-    and the dev metrics of each validation."""
+    and the dev metrics of each validation; ``progress`` is the record's latest live progress."""
 
     SKIPPED = ("wps", "wpb", "bsz", "nll_loss")  # throughput and a duplicate of the loss
 
@@ -334,6 +364,7 @@ class RecordEcho:
         record = read_run_record(path) if path.exists() else {"launches": [], "stats": []}
         self.launches, self.stats = len(record["launches"]), len(record["stats"])  # what earlier launches left
         self.version = None
+        self.progress: Optional[dict] = None
 
     def poll(self) -> List[str]:
         """The lines to show for what was added since the last poll."""
@@ -353,6 +384,8 @@ class RecordEcho:
                 lines.append(f"resuming the interrupted run from {resumed}")
             lines.append(format_trainable(record["parameters"]["trainable"], record["parameters"]["total"]))
             self.launches = len(record["launches"])
+        if len(record["launches"]) == self.launches:
+            self.progress = record.get("progress")  # this launch's, once it has begun
         for entry in record["stats"][self.stats:]:
             if entry["tag"] != "train":
                 shown = ", ".join(f"{key} {value}" for key, value in entry["values"].items()
@@ -362,42 +395,164 @@ class RecordEcho:
         return lines
 
 
-def run_training(command: List[str], run_dir: Path) -> None:
-    """Run train.py, keep its whole log in the run folder's train.log, and echo epoch-level progress."""
-    echo = RecordEcho(run_dir / RECORD_NAME)
-    log_path = run_dir / "train.log"
-    with open(log_path, "a") as log:
-        # Unbuffered: progress shows as it happens, and the log is whole if the run dies.
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   bufsize=1, env=env)
-        last_lines, user_error = [], None
-        for line in process.stdout:
-            log.write(line)
-            log.flush()
-            last_lines = (last_lines + [line])[-20:]
-            if user_error is None:
-                user_error = user_error_in(line, TRAIN_PROG)  # under torchrun a worker's exit 2 becomes exit 1
-            for progress in echo.poll():
-                print("    " + progress, flush=True)
-        code = process.wait()
-    for progress in echo.poll():
-        print("    " + progress, flush=True)
-    if code != 0 and user_error is not None:
-        raise UserError(f"{TRAIN_PROG}: {user_error}")
+class JobProgress:
+    """The job's plan, and an ETA for what is left of it from the speed its runs show.
+
+    A task's speed is the wall time per update of its runs in this job (validation,
+    start-up and test prediction included); a task not run yet is assumed as fast as
+    the one running.
+    """
+
+    FIRST_ESTIMATE_AFTER_S = 20.0
+
+    def __init__(self, runs: List["PlannedRun"], interval_s: float):
+        self.runs, self.interval_s = runs, interval_s
+        self.updates_left = {run.run_dir: 0 if run.finished else run.planned_updates for run in runs}
+        self.seconds_per_update: Dict[str, float] = {}
+        self.estimated = False
+
+    def plan_lines(self) -> List[str]:
+        todo = [run for run in self.runs if not run.finished]
+        lines = [f"plan: {len(self.runs)} run{'s' if len(self.runs) != 1 else ''} "
+                 f"({len(self.runs) - len(todo)} done earlier), "
+                 f"{sum(self.updates_left.values()):,} updates to train (runs with --patience may stop sooner)"]
+        for run in self.runs:
+            rows = f"{run.train_rows:,} rows"
+            what = "done earlier" if run.finished else f"{run.planned_updates:,} updates"
+            lines.append(f"  {run.label:<40} {rows:>12}  {what}")
+        return lines
+
+    def observe(self, run: "PlannedRun", progress: dict, seconds: float, updates_at_start: int) -> Optional[float]:
+        """Take the running ``run``'s latest progress; the job's ETA in seconds (None: not known yet)."""
+        done = int(progress.get("updates") or 0)
+        total = progress.get("total_updates") or run.planned_updates
+        self.updates_left[run.run_dir] = max(0, total - done)
+        trained = done - updates_at_start
+        if trained <= 0 or seconds <= 0:
+            return None
+        self.seconds_per_update[run.spec.name] = seconds / trained
+        eta = self.eta(run.spec.name)
+        if not self.estimated and seconds >= self.FIRST_ESTIMATE_AFTER_S:
+            self.estimated = True
+            print(f"  estimate: {format_duration(eta)} for the whole job ({trained / seconds:.2f} updates/s on "
+                  f"{run.spec.name} so far; other tasks' speed is measured when they run)", flush=True)
+        return eta
+
+    def finished(self, run: "PlannedRun", updates: int, seconds: float) -> None:
+        self.updates_left[run.run_dir] = 0
+        if updates > 0 and seconds > 0:
+            self.seconds_per_update[run.spec.name] = seconds / updates
+
+    def eta(self, running_task: str) -> Optional[float]:
+        fallback = self.seconds_per_update.get(running_task)
+        if fallback is None:
+            return None
+        return sum(left * self.seconds_per_update.get(run.spec.name, fallback)
+                   for run in self.runs for left in [self.updates_left[run.run_dir]])
+
+
+class TrainLog:
+    """Copies a train.py process's output into its train.log as it comes, keeping the last lines
+    and its first one-line error (a thread: the runner polls the run record meanwhile)."""
+
+    def __init__(self, stream, log_path: Path):
+        self.last_lines: List[str] = []
+        self.user_error: Optional[str] = None
+        self._thread = threading.Thread(target=self._copy, args=(stream, log_path), daemon=True)
+        self._thread.start()
+
+    def _copy(self, stream, log_path: Path) -> None:
+        with open(log_path, "a") as log:
+            for line in stream:
+                log.write(line)
+                log.flush()
+                self.last_lines = (self.last_lines + [line])[-20:]
+                if self.user_error is None:
+                    self.user_error = user_error_in(line, TRAIN_PROG)  # under torchrun a worker's exit 2 becomes 1
+
+    def join(self, timeout_s: float = 30.0) -> None:
+        self._thread.join(timeout_s)
+
+
+POLL_S = 0.5
+CHILD_STOP_TIMEOUT_S = 120.0
+
+
+def run_training(command: List[str], run: "PlannedRun", job: JobProgress) -> None:
+    """Run train.py; keep its whole log in the run folder's train.log; show its progress, the job's
+    ETA and each validation's dev metrics; pass a stop signal on and wait for it to save and end."""
+    echo = RecordEcho(run.run_dir / RECORD_NAME)
+    log_path = run.run_dir / "train.log"
+    # Unbuffered: the log is whole if the run dies.
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                               env=env)
+    log = TrainLog(process.stdout, log_path)
+    display = ConsoleProgress(run.label, run.planned_updates, interval_s=job.interval_s)
+    start, updates_at_start = time.monotonic(), None
+    try:
+        while True:
+            code = process.poll()
+            for line in echo.poll():
+                display.write("    " + line)
+            progress = echo.progress
+            if progress and progress.get("updates") is not None:
+                if updates_at_start is None:
+                    updates_at_start = int(progress["updates"])
+                    display.total = progress.get("total_updates") or run.planned_updates
+                job_eta = job.observe(run, progress, time.monotonic() - start, updates_at_start)
+                display.update(int(progress["updates"]), rate=progress.get("updates_per_s"),
+                               detail=_progress_detail(progress, job_eta))
+            if code is not None:
+                break
+            time.sleep(POLL_S)
+    except interrupts.Interrupted as stop:
+        display.close(final_line=False)
+        _stop_child(process, stop.signum)
+        raise
+    finally:
+        display.close()
+        log.join()
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM):
+        raise interrupts.Interrupted(abs(code) - 128 if code > 0 else -code)  # train.py alone was stopped
+    if code != 0 and log.user_error is not None:
+        raise UserError(f"{TRAIN_PROG}: {log.user_error}")
     if code == 2:
-        raise UserError(last_lines[-1].strip() if last_lines else f"train.py failed; see {log_path}")
+        raise UserError(log.last_lines[-1].strip() if log.last_lines else f"train.py failed; see {log_path}")
     if code != 0:
-        raise RuntimeError(f"train.py exited {code}; the end of {log_path}:\n{''.join(last_lines)}")
+        raise RuntimeError(f"train.py exited {code}; the end of {log_path}:\n{''.join(log.last_lines)}")
 
 
-def train_timed(command: List[str], run_dir: Path) -> float:
+def _progress_detail(progress: dict, job_eta: Optional[float]) -> str:
+    parts = []
+    if progress.get("epoch") is not None:
+        parts.append(f"epoch {progress['epoch']}" + (f"/{progress['max_epoch']}" if progress.get("max_epoch") else ""))
+    if progress.get("loss") is not None:
+        parts.append(f"loss {progress['loss']:.3f}")
+    parts.append(f"job ETA {format_duration(job_eta)}")
+    return ", ".join(parts)
+
+
+def _stop_child(process: subprocess.Popen, signum: int) -> None:
+    """Pass the stop on to train.py (it may have had it from the terminal too: it ignores a repeat) and wait
+    while it finishes writing its checkpoint and its record; kill it only if it does not end."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+        try:
+            process.wait(CHILD_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def train_timed(command: List[str], run: "PlannedRun", job: JobProgress) -> float:
     """run_training, and the seconds this run has trained over all its launches (resumes included)."""
-    elapsed = run_dir / "elapsed.json"
+    elapsed = run.run_dir / "elapsed.json"
     earlier = json.loads(elapsed.read_text())["seconds"] if elapsed.exists() else 0.0
     start = time.time()
     try:
-        run_training(command, run_dir)
+        run_training(command, run, job)
     finally:  # an interrupted launch counts too
         total = earlier + time.time() - start
         write_text_atomically(elapsed, json.dumps({"seconds": round(total, 1)}) + "\n")
@@ -405,9 +560,9 @@ def train_timed(command: List[str], run_dir: Path) -> float:
 
 
 def run_settings(train_args: List[str], prepared: Path, run_dir: Path, manifest: dict) -> dict:
-    """What a run's result depends on: train.py's arguments (folders aside) and the prepared data."""
+    """What a run's result depends on: train.py's arguments (folders and bookkeeping aside) and the prepared data."""
     folders = {str(prepared): "DATA", str(run_dir): "RUN_DIR"}
-    return {"train_args": [folders.get(arg, arg) for arg in train_args],
+    return {"train_args": [folders.get(arg, arg) for arg in without_bookkeeping(train_args)],
             "data": manifest.get("cache_key") or manifest["splits"]}
 
 
@@ -429,6 +584,7 @@ def check_same_settings(run_dir: Path, settings: dict) -> None:
     if not recorded.exists():
         return  # a new run, or one from before settings were recorded
     before = json.loads(recorded.read_text())
+    before["train_args"] = without_bookkeeping(before["train_args"])  # folders written before they were left out
     if before == settings:
         return
     if before["data"] != settings["data"]:
@@ -452,49 +608,67 @@ class PlannedRun:
     train_args: List[str]
     settings: dict
     train_rows: int
+    planned_updates: int
     base_checkpoint: str
+    label: str
+
+    @property
+    def result_file(self) -> Path:
+        return self.run_dir / "result.json"
+
+    @property
+    def finished(self) -> bool:
+        return self.result_file.exists()
 
 
 def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, lr: float, seed: int,
-             passthrough: List[str]) -> PlannedRun:
+             passthrough: List[str], bookkeeping: Sequence[str]) -> PlannedRun:
     """One run's train.py arguments, checked against what its folder was trained with before."""
     train_rows = manifest["splits"]["train"]["rows_written"]
+    world_size = args.nproc * args.nnodes
     train_args = train_command(spec, model, prepared, run_dir, args.mode, args.bitfit_terms, lr, seed, train_rows,
-                               args.nproc * args.nnodes, passthrough, args.epochs, args.max_seq_len)
+                               world_size, passthrough, args.epochs, args.max_seq_len, bookkeeping)
+    batch = FULL_FT_BATCH[spec.name] if args.mode == "full" else BITFIT_BATCH
+    planned = schedule_updates(passthrough, batch, args.epochs or default_epochs(args.mode, train_rows), train_rows,
+                               world_size)
     settings = run_settings(train_args, prepared, run_dir, manifest)
     check_same_settings(run_dir, settings)
-    return PlannedRun(spec, lr, seed, prepared, run_dir, train_args, settings, train_rows, str(model.checkpoint))
+    label = f"{spec.name} {args.mode} lr {lr:g} seed {seed}"
+    return PlannedRun(spec, lr, seed, prepared, run_dir, train_args, settings, train_rows, planned,
+                      str(model.checkpoint), label)
 
 
-def one_run(run: PlannedRun, args) -> dict:
+def one_run(run: PlannedRun, args, job: JobProgress) -> dict:
     spec, run_dir = run.spec, run.run_dir
-    label = f"{spec.name} {args.mode} lr {run.lr:g} seed {run.seed}"
-    done = run_dir / "result.json"
-    if done.exists():
-        print(f"  {label}: done earlier ({done})", flush=True)
-        return json.loads(done.read_text())
+    if run.finished:
+        print(f"  {run.label}: done earlier ({run.result_file})", flush=True)
+        return json.loads(run.result_file.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.node_rank == 0:
         write_text_atomically(run_dir / "settings.json", json.dumps(run.settings, indent=1) + "\n")
     command = launcher(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port) + run.train_args
-    print(f"  {label}: training ({run_dir})", flush=True)
-    wall = train_timed(command, run_dir)
+    print(f"  {run.label}: training ({run_dir}; log: {run_dir / 'train.log'})", flush=True)
+    wall = train_timed(command, run, job)
     row = {"task": spec.name, "mode": mode_label(args.mode, args.bitfit_terms), "lr": run.lr, "seed": run.seed,
            "primary_metric": spec.primary_metric, "wall_time_s": round(wall, 1), "train_rows": run.train_rows,
            "run_dir": str(run_dir)}
     if args.node_rank != 0:
+        job.finished(run, run.planned_updates, wall)
         return row  # the job's first worker, on node 0, keeps the run record and the results
     parsed = run_summary(read_run_record(run_dir / RECORD_NAME), spec)
     best = best_epoch(parsed["epochs"], spec.primary_metric)
     row.update(dev=parsed["epochs"].get(best, {}), best_epoch=best,
                curve={str(e): v for e, v in sorted(parsed["epochs"].items())},
                trainable=parsed["trainable"], total=parsed["total"], updates=parsed["updates"],
-               predictions=predict_test_sets(spec, run.prepared, run_dir, run.base_checkpoint))
-    write_text_atomically(done, json.dumps(row, indent=1) + "\n")
+               predictions=predict_test_sets(spec, run.prepared, run_dir, run.base_checkpoint, run.label,
+                                             job.interval_s))
+    write_text_atomically(run.result_file, json.dumps(row, indent=1) + "\n")
+    job.finished(run, parsed["updates"], wall)
     return row
 
 
-def predict_test_sets(spec, prepared: Path, run_dir: Path, base_checkpoint: str) -> Dict[str, str]:
+def predict_test_sets(spec, prepared: Path, run_dir: Path, base_checkpoint: str, label: str = "",
+                      interval_s: float = DEFAULT_INTERVAL_S) -> Dict[str, str]:
     """GLUE leaderboard files for the task's test splits, from the best checkpoint (or, with
     --bitfit-delta-only, from the best delta merged into the base model for the time it takes)."""
     splits = [s for s in spec.test_splits if (prepared / "input0" / f"{s.name}.idx").exists()]
@@ -507,7 +681,13 @@ def predict_test_sets(spec, prepared: Path, run_dir: Path, base_checkpoint: str)
         written = {}
         for split in splits:
             indices = read_test_indices(prepared, split.name)
-            predictions = predict_prepared_split(checkpoint, prepared, split.name)
+            display = ConsoleProgress(f"{label}: predicting {split.name}", len(indices), unit="examples",
+                                      interval_s=interval_s)
+            try:
+                predictions = predict_prepared_split(checkpoint, prepared, split.name,
+                                                     progress=lambda done, total: display.update(done))
+            finally:
+                display.close()
             path = write_leaderboard_tsv(spec, indices, predictions, run_dir / split.leaderboard_file)
             written[split.name] = str(path)
     return written
@@ -544,6 +724,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--master-addr", default="127.0.0.1")
     parser.add_argument("--master-port", type=int, default=29500)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+    parser.add_argument("--save-minutes", type=float, default=DEFAULT_SAVE_MINUTES,
+                        help="train.py --save-interval-minutes: checkpoint_last.pt at least this often (0: epoch ends only)")
+    parser.add_argument("--progress-interval", type=float, default=DEFAULT_INTERVAL_S,
+                        help="seconds between progress lines when the output is not a terminal")
     return parser
 
 
@@ -560,6 +744,12 @@ def _check_settings(args, passthrough: List[str]) -> None:
                         (args.max_seq_len, "MAX_SEQ_LEN"), (args.train_subset, "TRAIN_SUBSET")):
         if value is not None and value < 1:
             raise UserError(f"{name} {value}: expected a positive integer")
+    for value, name in ((args.save_minutes, "SAVE_MINUTES"), (args.progress_interval, "PROGRESS_SECONDS")):
+        if not value >= 0:
+            raise UserError(f"{name} {value:g}: expected a number of at least 0")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"OUTPUT_DIR {output_dir}: is a file, not a folder")
     for flags in (("--max-update",), ("--max-epoch",), ("--batch-size", "--max-sentences"), ("--update-freq",)):
         _passthrough_ints(passthrough, *flags)
 
@@ -586,26 +776,89 @@ def main(argv=None) -> None:
     lrs = _numbers(args.lrs, float, "LRS")
     _check_settings(args, passthrough)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    stage = JobStage()
+    try:
+        with interrupts.handled(), _removed_if_left_empty(output_dir):
+            run_job(args, specs, seeds, lrs, passthrough, glue_dir, output_dir, stage)
+    except interrupts.Interrupted as stop:
+        resume = os.environ.get(RESUME_COMMAND_VARIABLE) or shlex.join(
+            [sys.executable, "-m", "fairseq_ext.experiments.glue_run", *argv])
+        print(f"\nglue_bitfit: {stop.signal_name}: stopped {stage.describe()}. Finished runs and each run's last "
+              f"checkpoint are kept; to resume, run the same command: {resume}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_status)
+
+
+# run_scripts/glue_bitfit.sh puts the command it was started with here, for the line that says how to resume.
+RESUME_COMMAND_VARIABLE = "GLUE_BITFIT_COMMAND"
+
+
+class JobStage:
+    """What the job is doing, for the line an interruption prints."""
+
+    def __init__(self):
+        self.run: Optional[PlannedRun] = None
+
+    def describe(self) -> str:
+        if self.run is None:
+            return "while preparing the job"
+        return f"during {self.run.label} ({self.run.run_dir})"
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(folder: Path):
+    """Make ``folder``; if this call made it and the job fails before writing into it, remove it again."""
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created:
+            for directory in sorted((d for d in folder.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()  # only empty ones
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def run_job(args, specs, seeds, lrs, passthrough, glue_dir: Path, output_dir: Path, stage: JobStage) -> None:
     model = resolve_model(args.model, output_dir)
     print(f"GLUE {args.mode}: tasks {' '.join(s.name for s in specs)}; model {model.path} ({model.arch})", flush=True)
 
     # Every task's files are read and checked before the first run trains.
     data_dirs = {spec.name: output_dir / "data" / spec.name for spec in specs}
     manifests = {spec.name: prepare_task(spec, glue_dir, model, model.dictionary, data_dirs[spec.name],
-                                                   args.workers, train_subset=args.train_subset)
+                                         args.workers, train_subset=args.train_subset)
                  for spec in specs}
-    runs = [plan_run(spec, model, data_dirs[spec.name], manifests[spec.name],
-                     output_dir / "runs" / spec.name / mode_label(args.mode, args.bitfit_terms) / f"lr{lr:g}-seed{seed}",
-                     args, lr, seed, passthrough)
-            for spec in specs for lr in lrs or default_lrs(args.mode, spec.name) for seed in seeds]
-    rows = [one_run(run, args) for run in runs]
+    runs = []
+    for spec in specs:
+        for lr in lrs or default_lrs(args.mode, spec.name):
+            for seed in seeds:
+                run_name = f"{spec.name}/{mode_label(args.mode, args.bitfit_terms)}/lr{lr:g}-seed{seed}"
+                runs.append(plan_run(spec, model, data_dirs[spec.name], manifests[spec.name],
+                                     output_dir / "runs" / run_name, args, lr, seed, passthrough,
+                                     bookkeeping_args(args, output_dir / "tensorboard" / run_name)))
+    job = JobProgress(runs, args.progress_interval)
+    print("\n".join(job.plan_lines()), flush=True)
+    rows = []
+    for run in runs:
+        stage.run = run
+        rows.append(one_run(run, args, job))
+    stage.run = None
     if args.node_rank != 0:
         return
     all_rows = write_results(output_dir, rows)
     collect_predictions(output_dir, all_rows)
     print(f"\n{(output_dir / 'results.md').read_text().split('## Every run')[0].strip()}\n", flush=True)
     print(f"results: {output_dir / 'results.json'}, {output_dir / 'results.md'}, {output_dir / 'curves.png'}")
+
+
+def bookkeeping_args(args, tensorboard_dir: Path) -> List[str]:
+    """train.py flags for saving and logging: --save-interval-minutes, and tensorboard logs where it is installed."""
+    flags = ["--save-interval-minutes", f"{args.save_minutes:g}"]
+    if importlib.util.find_spec("tensorboardX") is not None or importlib.util.find_spec("tensorboard") is not None:
+        flags += ["--tensorboard-logdir", str(tensorboard_dir)]
+    return flags
 
 
 if __name__ == "__main__":

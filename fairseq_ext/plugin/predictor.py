@@ -39,10 +39,9 @@ import contextlib
 import functools
 import logging
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -144,6 +143,7 @@ class MultiTaskPredictor:
         if not isinstance(delta, Delta):
             delta = read_delta(delta)
         source = f"--delta {name}={delta.path}"
+        check_task_name(name, delta)
         if delta.head_name not in delta.head_names():
             raise UserError(f"{source}: holds no classification head {delta.head_name!r}")
         if self.model is None:
@@ -476,6 +476,15 @@ def parse_delta_options(values: Sequence[str]) -> Dict[str, str]:
     return deltas
 
 
+def check_task_name(name: str, delta: Delta) -> None:
+    """A task named like a GLUE task must be the GLUE task its delta was trained on (``--delta MRPC=``
+    with an RTE delta would answer with RTE's labels)."""
+    named = next((t for t in TASK_NAMES if t.lower() == name.lower()), None)
+    if named is not None and delta.glue_task is not None and named != delta.glue_task:
+        raise UserError(f"--delta {name}={delta.path}: that delta was trained on GLUE {delta.glue_task}, not "
+                        f"{named}; name the task after what it predicts, e.g. --delta {delta.glue_task}=...")
+
+
 def glue_spec_for(name: str, delta: Delta):
     """The GLUE task of a delta (its glue task, or a --task named like a GLUE task), or None."""
     glue_name = delta.glue_task or next((t for t in TASK_NAMES if t.lower() == name.lower()), None)
@@ -493,22 +502,23 @@ def glue_spec_for(name: str, delta: Delta):
 
 
 @torch.no_grad()
-def predict_prepared_split(checkpoint, prepared_dir, split: str, batch_size: int = 64) -> np.ndarray:
+def predict_prepared_split(checkpoint, prepared_dir, split: str, batch_size: int = 64,
+                           progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
     """A full checkpoint's classification logits [N, classes] or regression scores [N] on a split
-    prepared by glue_prepare (the test sets, mostly), in the split's row order."""
+    prepared by glue_prepare (the test sets, mostly), in the split's row order.  ``progress(done,
+    total)`` is called after each batch."""
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
         [str(checkpoint)], arg_overrides={"data": str(Path(prepared_dir))}
     )
     model = models[0].eval()
     task.load_dataset(split)
     dataset = task.dataset(split)
-    # fairseq's loader asks for pinned memory, which a CPU-only machine warns about.
-    warnings.filterwarnings("ignore", message=".*pin_memory.*")
     batches = task.get_batch_iterator(
         dataset, max_sentences=batch_size, max_positions=None, ignore_invalid_inputs=False, seed=1,
         num_workers=0,
     ).next_epoch_itr(shuffle=False)
     outputs = [None] * len(dataset)
+    done = 0
     for sample in batches:
         logits, _ = model(
             **sample["net_input"], features_only=True,
@@ -516,4 +526,7 @@ def predict_prepared_split(checkpoint, prepared_dir, split: str, batch_size: int
         )
         for example_id, row in zip(sample["id"].tolist(), logits.float().cpu().numpy()):
             outputs[example_id] = row
+        done += len(sample["id"])
+        if progress is not None:
+            progress(done, len(dataset))
     return np.stack(outputs).squeeze(-1) if task.cfg.regression_target else np.stack(outputs)

@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from fairseq.data import Dictionary, indexed_dataset
 from ...core.errors import UserError
 from ...core.glue_files import SplitRows, check_glue_dir, missing_file_error, read_tsv, task_file
 from ...core.glue_tasks import GlueTaskSpec, get_task_spec
+from ...core.progress import eta_seconds, format_duration
 from ..models.model_dir import build_bpe, load_model_dir
 
 logger = logging.getLogger(__name__)
@@ -127,6 +129,13 @@ def _init_encoder(bpe, model_dir, dictionary_path):
     if bpe is None:
         bpe = build_bpe(model_dir)
     _encoder = _Encoder(bpe, dictionary_path)
+
+
+def _init_pool_worker(bpe, model_dir, dictionary_path):
+    # A stop signal is the parent's to handle: it ends the pool (no traceback from each worker).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_encoder(bpe, model_dir, dictionary_path)
 
 
 def _encode_chunk(rows):
@@ -289,7 +298,7 @@ def _write_prepared(spec, read: Dict[str, SplitRows], subset_skips: int, tokeniz
     if use_pool:
         # A model directory is rebuilt in each worker; a BPE object is inherited (fork) or pickled.
         bpe = tokenizer.bpe if tokenizer.model_dir is None else None
-        pool = multiprocessing.Pool(workers, _init_encoder, (bpe, tokenizer.model_dir, tokenizer.dictionary_path))
+        pool = multiprocessing.Pool(workers, _init_pool_worker, (bpe, tokenizer.model_dir, tokenizer.dictionary_path))
     else:
         _init_encoder(tokenizer.bpe, None, tokenizer.dictionary_path)
     try:
@@ -336,7 +345,8 @@ def _binarize_texts(spec, rows: SplitRows, input_dirs, vocab_size, pool) -> dict
     chunks = [rows.texts[start:start + ROWS_PER_CHUNK] for start in range(0, len(rows.texts), ROWS_PER_CHUNK)]
     results = pool.imap(_encode_chunk, chunks) if pool is not None else map(_encode_chunk, chunks)
     summary = BinarizeSummary()
-    longest, done, last_report = 0, 0, time.monotonic()
+    longest, done, started = 0, 0, time.monotonic()
+    last_report = started
     for encoded_columns, chunk_summary in results:
         summary.merge(chunk_summary)
         for builder, encoded in zip(builders, encoded_columns):
@@ -346,7 +356,10 @@ def _binarize_texts(spec, rows: SplitRows, input_dirs, vocab_size, pool) -> dict
         longest = max(longest, int(lengths.max()))
         done += len(encoded_columns[0])
         if time.monotonic() - last_report >= PROGRESS_INTERVAL_S or done == len(rows.texts):
-            logger.info(f"{spec.name} {rows.split.name}: {done}/{len(rows.texts)} rows tokenized")
+            rate = done / max(time.monotonic() - started, 1e-9)
+            eta = "" if done == len(rows.texts) else \
+                f", {rate:,.0f} rows/s, ETA {format_duration(eta_seconds(done, len(rows.texts), rate))}"
+            logger.info(f"{spec.name} {rows.split.name}: {done}/{len(rows.texts)} rows tokenized{eta}")
             last_report = time.monotonic()
     for builder, directory in zip(builders, input_dirs):
         builder.finalize(str(directory / f"{rows.split.name}.idx"))
