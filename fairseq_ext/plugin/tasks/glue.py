@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from fairseq.data import SortDataset
 from fairseq.tasks import register_task
 from fairseq.tasks.sentence_prediction import (
     SHORTEN_METHOD_CHOICES,
@@ -50,6 +51,14 @@ class GlueConfig(SentencePredictionConfig):
         default="truncate",
         metadata={"help": "how sequences longer than --max-positions are shortened (default: truncate)"},
     )
+    group_by_length: int = field(
+        default=0,
+        metadata={
+            "help": "length-grouped training batches: shuffle, cut the order into chunks of N examples and "
+            "sort each chunk by length, so a batch pads little (e.g. 50 x --batch-size); fairseq still "
+            "shuffles the batches every epoch. 0: fairseq's random batches"
+        },
+    )
 
 
 def _editable(cfg):
@@ -68,6 +77,8 @@ class GlueTask(SentencePredictionTask):
     def setup_task(cls, cfg, **kwargs):
         if cfg.max_seq_len is not None and cfg.max_seq_len < 3:
             raise UserError(f"--max-seq-len {cfg.max_seq_len}: must be at least 3 (<s>, a token, </s>)")
+        if cfg.group_by_length < 0:
+            raise UserError(f"--group-by-length {cfg.group_by_length}: must be 0 (off) or a chunk size")
         spec = cls._resolve_spec(cfg)
         if cfg.num_classes not in (-1, spec.num_classes):
             raise UserError(f"--num-classes {cfg.num_classes} contradicts --glue-task {spec.name} ({spec.num_classes})")
@@ -107,6 +118,20 @@ class GlueTask(SentencePredictionTask):
                 f"{data_dir}/label/dict.txt lists the classes {', '.join(found)}; {spec.name} needs "
                 f"{', '.join(spec.labels)} in that order: prepare it with `{PREPARE_COMMAND}`"
             )
+
+    def load_dataset(self, split, combine=False, **kwargs):
+        dataset = super().load_dataset(split, combine=combine, **kwargs)
+        if self.cfg.group_by_length > 0 and isinstance(dataset, SortDataset):
+            # sentence_prediction orders examples by one seeded random key (np.lexsort: the last key
+            # is the primary one). Training keeps that order across chunks of N examples and sorts
+            # each chunk by length; evaluation, where order does not matter, is sorted by length.
+            (random_key,) = dataset.sort_order
+            lengths = dataset.dataset.sizes[0]  # tokens per example (sentence_prediction's sizes)
+            keys = [random_key, lengths]
+            if split == "train":
+                keys.append(random_key // self.cfg.group_by_length)
+            dataset = self.datasets[split] = SortDataset(dataset.dataset, sort_order=keys)
+        return dataset
 
     def max_positions(self):
         # Where examples are truncated and batches filtered; the model keeps --max-positions.
