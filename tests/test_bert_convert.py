@@ -306,6 +306,7 @@ def _bad_cases():
 
     return {
         "missing folder": (lambda src: shutil.rmtree(src), "no such folder"),
+        "a file": (lambda src: (shutil.rmtree(src), src.write_text("{}")), "a file, not a folder"),
         "missing config.json": (delete("config.json"), "missing config.json"),
         "missing weights": (delete("model.safetensors"), "missing model.safetensors or pytorch_model.bin"),
         "missing vocab.txt": (delete("vocab.txt"), "missing vocab.txt"),

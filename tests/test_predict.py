@@ -345,6 +345,10 @@ def test_minilm_rejects_wrong_columns_and_foreign_deltas(minilm_cola, tiny_runs,
     with pytest.raises(UserError, match=r"does not fit the delta's model \(arch bert_minilm_l6_h384\)"):
         MultiTaskPredictor(tiny_pretrained, dictionary=tiny_data / "input0" / "dict.txt").add_task(
             "cola", root / "run" / BEST_DELTA)
+    # A GLUE task name that contradicts the GLUE task the delta was trained on.
+    assert_one_line_error(run_cli(capsys, "--base", model.path, "--delta", f"MRPC={root / 'run' / BEST_DELTA}",
+                                  "--task", "MRPC", "--input", lines, "--output", out),
+                          "trained on GLUE CoLA, not MRPC")
     assert not out.exists()
 
 
