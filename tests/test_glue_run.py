@@ -49,7 +49,7 @@ def test_results_have_the_official_metrics_for_every_mode(glue_output):
     bitfit, full = by_key["CoLA", "bitfit-ofa"], by_key["CoLA", "full"]
     assert bitfit["trainable"] < 0.01 * bitfit["total"] and full["trainable"] == full["total"]
     assert bitfit["updates"] == full["updates"] == 4
-    assert "CoLA bitfit lr 0.001 seed 1: training" in first.stdout
+    assert "CoLA bitfit-ofa lr 0.001 seed 1: training" in first.stdout
     # Live progress comes from each run's record: its parameter counts and dev metrics.
     assert "trainable params: 164,738 || all params: 22,862,594" in first.stdout
     assert "epoch 1 valid: loss " in first.stdout and " mcc " in first.stdout
@@ -127,7 +127,7 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes_mid_epoch(tmp_p
     assert "Traceback" not in stdout + stderr
     assert " updates (" in stdout and "ETA" in stdout and "log: " in stdout  # live progress, and where the log is
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("glue_bitfit: SIGINT: stopped during CoLA bitfit lr 0.001 seed 1"), stderr
+    assert last.startswith("glue_bitfit: SIGINT: stopped during CoLA bitfit-ofa lr 0.001 seed 1"), stderr
     resume = last.split("run the same command: ", 1)[1]
     assert "TASKS=CoLA" in resume and "bash" in resume and "--max-update 40" in resume
     run_dir = record.parent
@@ -199,7 +199,7 @@ def test_bad_settings_are_one_line_before_anything_is_written(tmp_path, env, arg
 
 
 def test_schedule_follows_the_batch_size_update_freq_epochs_and_workers_train_py_will_use():
-    from fairseq_ext.experiments.glue_run import schedule_updates
+    from fairseq_ext.training.glue_recipe import schedule_updates
 
     rows = 8551  # CoLA's training rows
     assert schedule_updates([], 32, 2, rows, 1) == 2 * 268

@@ -14,6 +14,7 @@ ones', other modes included) are written to results.json, results.md and curves.
 """
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -23,6 +24,7 @@ import os
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,140 +32,31 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..core import interrupts
-from ..core.bitfit import format_trainable
+from ..core.bitfit import SelectionError, format_trainable, parse_terms
 from ..core.errors import UserError, exit_on_user_error, user_error_in
 from ..core.files import write_atomically, write_text_atomically
 from ..core.glue_files import check_glue_dir, write_leaderboard_tsv
 from ..core.glue_tasks import GLUE_SOURCE_HINT, TASK_NAMES, TASKS, get_task_spec
 from ..core.progress import DEFAULT_INTERVAL_S, ConsoleProgress, format_duration
 from ..core.run_record import RECORD_NAME, epoch_stats, read_run_record
+from ..plugin.checkpoints import checkpoint_parameter_count
 from ..plugin.data.glue_prepare import prepare_task, read_test_indices
 from ..plugin.deltas import apply_delta
 from ..plugin.models import hf_import
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir
 from ..plugin.predictor import predict_prepared_split
+from ..training.glue_recipe import (Recipe, check_passthrough, default_recipe, schedule_updates, train_command,
+                                    without_bookkeeping)
 from ..training.options import TRAIN_COMMAND, TRAIN_MODULE, TRAIN_PROG, mode_flags, mode_label
 
 logger = logging.getLogger("fairseq_ext.experiments.glue_run")  # also when run as __main__
 
 
-MODES = ("bitfit", "full", "head")
-
-# fairseq's RoBERTa GLUE recipe (examples/roberta/README.glue.md): lr and batch size per task.
-FULL_FT_LR = {"MNLI": 1e-5, "QNLI": 1e-5, "QQP": 1e-5, "RTE": 2e-5, "SST-2": 1e-5,
-              "MRPC": 1e-5, "CoLA": 1e-5, "STS-B": 2e-5, "WNLI": 1e-5}
-FULL_FT_BATCH = {"MNLI": 32, "QNLI": 32, "QQP": 32, "RTE": 16, "SST-2": 32,
-                 "MRPC": 16, "CoLA": 16, "STS-B": 16, "WNLI": 16}
-BITFIT_LR = 1e-3  # the official BitFit code's default
-BITFIT_BATCH = 32
-SMALL_TASK_ROWS = 10_000  # BitFit trains these longer: its updates are small
 DEFAULT_SAVE_MINUTES = 5.0
-
-
-# -- settings -------------------------------------------------------------------
-
-
-def default_epochs(mode: str, train_rows: int) -> int:
-    if mode == "full":
-        return 10  # fairseq's RoBERTa GLUE recipe
-    return 20 if train_rows < SMALL_TASK_ROWS else 10
-
-
-def default_lrs(mode: str, task: str) -> List[float]:
-    return [FULL_FT_LR[task]] if mode == "full" else [BITFIT_LR]
-
-
-def _passthrough_value(passthrough: List[str], *flags: str) -> Optional[str]:
-    """The value train.py will see for one of ``flags`` among the extra arguments (the last given)."""
-    found = None
-    for i, arg in enumerate(passthrough):
-        for flag in flags:
-            if arg == flag and i + 1 < len(passthrough):
-                found = passthrough[i + 1]
-            elif arg.startswith(flag + "="):
-                found = arg.split("=", 1)[1]
-    return found
-
-
-def _passthrough_ints(passthrough: List[str], *flags: str) -> Optional[List[int]]:
-    """A positive integer (or fairseq's comma list of them, as --update-freq takes) given after the script."""
-    value = _passthrough_value(passthrough, *flags)
-    if value is None:
-        return None
-    try:
-        numbers = [int(v) for v in value.split(",")]
-    except ValueError:
-        numbers = []
-    if not numbers or min(numbers) < 1:
-        raise UserError(f"{flags[0]} {value!r} (after the script): expected a positive integer")
-    return numbers
-
-
-def schedule_updates(passthrough: List[str], batch: int, epochs: int, train_rows: int, world_size: int) -> int:
-    """The updates the polynomial schedule decays over: --max-update if given, else what
-    --max-epoch epochs take at the batch size, update frequency and world size train.py will use."""
-    max_update = _passthrough_ints(passthrough, "--max-update")
-    if max_update:
-        return max_update[0]
-    batch = (_passthrough_ints(passthrough, "--batch-size", "--max-sentences") or [batch])[0]
-    epochs = (_passthrough_ints(passthrough, "--max-epoch") or [epochs])[0]
-    update_freq = _passthrough_ints(passthrough, "--update-freq") or [1]
-    batches_per_epoch = max(1, math.ceil(train_rows / (batch * world_size)))
-    return sum(math.ceil(batches_per_epoch / update_freq[min(epoch, len(update_freq) - 1)])
-               for epoch in range(epochs))
-
-
-def train_command(spec, model, data_dir: Path, save_dir: Path, mode: str, bitfit_terms: str,
-                  lr: float, seed: int, train_rows: int, world_size: int, passthrough: List[str],
-                  epochs: Optional[int], max_seq_len: int, bookkeeping: Sequence[str] = ()) -> List[str]:
-    """The train.py arguments of one run: the RoBERTa GLUE recipe with this project's defaults,
-    then ``bookkeeping`` (flags that do not change what is trained), then the mode's and the user's."""
-    batch = FULL_FT_BATCH[spec.name] if mode == "full" else BITFIT_BATCH
-    epochs = epochs or default_epochs(mode, train_rows)
-    total_updates = schedule_updates(passthrough, batch, epochs, train_rows, world_size)
-    args = [
-        str(data_dir), "--task", "glue", "--glue-task", spec.name, "--criterion", "glue_prediction",
-        *model.arch_args(), "--restore-file", model.checkpoint,
-        "--reset-optimizer", "--reset-dataloader", "--reset-meters",
-        "--max-seq-len", str(max_seq_len), "--batch-size", str(batch), "--max-epoch", str(epochs),
-        "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--adam-eps", "1e-06",
-        "--weight-decay", "0.1" if mode == "full" else "0.0", "--clip-norm", "0.0",
-        "--lr", str(lr), "--lr-scheduler", "polynomial_decay", "--total-num-update", str(total_updates),
-        "--warmup-updates", str(int(round(0.06 * total_updates))),
-        "--seed", str(seed), "--save-dir", str(save_dir), "--no-epoch-checkpoints",
-        "--best-checkpoint-metric", spec.primary_metric, "--maximize-best-checkpoint-metric",
-        "--valid-subset", ",".join(spec.valid_subsets),
-        "--log-format", "json", "--log-interval", "50", "--no-progress-bar", "--num-workers", "0",
-    ]
-    if mode == "full" and world_size > 1:
-        args.append("--find-unused-parameters")  # RoBERTa's LM head gets no gradient in classification
-    if model.pair_separator:
-        args += ["--separator-token", "2"]  # RoBERTa pairs: <s> a </s> </s> b </s>
-    return args + list(bookkeeping) + mode_flags(mode_label(mode, bitfit_terms)) + passthrough
-
-
-# train.py flags that change how a run is logged and saved, not what it trains: left out when
-# a run folder's settings are compared (value-taking flags first, then switches).
-BOOKKEEPING_FLAGS = ("--save-interval-minutes", "--tensorboard-logdir", "--log-format", "--log-interval")
-BOOKKEEPING_SWITCHES = ("--no-progress-bar",)
-
-
-def without_bookkeeping(train_args: List[str]) -> List[str]:
-    kept, skip = [], False
-    for arg in train_args:
-        if skip:
-            skip = False
-        elif arg in BOOKKEEPING_SWITCHES:
-            continue
-        elif arg in BOOKKEEPING_FLAGS:
-            skip = True
-        elif not arg.startswith(tuple(f"{flag}=" for flag in BOOKKEEPING_FLAGS)):
-            kept.append(arg)
-    return kept
 
 
 def launcher(nproc: int, nnodes: int, node_rank: int, master_addr: str, master_port: int) -> List[str]:
@@ -231,37 +124,74 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+def _spread(values) -> Tuple[Optional[float], Optional[float]]:
+    """(mean, sample standard deviation) of the values present; the deviation needs two."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
 def _fmt(value, digits=1):
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_spread(mean, std, digits=1):
+    return _fmt(mean, digits) if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+MODE_ORDER = ("full", "bitfit-ofa", "bitfit-all", "bitfit-q,m2")
+
+
+def _mode_order(mode: str):
+    return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode == "head", mode)
+
+
+HOW_CHOSEN = ("For each task and mode, every learning rate in the mode's defaults (or LRS) is trained with every "
+              "seed; the learning rate with the best mean dev score (the task's primary metric) over the seeds is "
+              "reported. A run's score is its best epoch's, the epoch whose checkpoint_best.pt it keeps. Cells are "
+              "the mean ± sample standard deviation over seeds; nothing is tuned per seed.")
 
 
 def results_markdown(rows: List[dict], specs: dict) -> str:
     best = best_rows(rows)
     tasks = [t for t in specs if any(k[0] == t for k in best)]
-    modes = sorted({k[1] for k in best}, key=lambda m: (m != "full", m))
+    modes = sorted({k[1] for k in best}, key=_mode_order)
     header_metrics = {t: specs[t].metrics + (("accuracy_mm",) if t == "MNLI" else ()) for t in tasks}
+    seeds = sorted({r["seed"] for r in rows})
     lines = [
         "# GLUE dev results",
         "",
-        "Best learning rate per task and mode (by the task's primary dev metric, mean over seeds); "
-        "each cell is the mean over seeds at each run's best epoch. Metrics in %. "
-        "`mean` averages each task's GLUE score (the mean of its official metrics).",
+        f"{HOW_CHOSEN} Metrics in %; seeds: {', '.join(map(str, seeds))}. `mean` averages each task's GLUE "
+        "score (the mean of its official metrics), per seed, over the tasks.",
         "",
         "| mode | trainable % | " + " | ".join(f"{t} ({'/'.join(header_metrics[t])})" for t in tasks) + " | mean |",
         "|---|---|" + "---|" * len(tasks) + "---|",
     ]
     for mode in modes:
-        cells, scores, fractions = [], [], []
+        cells, fractions, scores_by_seed = [], [], {}
         for task in tasks:
             runs = best.get((task, mode))
             if not runs:
                 cells.append("–")
                 continue
-            values = [_mean([r["dev"].get(m) for r in runs]) for m in header_metrics[task]]
-            cells.append("/".join(_fmt(v) for v in values))
-            scores.append(_mean([r["dev"].get("glue_score") for r in runs]))
+            cells.append("/".join(_fmt_spread(*_spread([r["dev"].get(m) for r in runs])) for m in header_metrics[task]))
+            for r in runs:
+                scores_by_seed.setdefault(r["seed"], {})[task] = r["dev"].get("glue_score")
             fractions += [100.0 * r["trainable"] / r["total"] for r in runs if r.get("trainable") and r.get("total")]
-        lines.append(f"| {mode} | {_fmt(_mean(fractions), 3)} | " + " | ".join(cells) + f" | {_fmt(_mean(scores))} |")
+        complete = [_mean(by_task.values()) for by_task in scores_by_seed.values() if len(by_task) == len(tasks)]
+        mean = _fmt_spread(*_spread(complete)) if complete and len(cells) == len(tasks) and "–" not in cells else "–"
+        lines.append(f"| {mode} | {_fmt(_mean(fractions), 3)} | " + " | ".join(cells) + f" | {mean} |")
+    recipes = {}
+    for (task, mode), runs in sorted(best.items(), key=lambda item: (_mode_order(item[0][1]), item[0][0])):
+        rule = (runs[0].get("recipe") or {}).get("rule")
+        if rule:
+            recipes.setdefault(mode, {}).setdefault(rule, []).append(task)
+    if recipes:
+        lines += ["", "## Defaults", ""]
+        for mode, rules in recipes.items():
+            for rule, rule_tasks in rules.items():
+                lines.append(f"- {mode} ({', '.join(rule_tasks)}): {rule}")
     lines += [
         "",
         "## Every run",
@@ -269,7 +199,7 @@ def results_markdown(rows: List[dict], specs: dict) -> str:
         "| task | mode | lr | seed | dev metrics | best epoch | updates | trainable / total | wall (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in sorted(rows, key=lambda r: (r["task"], r["mode"], r["lr"], r["seed"])):
+    for row in sorted(rows, key=lambda r: (r["task"], _mode_order(r["mode"]), r["lr"], r["seed"])):
         dev = ", ".join(f"{k} {_fmt(v)}" for k, v in row["dev"].items())
         params = (f"{row['trainable']:,} / {row['total']:,}" if row.get("trainable") else "–")
         lines.append(f"| {row['task']} | {row['mode']} | {row['lr']:g} | {row['seed']} | {dev} | "
@@ -278,7 +208,8 @@ def results_markdown(rows: List[dict], specs: dict) -> str:
 
 
 def plot_curves(rows: List[dict], specs: dict, path: Path) -> None:
-    """Dev metric per epoch, one panel per task, one line per mode (its best lr, first seed)."""
+    """Dev metric per epoch, one panel per task, one line per mode (its best lr): the mean over
+    seeds, with a band of one standard deviation where there are several."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,18 +223,24 @@ def plot_curves(rows: List[dict], specs: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         primary = specs[task].primary_metric
-        for (t, mode), runs in sorted(best.items()):
+        for (t, mode), runs in sorted(best.items(), key=lambda item: _mode_order(item[0][1])):
             if t != task:
                 continue
-            run = min(runs, key=lambda r: r["seed"])
-            epochs = sorted(int(e) for e in run["curve"])
-            ax.plot(epochs, [run["curve"][str(e)].get(primary) for e in epochs], marker="o", label=f"{mode} (lr {run['lr']:g})")
+            epochs = sorted({int(e) for run in runs for e in run["curve"]})
+            spreads = [_spread([run["curve"].get(str(e), {}).get(primary) for run in runs]) for e in epochs]
+            means = [m for m, _ in spreads]
+            line, = ax.plot(epochs, means, marker="o", markersize=3,
+                            label=f"{mode} (lr {runs[0]['lr']:g}, {len(runs)} seed{'s' if len(runs) > 1 else ''})")
+            if len(runs) > 1:
+                low = [m - (sd or 0.0) for m, sd in spreads]
+                high = [m + (sd or 0.0) for m, sd in spreads]
+                ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(task)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"dev {primary} (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
@@ -315,7 +252,7 @@ def write_results(output_dir: Path, new_rows: List[dict]) -> List[dict]:
     rows.update({run_key(r): r for r in new_rows})
     rows = sorted(rows.values(), key=run_key)
     specs = {name: TASKS[name] for name in TASK_NAMES}
-    write_text_atomically(path, json.dumps({"runs": rows}, indent=1) + "\n")
+    write_text_atomically(path, json.dumps({"how_chosen": HOW_CHOSEN, "runs": rows}, indent=1) + "\n")
     write_text_atomically(output_dir / "results.md", results_markdown(rows, specs))
     plot_curves(rows, specs, output_dir / "curves.png")
     return rows
@@ -601,6 +538,7 @@ def check_same_settings(run_dir: Path, settings: dict) -> None:
 @dataclass
 class PlannedRun:
     spec: object
+    mode: str  # full, head or bitfit-<terms>
     lr: float
     seed: int
     prepared: Path
@@ -610,7 +548,11 @@ class PlannedRun:
     train_rows: int
     planned_updates: int
     base_checkpoint: str
-    label: str
+    recipe: Recipe
+
+    @property
+    def label(self) -> str:
+        return f"{self.spec.name} {self.mode} lr {self.lr:g} seed {self.seed}"
 
     @property
     def result_file(self) -> Path:
@@ -621,21 +563,18 @@ class PlannedRun:
         return self.result_file.exists()
 
 
-def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, lr: float, seed: int,
-             passthrough: List[str], bookkeeping: Sequence[str]) -> PlannedRun:
+def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, mode: str, recipe: Recipe, lr: float,
+             seed: int, passthrough: List[str], bookkeeping: Sequence[str]) -> PlannedRun:
     """One run's train.py arguments, checked against what its folder was trained with before."""
     train_rows = manifest["splits"]["train"]["rows_written"]
     world_size = args.nproc * args.nnodes
-    train_args = train_command(spec, model, prepared, run_dir, args.mode, args.bitfit_terms, lr, seed, train_rows,
-                               world_size, passthrough, args.epochs, args.max_seq_len, bookkeeping)
-    batch = FULL_FT_BATCH[spec.name] if args.mode == "full" else BITFIT_BATCH
-    planned = schedule_updates(passthrough, batch, args.epochs or default_epochs(args.mode, train_rows), train_rows,
-                               world_size)
+    train_args = train_command(spec, model, prepared, run_dir, mode, recipe, lr, seed, train_rows, world_size,
+                               passthrough, args.max_seq_len, bookkeeping)
+    planned = schedule_updates(passthrough, recipe.batch, recipe.epochs, train_rows, world_size)
     settings = run_settings(train_args, prepared, run_dir, manifest)
     check_same_settings(run_dir, settings)
-    label = f"{spec.name} {args.mode} lr {lr:g} seed {seed}"
-    return PlannedRun(spec, lr, seed, prepared, run_dir, train_args, settings, train_rows, planned,
-                      str(model.checkpoint), label)
+    return PlannedRun(spec, mode, lr, seed, prepared, run_dir, train_args, settings, train_rows, planned,
+                      str(model.checkpoint), recipe)
 
 
 def one_run(run: PlannedRun, args, job: JobProgress) -> dict:
@@ -649,9 +588,9 @@ def one_run(run: PlannedRun, args, job: JobProgress) -> dict:
     command = launcher(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port) + run.train_args
     print(f"  {run.label}: training ({run_dir}; log: {run_dir / 'train.log'})", flush=True)
     wall = train_timed(command, run, job)
-    row = {"task": spec.name, "mode": mode_label(args.mode, args.bitfit_terms), "lr": run.lr, "seed": run.seed,
+    row = {"task": spec.name, "mode": run.mode, "lr": run.lr, "seed": run.seed,
            "primary_metric": spec.primary_metric, "wall_time_s": round(wall, 1), "train_rows": run.train_rows,
-           "run_dir": str(run_dir)}
+           "run_dir": str(run_dir), "recipe": run.recipe.describe()}
     if args.node_rank != 0:
         job.finished(run, run.planned_updates, wall)
         return row  # the job's first worker, on node 0, keeps the run record and the results
@@ -709,13 +648,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="glue_bitfit", description="Fine-tune on GLUE with BitFit, full fine-tuning or head-only.")
     parser.add_argument("--glue-dir", default="glue_data", help="GLUE's glue_data folder (default: ./glue_data)")
     parser.add_argument("--tasks", default="", help="space-separated tasks (default: every task present)")
-    parser.add_argument("--mode", default="bitfit", choices=MODES)
-    parser.add_argument("--bitfit-terms", default="ofa", help="--bitfit-terms of train.py (MODE=bitfit)")
+    parser.add_argument("--mode", default="bitfit",
+                        help="space-separated run modes: full, head, bitfit (with --bitfit-terms) or "
+                             "bitfit-<terms>, e.g. 'full bitfit-all head'")
+    parser.add_argument("--bitfit-terms", default="ofa", help="--bitfit-terms of train.py for the mode 'bitfit'")
     parser.add_argument("--model", default="", help="model folder (default: the embedded all-MiniLM-L6-v2)")
     parser.add_argument("--output-dir", default="outputs/glue")
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--lrs", default="", help="space-separated learning rates: each is trained, the best on dev reported")
-    parser.add_argument("--epochs", type=int, default=None, help="max epochs (default: by mode and task size)")
+    parser.add_argument("--epochs", type=int, default=None, help="max epochs (default: by mode, model and task size)")
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--train-subset", type=int, default=None, help="train on a seeded random sample of N training rows")
     parser.add_argument("--nproc", type=int, default=1, help="processes per node (torchrun when > 1)")
@@ -750,8 +691,7 @@ def _check_settings(args, passthrough: List[str]) -> None:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"OUTPUT_DIR {output_dir}: is a file, not a folder")
-    for flags in (("--max-update",), ("--max-epoch",), ("--batch-size", "--max-sentences"), ("--update-freq",)):
-        _passthrough_ints(passthrough, *flags)
+    check_passthrough(passthrough)
 
 
 @exit_on_user_error
@@ -772,6 +712,7 @@ def main(argv=None) -> None:
         raise UserError(f"GLUE_DIR {glue_dir}: no task folder with a train.tsv; expected "
                         f"{glue_dir}/<TASK>/{{train,dev,test}}.tsv. {GLUE_SOURCE_HINT}")
     specs = [get_task_spec(task) for task in tasks]
+    modes = run_modes(args.mode, args.bitfit_terms)
     seeds = _numbers(args.seeds, int, "SEEDS")
     lrs = _numbers(args.lrs, float, "LRS")
     _check_settings(args, passthrough)
@@ -779,7 +720,7 @@ def main(argv=None) -> None:
     stage = JobStage()
     try:
         with interrupts.handled(), _removed_if_left_empty(output_dir):
-            run_job(args, specs, seeds, lrs, passthrough, glue_dir, output_dir, stage)
+            run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir, output_dir, stage)
     except interrupts.Interrupted as stop:
         resume = os.environ.get(RESUME_COMMAND_VARIABLE) or shlex.join(
             [sys.executable, "-m", "fairseq_ext.experiments.glue_run", *argv])
@@ -821,9 +762,26 @@ def _removed_if_left_empty(folder: Path):
         raise
 
 
-def run_job(args, specs, seeds, lrs, passthrough, glue_dir: Path, output_dir: Path, stage: JobStage) -> None:
+def run_modes(text: str, bitfit_terms: str) -> List[str]:
+    """MODE's run modes as labels (full, head, bitfit-<terms>), each checked."""
+    modes = [mode_label(mode, bitfit_terms) if mode == "bitfit" else mode for mode in text.split()]
+    if not modes:
+        raise UserError("MODE is empty; modes: full, head, bitfit or bitfit-<terms>")
+    for mode in modes:
+        try:
+            mode_flags(mode)
+            if mode.startswith("bitfit-"):
+                parse_terms(mode[len("bitfit-"):])
+        except (UserError, SelectionError) as error:
+            raise UserError(f"MODE {mode}: {error}") from None
+    return list(dict.fromkeys(modes))
+
+
+def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_dir: Path, stage: JobStage) -> None:
     model = resolve_model(args.model, output_dir)
-    print(f"GLUE {args.mode}: tasks {' '.join(s.name for s in specs)}; model {model.path} ({model.arch})", flush=True)
+    model_params = checkpoint_parameter_count(model.checkpoint)
+    print(f"GLUE {' '.join(modes)}: tasks {' '.join(s.name for s in specs)}; model {model.path} ({model.arch}, "
+          f"{model_params / 1e6:.1f}M parameters)", flush=True)
 
     # Every task's files are read and checked before the first run trains.
     data_dirs = {spec.name: output_dir / "data" / spec.name for spec in specs}
@@ -832,12 +790,19 @@ def run_job(args, specs, seeds, lrs, passthrough, glue_dir: Path, output_dir: Pa
                  for spec in specs}
     runs = []
     for spec in specs:
-        for lr in lrs or default_lrs(args.mode, spec.name):
-            for seed in seeds:
-                run_name = f"{spec.name}/{mode_label(args.mode, args.bitfit_terms)}/lr{lr:g}-seed{seed}"
-                runs.append(plan_run(spec, model, data_dirs[spec.name], manifests[spec.name],
-                                     output_dir / "runs" / run_name, args, lr, seed, passthrough,
-                                     bookkeeping_args(args, output_dir / "tensorboard" / run_name)))
+        train_rows = manifests[spec.name]["splits"]["train"]["rows_written"]
+        for mode in modes:
+            recipe = default_recipe(mode, spec.name, train_rows, model_params)
+            if args.epochs:
+                recipe = dataclasses.replace(recipe, epochs=args.epochs, rule=f"{recipe.rule}; EPOCHS={args.epochs}")
+            if lrs:
+                recipe = dataclasses.replace(recipe, lrs=tuple(lrs), rule=f"{recipe.rule}; LRS={' '.join(map(str, lrs))}")
+            for lr in recipe.lrs:
+                for seed in seeds:
+                    run_name = f"{spec.name}/{mode}/lr{lr:g}-seed{seed}"
+                    runs.append(plan_run(spec, model, data_dirs[spec.name], manifests[spec.name],
+                                         output_dir / "runs" / run_name, args, mode, recipe, lr, seed, passthrough,
+                                         bookkeeping_args(args, output_dir / "tensorboard" / run_name)))
     job = JobProgress(runs, args.progress_interval)
     print("\n".join(job.plan_lines()), flush=True)
     rows = []

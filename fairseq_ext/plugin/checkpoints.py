@@ -70,15 +70,33 @@ def load_checkpoint_file(path, trust_checkpoint: bool = False, flag: str = "--ba
     return state
 
 
-def read_checkpoint_model_config(path) -> Dict[str, object]:
-    """The model config stored in a fairseq checkpoint, as a dict, without reading its tensors."""
+def _mapped_checkpoint(path):
+    """A checkpoint's contents with its tensors memory-mapped (not read until used)."""
     try:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # files from torch < 1.6 cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as error:
         raise UserError(f"{path}: cannot read the checkpoint: {one_line(error)}") from None
+
+
+def checkpoint_parameter_count(path) -> int:
+    """Elements of a checkpoint's model tensors, a tied (shared) tensor once, without reading them."""
+    state = _mapped_checkpoint(path)
+    model = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(model, dict):
+        raise UserError(f"{path}: not a fairseq checkpoint (no 'model' state dict)")
+    storages = {}
+    for tensor in model.values():
+        if torch.is_tensor(tensor) and tensor.is_floating_point():
+            storages[(tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())] = tensor.numel()
+    return sum(storages.values())
+
+
+def read_checkpoint_model_config(path) -> Dict[str, object]:
+    """The model config stored in a fairseq checkpoint, as a dict, without reading its tensors."""
+    state = _mapped_checkpoint(path)
     cfg = state.get("cfg") if isinstance(state, dict) else None
     model_cfg = cfg.get("model") if isinstance(cfg, dict) else None
     if model_cfg is None and isinstance(state, dict):
