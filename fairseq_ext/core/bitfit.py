@@ -16,6 +16,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import torch
 
+from . import controls
+
 # The paper's bias symbols (Table 1 / Fig. 1) and the fairseq modules that hold
 # them.  Layer terms only match inside ``layers.N.`` so that a head or an LM head
 # that happens to own an ``fc1`` is never taken for a transformer layer.
@@ -55,11 +57,13 @@ NAMED_SELECTIONS: Dict[str, Callable[[str], bool]] = {
 }
 
 VALID_TERMS = tuple(NAMED_SELECTIONS) + tuple(PAPER_TERMS)
+# The paper's random-subset controls (core.controls): weight entries instead of bias terms; used alone.
+CONTROL_TERMS = controls.CONTROLS
 # fairseq's sentence-prediction heads (RobertaModel.classification_heads): new per task, so trained by default.
 CLASSIFICATION_HEADS = "classification_heads."
 DEFAULT_HEAD_PREFIXES = (CLASSIFICATION_HEADS,)
 # The report's group order: the paper's symbols, then anything else a regex selects, then the heads.
-ROLE_ORDER = tuple(PAPER_TERMS) + ("other", "head")
+ROLE_ORDER = tuple(PAPER_TERMS) + ("other", "masked", "head")
 
 
 class SelectionError(ValueError):
@@ -74,6 +78,8 @@ def parse_terms(spec: str) -> Callable[[str], bool]:
     whole rest of the spec is the regex, commas included).
     """
     spec = (spec or "").strip()
+    if spec in CONTROL_TERMS:
+        return lambda name: False  # no bias term: apply() draws the control's weight entries
     if spec.startswith("re:"):
         try:
             pattern = re.compile(spec[3:])
@@ -86,11 +92,13 @@ def parse_terms(spec: str) -> Callable[[str], bool]:
     if not all(terms):
         raise SelectionError(f"empty term in {spec!r}; valid names: {', '.join(VALID_TERMS)}, joined by "
                              "single commas, or re:REGEX")
+    if any(term in CONTROL_TERMS for term in terms):
+        raise SelectionError(f"{', '.join(CONTROL_TERMS)} are controls of their own: give one alone, not in {spec!r}")
     unknown = [term for term in terms if term not in VALID_TERMS]
     if unknown:
         raise SelectionError(
             f"unknown term {', '.join(map(repr, unknown))}; valid names: "
-            f"{', '.join(VALID_TERMS)}, comma-separated, or re:REGEX"
+            f"{', '.join(VALID_TERMS)}, comma-separated, re:REGEX, or a control ({', '.join(CONTROL_TERMS)})"
         )
     predicates = [
         NAMED_SELECTIONS[term] if term in NAMED_SELECTIONS else _PAPER_PATTERNS[term].search
@@ -121,6 +129,9 @@ class Selection:
     train_heads: bool
     groups: Dict[str, str] = field(default_factory=dict)  # name -> role, in model order
     unused: List[str] = field(default_factory=list)  # selected, but no gradient: left frozen
+    # Controls only: weight name -> bool mask of the entries that train, and the seed that drew them.
+    masks: Dict[str, torch.Tensor] = field(default_factory=dict)
+    seed: Optional[int] = None
 
     @property
     def names(self) -> List[str]:
@@ -191,19 +202,45 @@ def apply(
     train_heads: bool = True,
     head_prefixes: Sequence[str] = DEFAULT_HEAD_PREFIXES,
     forward_backward: Optional[Callable[[], None]] = None,
+    seed: int = 1,
 ) -> Selection:
-    """Select, drop the selected parameters that get no gradient, and freeze the rest."""
+    """Select, drop the selected parameters that get no gradient, and freeze the rest.
+
+    A control (``rand_uniform``, ``rand_row_col``) trains, besides the heads, as many weight
+    entries as the ``all`` selection trains bias parameters, drawn with ``seed``: its masks
+    are in ``selection.masks``; keep the rest of those matrices fixed with
+    ``controls.MaskGuard`` while training.
+    """
     selection = select(model, terms, train_heads, head_prefixes)
     if forward_backward is not None and selection.groups:
         selection.unused = find_unused(model, selection.names, forward_backward)
         for name in selection.unused:
             del selection.groups[name]
+    if terms.strip() in CONTROL_TERMS:
+        _draw_control(model, selection, terms.strip(), head_prefixes, forward_backward, seed)
     if not selection.groups:
         raise SelectionError(
             f"selection {terms!r}{'' if train_heads else ' with frozen heads'} trains no parameter"
         )
     freeze(model, selection.names)
     return selection
+
+
+def _draw_control(model, selection: Selection, kind: str, head_prefixes, forward_backward, seed: int) -> None:
+    """Add a control's masked matrices to ``selection``: as many entries as ``all`` trains bias parameters."""
+    biases = [name for name, role in select(model, "all", False, head_prefixes).groups.items() if role != "head"]
+    unused = set(find_unused(model, biases, forward_backward)) if forward_backward is not None else set()
+    parameters = dict(model.named_parameters())
+    budget = sum(parameters[name].numel() for name in biases if name not in unused)
+    shapes = {name: tuple(p.shape) for name, p in controls.control_matrices(model)}
+    if not shapes or budget == 0:
+        raise SelectionError(f"{kind}: the model has no layer weight matrices or no bias terms to match")
+    selection.masks = controls.draw_masks(shapes, budget, kind, seed)
+    selection.seed = seed
+    for name in parameters:  # model order, heads after the masked matrices they follow
+        if name in selection.masks:
+            selection.groups[name] = "masked"
+    selection.groups = {name: selection.groups[name] for name in parameters if name in selection.groups}
 
 
 def count_parameters(model: torch.nn.Module) -> tuple:
@@ -242,9 +279,24 @@ def tally_by_role(sizes: Mapping[str, int], head_prefixes: Sequence[str] = DEFAU
     return {role: tuple(tally[role]) for role in sorted(tally, key=ROLE_ORDER.index)}
 
 
-def _selection_tally(model: torch.nn.Module, selection: Selection) -> Dict[str, Tuple[int, int]]:
+def _trained_sizes(model: torch.nn.Module, selection: Selection) -> Dict[str, int]:
+    """Entries that can change per selected tensor: all of it, or a control matrix's masked entries."""
     parameters = dict(model.named_parameters())
-    return tally_by_role({name: parameters[name].numel() for name in selection.groups}, roles=selection.groups)
+    return {name: int(selection.masks[name].sum()) if name in selection.masks else parameters[name].numel()
+            for name in selection.groups}
+
+
+def _selection_tally(model: torch.nn.Module, selection: Selection) -> Dict[str, Tuple[int, int]]:
+    return tally_by_role(_trained_sizes(model, selection), roles=selection.groups)
+
+
+def trained_and_total(model: torch.nn.Module, selection: Optional[Selection] = None) -> Tuple[int, int]:
+    """(parameters that can change, all parameters): ``count_parameters``, with a control's matrices
+    counted by their masked entries."""
+    trainable, total = count_parameters(model)
+    if selection is not None and selection.masks:
+        trainable = sum(_trained_sizes(model, selection).values())
+    return trainable, total
 
 
 def role_lines(tally: Mapping[str, Tuple[int, int]]) -> List[str]:
@@ -256,15 +308,18 @@ def report(model: torch.nn.Module, selection: Selection) -> str:
     """Multi-line report: totals, bias terms vs heads, and a count per selected group."""
     tally = _selection_tally(model, selection)
     head = tally.get("head", (0, 0))
-    bias_tensors = sum(v[0] for k, v in tally.items() if k != "head")
-    bias_params = sum(v[1] for k, v in tally.items() if k != "head")
+    bias_tensors = sum(v[0] for k, v in tally.items() if k not in ("head", "masked"))
+    bias_params = sum(v[1] for k, v in tally.items() if k not in ("head", "masked"))
     lines = [
         f"BitFit selection {selection.terms!r}, heads {'trained' if selection.train_heads else 'frozen'}",
-        trainable_summary(model),
+        format_trainable(*trained_and_total(model, selection)),
         f"bias terms: {bias_params:,} params in {bias_tensors} tensors || "
         f"heads: {head[1]:,} params in {head[0]} tensors",
         *role_lines(tally),
     ]
+    if selection.masks:
+        lines.append(f"random control {controls.describe(selection.masks, selection.terms, selection.seed)} "
+                     "(the 'all' selection's bias parameter count); the rest of those matrices stays fixed")
     if selection.unused:
         lines.append(
             "left frozen, selected but unused in the forward pass: " + ", ".join(selection.unused)
@@ -275,8 +330,12 @@ def report(model: torch.nn.Module, selection: Selection) -> str:
 def summary(model: torch.nn.Module, selection: Selection) -> dict:
     """``report`` as data: the selection, the tensors and parameters per group, the unused ones."""
     tally = _selection_tally(model, selection)
-    return {"terms": selection.terms, "train_heads": selection.train_heads, "unused": list(selection.unused),
+    data = {"terms": selection.terms, "train_heads": selection.train_heads, "unused": list(selection.unused),
             "groups": {role: {"tensors": tensors, "params": params} for role, (tensors, params) in tally.items()}}
+    if selection.masks:
+        data["control"] = {"kind": selection.terms, "seed": selection.seed,
+                           "entries": controls.masked_entry_count(selection.masks), "matrices": len(selection.masks)}
+    return data
 
 
 def trainable_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:

@@ -41,15 +41,18 @@ def mode_label(mode: str, bitfit_terms: str = "ofa") -> str:
 
 
 def mode_flags(label: str) -> List[str]:
-    """train.py flags of a run mode: ``full``, ``head`` (heads only) or ``bitfit-<any --bitfit-terms>``."""
+    """train.py flags of a run mode: ``full``, ``head`` (heads only), ``bitfit-<any --bitfit-terms>``, or a
+    random-subset control (``rand_uniform``, ``rand_row_col``)."""
     if label == FULL:
         return []
     if label == HEAD_ONLY:
         return ["--bitfit", "--bitfit-terms", "none"]
+    if label in bitfit.CONTROL_TERMS:
+        return ["--bitfit", "--bitfit-terms", label]
     if label.startswith(BITFIT_PREFIX) and label != BITFIT_PREFIX:
         return ["--bitfit", "--bitfit-terms", label[len(BITFIT_PREFIX):]]
-    raise UserError(f"unknown mode {label!r}; modes: {FULL}, {HEAD_ONLY} or {BITFIT_PREFIX}<terms>, "
-                    f"e.g. {BITFIT_PREFIX}ofa")
+    raise UserError(f"unknown mode {label!r}; modes: {FULL}, {HEAD_ONLY}, {BITFIT_PREFIX}<terms> "
+                    f"(e.g. {BITFIT_PREFIX}ofa) or a control ({', '.join(bitfit.CONTROL_TERMS)})")
 
 
 @dataclass

@@ -12,9 +12,10 @@ from typing import List, Optional
 
 import torch
 from fairseq.distributed import LegacyDistributedDataParallel, ModuleProxyWrapper
+from fairseq.optim.fp16_optimizer import FP16Optimizer
 from fairseq.trainer import Trainer
 
-from ..core import bitfit
+from ..core import bitfit, controls
 from ..core.errors import UserError
 from ..core.run_record import RunRecord
 from ..plugin.patches import cache_module_walks
@@ -25,6 +26,21 @@ logger = logging.getLogger(__name__)
 # train.py resumes a --save-dir's checkpoint_last.pt whatever --reset-optimizer says.
 START_ELSEWHERE = ("or start the other selection from this checkpoint in a new --save-dir "
                    "(--restore-file CHECKPOINT --reset-optimizer)")
+
+
+def _master_copies(optimizer):
+    """(parameter, its fp32 master copy as a tensor of the same shape) pairs of fairseq's FP16Optimizer
+    (--fp16/--bf16 without --memory-efficient-*); none for other optimizers, which hold no copies."""
+    if not isinstance(optimizer, FP16Optimizer):
+        return []
+    if not optimizer.has_flat_params:
+        return [(p, master.data) for p, master in zip(optimizer.fp16_params, optimizer.fp32_params)]
+    flat = next(iter(optimizer.fp32_params.values())).data
+    pairs, offset = [], 0
+    for p in optimizer.fp16_params:
+        pairs.append((p, flat[offset:offset + p.numel()].view_as(p)))
+        offset += p.numel()
+    return pairs
 
 
 def _probe_sample(task, cfg):
@@ -55,13 +71,16 @@ class BitFitTrainer(Trainer):
         self.bitfit_selection: Optional[bitfit.Selection] = None
         self._checking_resumed_selection = False
         self._delta_writer: Optional[CheckpointDeltaWriter] = None
+        self._mask_guard: Optional[controls.MaskGuard] = None
         if bitfit_cfg is not None and bitfit_cfg.bitfit:
             self.bitfit_selection = self._apply_bitfit(bitfit_cfg, cfg, task, model, criterion)
+            if self.bitfit_selection.masks:
+                self._mask_guard = controls.MaskGuard(model, self.bitfit_selection.masks)
         else:
             logger.info(bitfit.trainable_summary(model))
         if record is not None:
             summary = bitfit.summary(model, self.bitfit_selection) if self.bitfit_selection else None
-            record.set_parameters(*bitfit.count_parameters(model), bitfit=summary)
+            record.set_parameters(*bitfit.trained_and_total(model, self.bitfit_selection), bitfit=summary)
         super().__init__(cfg, task, model, criterion, quantizer)
 
     @staticmethod
@@ -86,12 +105,23 @@ class BitFitTrainer(Trainer):
                 terms=bitfit_cfg.bitfit_terms,
                 train_heads=not bitfit_cfg.bitfit_freeze_heads,
                 forward_backward=forward_backward if sample is not None else None,
+                seed=cfg.common.seed,
             )
         except bitfit.SelectionError as error:
             raise UserError(f"--bitfit-terms: {error}") from None
         for line in bitfit.report(model, selection).splitlines():
             logger.info(line)
         return selection
+
+    # -- random-subset controls: only the masked entries of their matrices change ----
+
+    def train_step(self, samples, raise_oom=False):
+        if self._mask_guard is not None and self._mask_guard.saved is None:
+            self._mask_guard.snapshot()  # the weights this launch starts from, pretrained or resumed
+        output = super().train_step(samples, raise_oom)
+        if self._mask_guard is not None:
+            self._mask_guard.restore(_master_copies(self.optimizer))
+        return output
 
     # -- distributed: reduce only what is trained ----------------------------------
 
@@ -157,8 +187,14 @@ class BitFitTrainer(Trainer):
                 "terms": self.bitfit_selection.terms,
                 "train_heads": self.bitfit_selection.train_heads,
                 "trainable": self._trainable_names(),
+                **({"masks": self._mask_record()} if self.bitfit_selection.masks else {}),
             }
         return state
+
+    def _mask_record(self) -> dict:
+        """A control's masks as the checkpoint keeps them: the seed, and each matrix's flat indices."""
+        return {"seed": self.bitfit_selection.seed,
+                "indices": {name: controls.mask_indices(mask) for name, mask in self.bitfit_selection.masks.items()}}
 
     def load_checkpoint(self, filename, reset_optimizer=False, *args, **kwargs):
         # fairseq rebuilds the optimizer from the checkpoint's history right before
@@ -199,6 +235,14 @@ class BitFitTrainer(Trainer):
                 f"the checkpoint being resumed was trained with --bitfit --bitfit-terms "
                 f"{saved['terms']!r}; resume with the same --bitfit flags, {START_ELSEWHERE}"
             )
+        saved_masks = (saved.get("masks") or {}).get("indices", {})
+        masks_differ = set(saved_masks) != set(current.masks) or any(
+            not torch.equal(indices, controls.mask_indices(current.masks[name])) for name, indices in saved_masks.items())
+        if masks_differ:
+            raise UserError(
+                f"the checkpoint being resumed trained other weight entries (--bitfit-terms {saved['terms']!r}, "
+                f"seed {(saved.get('masks') or {}).get('seed')}) than this run draws (--bitfit-terms "
+                f"{current.terms!r}, --seed {current.seed}); resume with the same --seed, {START_ELSEWHERE}")
         if saved["trainable"] != self._trainable_names():
             raise UserError(
                 f"the checkpoint being resumed trained {len(saved['trainable'])} tensors "
