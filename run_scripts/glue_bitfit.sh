@@ -8,15 +8,17 @@
 # Environment (defaults in brackets):
 #   GLUE_DIR      GLUE's glue_data folder, <TASK>/{train,dev,test}.tsv     [./glue_data]
 #   TASKS         space-separated GLUE tasks                               [every task present]
-#   MODE          bitfit | full | head (head-only baseline)                [bitfit]
+#   MODE          space-separated: full, head (head-only baseline), bitfit (with BITFIT_TERMS),
+#                 bitfit-<terms> (bitfit-all, bitfit-q,m2, ...), rand_uniform, rand_row_col  [bitfit]
 #   BITFIT_TERMS  train.py --bitfit-terms for MODE=bitfit                  [ofa]
 #   MODEL         converted model folder or Hugging Face folder            [embedded all-MiniLM-L6-v2]
 #   OUTPUT_DIR    where data, runs and results go                          [outputs/glue]
 #   SEEDS         space-separated seeds                                    [1]
-#   LRS           space-separated learning rates, best on dev reported     [1e-3; full: fairseq's per task]
-#   EPOCHS        max epochs                                               [bitfit/head 20 (<10k rows) or 10; full 10]
+#   LRS           space-separated learning rates, best on dev reported     [by mode and model size]
+#   EPOCHS        max epochs                           [by mode, model size and task size: docs/glue.md]
 #   MAX_SEQ_LEN   tokens per example                                       [128]
 #   TRAIN_SUBSET  train on a seeded sample of N training rows              [all]
+#   TRAIN_SUBSETS training-size curves: every mode at each size, e.g. "200 500 1000" (size_curves.png)
 #   NPROC         processes per node; torchrun when > 1                    [1]
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT  multi-node torchrun       [1, 0, 127.0.0.1, 29500]
 #   SAVE_MINUTES  checkpoint_last.pt at least every M minutes, mid-epoch too [5]
@@ -28,7 +30,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${here}${PYTHONPATH:+:${PYTHONPATH}}"
 # The command as it was given (the variables set for it included), for the line that says how to resume.
 command=""
-for name in GLUE_DIR TASKS MODE BITFIT_TERMS MODEL OUTPUT_DIR SEEDS LRS EPOCHS MAX_SEQ_LEN TRAIN_SUBSET NPROC \
+for name in GLUE_DIR TASKS MODE BITFIT_TERMS MODEL OUTPUT_DIR SEEDS LRS EPOCHS MAX_SEQ_LEN TRAIN_SUBSET TRAIN_SUBSETS NPROC \
             NNODES NODE_RANK MASTER_ADDR MASTER_PORT SAVE_MINUTES PROGRESS_SECONDS; do
   if [[ -n "${!name+set}" ]]; then command+="${name}=$(printf '%q' "${!name}") "; fi
 done
@@ -45,4 +47,5 @@ args=(
 )
 if [[ -n "${EPOCHS:-}" ]]; then args+=(--epochs "${EPOCHS}"); fi
 if [[ -n "${TRAIN_SUBSET:-}" ]]; then args+=(--train-subset "${TRAIN_SUBSET}"); fi
+if [[ -n "${TRAIN_SUBSETS:-}" ]]; then args+=(--train-subsets "${TRAIN_SUBSETS}"); fi
 exec python -m fairseq_ext.experiments.glue_run "${args[@]}" -- "$@"

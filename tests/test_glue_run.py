@@ -181,6 +181,9 @@ def test_a_bad_file_in_a_later_task_stops_before_any_training(tmp_path, edit, ne
 
 
 @pytest.mark.parametrize("env, args, needle", [
+    ({"TRAIN_SUBSETS": "200 9000"}, [], "TRAIN_SUBSETS 9000: CoLA has 8,551 training rows"),
+    ({"TRAIN_SUBSETS": "200 many"}, [], "TRAIN_SUBSETS '200 many'"),
+    ({"MODE": "full rand_gauss"}, [], "MODE rand_gauss"),
     ({"NPROC": "0"}, [], "NPROC 0"),
     ({"EPOCHS": "0"}, [], "EPOCHS 0"),
     ({"MAX_SEQ_LEN": "0"}, [], "MAX_SEQ_LEN 0"),
@@ -274,3 +277,22 @@ def test_bad_input_under_torchrun_is_still_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert len(errors) == 1 and "--bitfit-terms" in errors[0] and "foo" in errors[0], result.stderr
+
+
+def test_size_curves_and_controls_in_one_job(tmp_path):
+    """TRAIN_SUBSETS trains every mode at every size; a random-subset control is a mode like the others."""
+    out = tmp_path / "out"
+    result = glue_script({"GLUE_DIR": str(tiny.REAL_GLUE), "TASKS": "CoLA", "OUTPUT_DIR": str(out),
+                          "MODE": "bitfit-all rand_uniform", "TRAIN_SUBSETS": "16 24"},
+                         "--batch-size", "8", "--max-update", "2")
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted((r["mode"], r["train_rows"]) for r in runs) == [
+        ("bitfit-all", 16), ("bitfit-all", 24), ("rand_uniform", 16), ("rand_uniform", 24)]
+    assert all(r["curve"] and r["recipe"]["rule"] for r in runs)
+    control = next(r for r in runs if r["mode"] == "rand_uniform")
+    bitfit_all = next(r for r in runs if r["mode"] == "bitfit-all")
+    assert control["trainable"] == bitfit_all["trainable"]  # as many entries as 'all' has bias parameters
+    table = (out / "results.md").read_text()
+    assert "## Training-size curves" in table and "| CoLA | rand_uniform |" in table and "24 rows" in table
+    assert (out / "size_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "CoLA 16 rows rand_uniform lr 0.001 seed 1: training" in result.stdout

@@ -38,7 +38,7 @@ from ..core import interrupts
 from ..core.bitfit import SelectionError, format_trainable, parse_terms
 from ..core.errors import UserError, exit_on_user_error, user_error_in
 from ..core.files import write_atomically, write_text_atomically
-from ..core.glue_files import check_glue_dir, write_leaderboard_tsv
+from ..core.glue_files import check_glue_dir, read_split, write_leaderboard_tsv
 from ..core.glue_tasks import GLUE_SOURCE_HINT, TASK_NAMES, TASKS, get_task_spec
 from ..core.progress import DEFAULT_INTERVAL_S, ConsoleProgress, format_duration
 from ..core.run_record import RECORD_NAME, epoch_stats, read_run_record
@@ -93,7 +93,17 @@ def best_epoch(epochs: Dict[int, dict], primary: str) -> Optional[int]:
 
 
 def run_key(row: dict) -> tuple:
-    return (row["task"], row["mode"], row["lr"], row["seed"])
+    """What tells runs apart: a training-size curve's runs (TRAIN_SUBSETS) are keyed by their size too."""
+    curve_size = row.get("train_subset") if row.get("curve") else None
+    return (row["task"], row["mode"], curve_size or 0, row["lr"], row["seed"])
+
+
+def main_rows(rows: List[dict]) -> List[dict]:
+    return [row for row in rows if not row.get("curve")]
+
+
+def curve_rows(rows: List[dict]) -> List[dict]:
+    return [row for row in rows if row.get("curve")]
 
 
 def load_results(path: Path) -> List[dict]:
@@ -105,11 +115,12 @@ def load_results(path: Path) -> List[dict]:
         raise UserError(f"{path}: not a results file of this tool ({error})") from None
 
 
-def best_rows(rows: List[dict]) -> Dict[tuple, List[dict]]:
-    """Per (task, mode): the runs of the learning rate with the best mean dev score."""
+def best_rows(rows: List[dict], by_size: bool = False) -> Dict[tuple, List[dict]]:
+    """Per (task, mode), or (task, mode, training rows): the runs of the learning rate with the best mean dev score."""
     by_config: Dict[tuple, Dict[float, List[dict]]] = {}
     for row in rows:
-        by_config.setdefault((row["task"], row["mode"]), {}).setdefault(row["lr"], []).append(row)
+        key = (row["task"], row["mode"], row["train_rows"]) if by_size else (row["task"], row["mode"])
+        by_config.setdefault(key, {}).setdefault(row["lr"], []).append(row)
     best = {}
     for key, by_lr in by_config.items():
         def mean_primary(lr):
@@ -140,7 +151,7 @@ def _fmt_spread(mean, std, digits=1):
     return _fmt(mean, digits) if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-MODE_ORDER = ("full", "bitfit-ofa", "bitfit-all", "bitfit-q,m2")
+MODE_ORDER = ("full", "bitfit-ofa", "bitfit-all", "bitfit-q,m2", "rand_uniform", "rand_row_col")
 
 
 def _mode_order(mode: str):
@@ -154,7 +165,7 @@ HOW_CHOSEN = ("For each task and mode, every learning rate in the mode's default
 
 
 def results_markdown(rows: List[dict], specs: dict) -> str:
-    best = best_rows(rows)
+    best = best_rows(main_rows(rows))
     tasks = [t for t in specs if any(k[0] == t for k in best)]
     modes = sorted({k[1] for k in best}, key=_mode_order)
     header_metrics = {t: specs[t].metrics + (("accuracy_mm",) if t == "MNLI" else ()) for t in tasks}
@@ -192,18 +203,32 @@ def results_markdown(rows: List[dict], specs: dict) -> str:
         for mode, rules in recipes.items():
             for rule, rule_tasks in rules.items():
                 lines.append(f"- {mode} ({', '.join(rule_tasks)}): {rule}")
+    curves = best_rows(curve_rows(rows), by_size=True)
+    if curves:
+        lines += ["", "## Training-size curves", "",
+                  "Dev score (the task's primary metric, mean ± std over seeds, best learning rate per size) by "
+                  "the number of training rows (TRAIN_SUBSETS); size_curves.png plots it.", "",
+                  "| task | mode | " + " | ".join(f"{n:,} rows" for n in sorted({k[2] for k in curves})) + " |",
+                  "|---|---|" + "---:|" * len({k[2] for k in curves})]
+        sizes = sorted({k[2] for k in curves})
+        for task, mode in sorted({k[:2] for k in curves}, key=lambda tm: (tm[0], _mode_order(tm[1]))):
+            cells = []
+            for size in sizes:
+                runs = curves.get((task, mode, size))
+                cells.append(_fmt_spread(*_spread([r["dev"].get(r["primary_metric"]) for r in runs])) if runs else "–")
+            lines.append(f"| {task} | {mode} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Every run",
         "",
-        "| task | mode | lr | seed | dev metrics | best epoch | updates | trainable / total | wall (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | mode | training rows | lr | seed | dev metrics | best epoch | updates | trainable / total | wall (s) |",
+        "|---|---|---:|---|---|---|---|---|---|---|",
     ]
-    for row in sorted(rows, key=lambda r: (r["task"], _mode_order(r["mode"]), r["lr"], r["seed"])):
+    for row in sorted(rows, key=lambda r: (r["task"], _mode_order(r["mode"]), r["train_rows"], r["lr"], r["seed"])):
         dev = ", ".join(f"{k} {_fmt(v)}" for k, v in row["dev"].items())
         params = (f"{row['trainable']:,} / {row['total']:,}" if row.get("trainable") else "–")
-        lines.append(f"| {row['task']} | {row['mode']} | {row['lr']:g} | {row['seed']} | {dev} | "
-                     f"{row['best_epoch']} | {row['updates']} | {params} | {row['wall_time_s']:.0f} |")
+        lines.append(f"| {row['task']} | {row['mode']} | {row['train_rows']:,} | {row['lr']:g} | {row['seed']} | "
+                     f"{dev} | {row['best_epoch']} | {row['updates']} | {params} | {row['wall_time_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -216,7 +241,7 @@ def plot_curves(rows: List[dict], specs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    best = best_rows(rows)
+    best = best_rows(main_rows(rows))
     tasks = [t for t in specs if any(k[0] == t for k in best)]
     if not tasks:
         return
@@ -246,6 +271,39 @@ def plot_curves(rows: List[dict], specs: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_size_curves(rows: List[dict], specs: dict, path: Path) -> None:
+    """Dev metric against training rows (log scale), one panel per task, one line per mode: the
+    mean over seeds with a one-std band."""
+    best = best_rows(curve_rows(rows), by_size=True)
+    tasks = [t for t in specs if any(k[0] == t for k in best)]
+    if not tasks:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        primary = specs[task].primary_metric
+        for mode in sorted({k[1] for k in best if k[0] == task}, key=_mode_order):
+            sizes = sorted(k[2] for k in best if k[:2] == (task, mode))
+            spreads = [_spread([r["dev"].get(primary) for r in best[(task, mode, size)]]) for size in sizes]
+            line, = ax.plot(sizes, [m for m, _ in spreads], marker="o", markersize=3, label=mode)
+            if any(sd is not None for _, sd in spreads):
+                ax.fill_between(sizes, [m - (sd or 0.0) for m, sd in spreads], [m + (sd or 0.0) for m, sd in spreads],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_xscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("training rows")
+        ax.set_ylabel(f"dev {primary} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
 def write_results(output_dir: Path, new_rows: List[dict]) -> List[dict]:
     path = output_dir / "results.json"
     rows = {run_key(r): r for r in load_results(path)}
@@ -255,6 +313,7 @@ def write_results(output_dir: Path, new_rows: List[dict]) -> List[dict]:
     write_text_atomically(path, json.dumps({"how_chosen": HOW_CHOSEN, "runs": rows}, indent=1) + "\n")
     write_text_atomically(output_dir / "results.md", results_markdown(rows, specs))
     plot_curves(rows, specs, output_dir / "curves.png")
+    plot_size_curves(rows, specs, output_dir / "size_curves.png")
     return rows
 
 
@@ -549,10 +608,13 @@ class PlannedRun:
     planned_updates: int
     base_checkpoint: str
     recipe: Recipe
+    train_subset: Optional[int] = None  # TRAIN_SUBSET or the TRAIN_SUBSETS size; None: every row
+    curve: bool = False  # one size of a TRAIN_SUBSETS training-size curve
 
     @property
     def label(self) -> str:
-        return f"{self.spec.name} {self.mode} lr {self.lr:g} seed {self.seed}"
+        rows = f" {self.train_rows:,} rows" if self.curve else ""
+        return f"{self.spec.name}{rows} {self.mode} lr {self.lr:g} seed {self.seed}"
 
     @property
     def result_file(self) -> Path:
@@ -564,7 +626,8 @@ class PlannedRun:
 
 
 def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, mode: str, recipe: Recipe, lr: float,
-             seed: int, passthrough: List[str], bookkeeping: Sequence[str]) -> PlannedRun:
+             seed: int, passthrough: List[str], bookkeeping: Sequence[str], train_subset: Optional[int] = None,
+             curve: bool = False) -> PlannedRun:
     """One run's train.py arguments, checked against what its folder was trained with before."""
     train_rows = manifest["splits"]["train"]["rows_written"]
     world_size = args.nproc * args.nnodes
@@ -574,7 +637,7 @@ def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, m
     settings = run_settings(train_args, prepared, run_dir, manifest)
     check_same_settings(run_dir, settings)
     return PlannedRun(spec, mode, lr, seed, prepared, run_dir, train_args, settings, train_rows, planned,
-                      str(model.checkpoint), recipe)
+                      str(model.checkpoint), recipe, train_subset, curve)
 
 
 def one_run(run: PlannedRun, args, job: JobProgress) -> dict:
@@ -590,7 +653,8 @@ def one_run(run: PlannedRun, args, job: JobProgress) -> dict:
     wall = train_timed(command, run, job)
     row = {"task": spec.name, "mode": run.mode, "lr": run.lr, "seed": run.seed,
            "primary_metric": spec.primary_metric, "wall_time_s": round(wall, 1), "train_rows": run.train_rows,
-           "run_dir": str(run_dir), "recipe": run.recipe.describe()}
+           "run_dir": str(run_dir), "recipe": run.recipe.describe(), "train_subset": run.train_subset,
+           "curve": run.curve}
     if args.node_rank != 0:
         job.finished(run, run.planned_updates, wall)
         return row  # the job's first worker, on node 0, keeps the run record and the results
@@ -634,7 +698,7 @@ def predict_test_sets(spec, prepared: Path, run_dir: Path, base_checkpoint: str,
 
 def collect_predictions(output_dir: Path, rows: List[dict]) -> None:
     """OUTPUT_DIR/predictions/<mode>/: each task's leaderboard files from its best run."""
-    for (task, mode), runs in best_rows(rows).items():
+    for (task, mode), runs in best_rows(main_rows(rows)).items():
         best = max(runs, key=lambda r: r["dev"].get(r["primary_metric"], float("-inf")))
         for path in (best.get("predictions") or {}).values():
             if Path(path).exists():
@@ -659,6 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None, help="max epochs (default: by mode, model and task size)")
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--train-subset", type=int, default=None, help="train on a seeded random sample of N training rows")
+    parser.add_argument("--train-subsets", default="",
+                        help="space-separated training sizes: train every mode at every size (a seeded sample of "
+                             "N rows each) and plot size_curves.png")
     parser.add_argument("--nproc", type=int, default=1, help="processes per node (torchrun when > 1)")
     parser.add_argument("--nnodes", type=int, default=1)
     parser.add_argument("--node-rank", type=int, default=0)
@@ -714,6 +781,9 @@ def main(argv=None) -> None:
     specs = [get_task_spec(task) for task in tasks]
     modes = run_modes(args.mode, args.bitfit_terms)
     seeds = _numbers(args.seeds, int, "SEEDS")
+    args.train_subsets = sorted(set(_numbers(args.train_subsets, int, "TRAIN_SUBSETS")))
+    if any(size < 1 for size in args.train_subsets):
+        raise UserError(f"TRAIN_SUBSETS {' '.join(map(str, args.train_subsets))}: sizes must be positive integers")
     lrs = _numbers(args.lrs, float, "LRS")
     _check_settings(args, passthrough)
     output_dir = Path(args.output_dir)
@@ -766,7 +836,7 @@ def run_modes(text: str, bitfit_terms: str) -> List[str]:
     """MODE's run modes as labels (full, head, bitfit-<terms>), each checked."""
     modes = [mode_label(mode, bitfit_terms) if mode == "bitfit" else mode for mode in text.split()]
     if not modes:
-        raise UserError("MODE is empty; modes: full, head, bitfit or bitfit-<terms>")
+        raise UserError("MODE is empty; modes: full, head, bitfit, bitfit-<terms>, rand_uniform or rand_row_col")
     for mode in modes:
         try:
             mode_flags(mode)
@@ -784,25 +854,34 @@ def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_
           f"{model_params / 1e6:.1f}M parameters)", flush=True)
 
     # Every task's files are read and checked before the first run trains.
-    data_dirs = {spec.name: output_dir / "data" / spec.name for spec in specs}
-    manifests = {spec.name: prepare_task(spec, glue_dir, model, model.dictionary, data_dirs[spec.name],
-                                         args.workers, train_subset=args.train_subset)
-                 for spec in specs}
+    curve = bool(args.train_subsets)
+    sizes = args.train_subsets if curve else [args.train_subset]
+    if curve:
+        for spec in specs:
+            available = len(read_split(spec.name, glue_dir, "train").texts)
+            too_many = [size for size in sizes if size > available]
+            if too_many:
+                raise UserError(f"TRAIN_SUBSETS {too_many[0]}: {spec.name} has {available:,} training rows")
     runs = []
     for spec in specs:
-        train_rows = manifests[spec.name]["splits"]["train"]["rows_written"]
-        for mode in modes:
-            recipe = default_recipe(mode, spec.name, train_rows, model_params)
-            if args.epochs:
-                recipe = dataclasses.replace(recipe, epochs=args.epochs, rule=f"{recipe.rule}; EPOCHS={args.epochs}")
-            if lrs:
-                recipe = dataclasses.replace(recipe, lrs=tuple(lrs), rule=f"{recipe.rule}; LRS={' '.join(map(str, lrs))}")
-            for lr in recipe.lrs:
-                for seed in seeds:
-                    run_name = f"{spec.name}/{mode}/lr{lr:g}-seed{seed}"
-                    runs.append(plan_run(spec, model, data_dirs[spec.name], manifests[spec.name],
-                                         output_dir / "runs" / run_name, args, mode, recipe, lr, seed, passthrough,
-                                         bookkeeping_args(args, output_dir / "tensorboard" / run_name)))
+        for size in sizes:
+            folder = f"{spec.name}-{size}rows" if curve else spec.name  # TRAIN_SUBSET keeps the task's folder
+            data_dir = output_dir / "data" / folder
+            manifest = prepare_task(spec, glue_dir, model, model.dictionary, data_dir, args.workers, train_subset=size)
+            train_rows = manifest["splits"]["train"]["rows_written"]
+            for mode in modes:
+                recipe = default_recipe(mode, spec.name, train_rows, model_params)
+                if args.epochs:
+                    recipe = dataclasses.replace(recipe, epochs=args.epochs, rule=f"{recipe.rule}; EPOCHS={args.epochs}")
+                if lrs:
+                    recipe = dataclasses.replace(recipe, lrs=tuple(lrs),
+                                                 rule=f"{recipe.rule}; LRS={' '.join(map(str, lrs))}")
+                for lr in recipe.lrs:
+                    for seed in seeds:
+                        run_name = f"{folder}/{mode}/lr{lr:g}-seed{seed}"
+                        runs.append(plan_run(spec, model, data_dir, manifest, output_dir / "runs" / run_name, args,
+                                             mode, recipe, lr, seed, passthrough,
+                                             bookkeeping_args(args, output_dir / "tensorboard" / run_name), size, curve))
     job = JobProgress(runs, args.progress_interval)
     print("\n".join(job.plan_lines()), flush=True)
     rows = []
@@ -815,7 +894,8 @@ def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_
     all_rows = write_results(output_dir, rows)
     collect_predictions(output_dir, all_rows)
     print(f"\n{(output_dir / 'results.md').read_text().split('## Every run')[0].strip()}\n", flush=True)
-    print(f"results: {output_dir / 'results.json'}, {output_dir / 'results.md'}, {output_dir / 'curves.png'}")
+    written = [output_dir / name for name in ("results.json", "results.md", "curves.png", "size_curves.png")]
+    print("results: " + ", ".join(str(path) for path in written if path.exists()))
 
 
 def bookkeeping_args(args, tensorboard_dir: Path) -> List[str]:
