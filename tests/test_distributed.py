@@ -42,9 +42,12 @@ def recipe(tiny_data, tiny_pretrained, save_dir, batch, extra=()):
 
 @pytest.mark.parametrize("ddp_backend", ["legacy_ddp", "c10d"])
 def test_two_workers_equal_one_worker_with_twice_the_batch(tiny_data, tiny_pretrained, tmp_path, ddp_backend):
-    two = dump_run(recipe(tiny_data, tiny_pretrained, tmp_path / "two", 8, ["--ddp-backend", ddp_backend]),
+    # Timed saves at every update on one of the two: the ranks must agree on when to save, or hang.
+    timed = ["--save-interval-minutes", "0.0001"] if ddp_backend == "legacy_ddp" else []
+    two = dump_run(recipe(tiny_data, tiny_pretrained, tmp_path / "two", 8, ["--ddp-backend", ddp_backend, *timed]),
                    tmp_path / "two_dump", nproc=2)
     assert "torchrun: 2 workers, backend gloo" in two.stdout
+    assert ("--save-interval-minutes: saving checkpoint_last" in two.stdout) == bool(timed)
     assert "gradient all-reduce per step: 12 tensors" in two.stdout
     dump_run(recipe(tiny_data, tiny_pretrained, tmp_path / "one", 16), tmp_path / "one_dump")
 
