@@ -3,6 +3,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 import tiny
 
 
@@ -132,3 +134,25 @@ def test_serving_benchmark_measures_three_ways(tmp_path):
     assert all(rate > 0 for rate in measured["examples_per_s"].values())
     assert measured["mixed_over_single"] > 0 and measured["mixed_over_switching"] > 0
     assert "| mixed |" in (tmp_path / "serving.md").read_text() and "mixed / switching" in result.stdout
+
+
+@pytest.mark.skipif(not tiny.REAL_GLUE.is_dir(), reason="no real GLUE files")
+def test_speed_against_the_transformers_loop_runs_all_three_side_by_side(tmp_path):
+    """A small run of the real-data comparison: every system trains the same parameters and reports
+    each epoch's time and dev metrics (no assertion on the times themselves)."""
+    glue = tmp_path / "glue" / "STS-B"
+    glue.mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        lines = (tiny.REAL_GLUE / "STS-B" / f"{split}.tsv").read_text().split("\n")[:41]
+        (glue / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    result = tiny.run(["-m", "fairseq_ext.experiments.speed_vs_hf", "--glue-dir", str(glue.parent), "--task", "STS-B",
+                       "--modes", "bitfit-all", "--epochs", "1", "--batch", "8", "--output-dir", str(tmp_path / "out")])
+    rows = json.loads((tmp_path / "out" / "speed_vs_hf.json").read_text())
+    assert [r["system"] for r in rows] == ["transformers", "train.py", "train.py grouped"], result.stderr
+    reference = rows[0]["trainable"]
+    for row in rows:
+        assert abs(row["trainable"] - reference) <= 0.01 * reference  # the same biases; heads of one size
+        (epoch,) = row["epochs"]
+        assert epoch["updates"] == 5 and epoch["seconds"] > 0 and set(epoch["dev"]) == {"pearson", "spearman"}
+    assert rows[0]["ratio_to_transformers"] is None and rows[1]["ratio_to_transformers"] > 0
+    assert "| bitfit-all | train.py grouped |" in (tmp_path / "out" / "speed_vs_hf.md").read_text()

@@ -1,0 +1,166 @@
+"""Epochs of real GLUE data: train.py against the plain Hugging Face transformers loop, side by side.
+
+For each mode (``full``, ``bitfit-all``, ...) one process trains, one after another on
+the same machine, the same model (the embedded MiniLM unless --model), data, batch
+size, learning-rate schedule and trainable set:
+
+* ``transformers``: the loop a user would otherwise write (``training.hf_reference_loop``:
+  random batches with dynamic padding);
+* ``train.py``: train.py with fairseq's random batches;
+* ``train.py grouped``: train.py with length-grouped batches (``--group-by-length``, the
+  GLUE runner's default).
+
+An epoch's time runs from its first update's start to its last update's end (batches
+and updates, no validation).  The report gives each epoch's time and dev metrics, and
+train.py's median epoch time over the transformers loop's.
+
+    python -m fairseq_ext.experiments.speed_vs_hf --glue-dir glue_data --task STS-B --epochs 3 \\
+        --modes full bitfit-all --output-dir outputs/speed_vs_hf
+"""
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+
+from ..core.errors import UserError, exit_on_user_error
+from ..core.files import write_report
+from ..core.glue_files import check_glue_dir, read_split
+from ..core.glue_tasks import get_task_spec
+from ..core.progress import format_duration
+from ..core.run_record import RECORD_NAME, epoch_stats, read_run_record
+from ..plugin.data.glue_prepare import prepare_task
+from ..plugin.models.model_dir import load_model_dir
+from ..plugin.models.pretrained import default_model_dir, package_model_folder
+from ..training.glue_recipe import LENGTH_GROUP_BATCHES, Recipe, train_command
+from ..training.hf_reference_loop import ReferenceLoop
+from ..training.main import cli_main
+from ..training.options import BITFIT_PREFIX, FULL, mode_flags
+from ..training.trainer import BitFitTrainer
+
+SYSTEMS = ("transformers", "train.py", "train.py grouped")
+
+
+def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe: Recipe, grouped: bool,
+                  train_rows: int) -> Tuple[List[dict], int]:
+    """train.py in this process on prepared data; each epoch's update time and dev metrics, and the
+    parameters it trained."""
+    steps: List[tuple] = []  # (epoch, start, end) of every update
+
+    class EpochTimedTrainer(BitFitTrainer):
+        def train_step(self, samples, raise_oom=False):
+            start = time.perf_counter()
+            output = super().train_step(samples, raise_oom)
+            steps.append((self._epoch_of_update, start, time.perf_counter()))
+            return output
+
+        def begin_epoch(self, epoch):
+            self._epoch_of_update = epoch
+            return super().begin_epoch(epoch)
+
+    save_dir = workdir / f"{mode}-{'grouped' if grouped else 'random'}"
+    argv = train_command(spec, model, data_dir, save_dir, mode, recipe, recipe.lrs[0], 1, train_rows, 1, [], 128)
+    if not grouped:
+        argv[argv.index("--group-by-length") + 1] = "0"
+    cli_main(argv + ["--no-save", "--log-interval", "1000"], trainer_class=EpochTimedTrainer)
+    record = read_run_record(save_dir / RECORD_NAME)
+    dev = epoch_stats(record, "valid")
+    epochs = []
+    for epoch in sorted({e for e, _, _ in steps}):
+        times = [(start, end) for e, start, end in steps if e == epoch]
+        metrics = {k: round(float(v), 2) for k, v in dev.get(epoch, {}).items() if k in spec.metrics}
+        epochs.append({"epoch": epoch, "seconds": round(times[-1][1] - times[0][0], 2), "updates": len(times),
+                       "dev": metrics})
+    return epochs, record["parameters"]["trainable"]
+
+
+def time_transformers(spec, glue_dir: Path, hf_folder: Path, mode: str, recipe: Recipe) -> Tuple[List[dict], int]:
+    terms = FULL if mode == FULL else mode[len(BITFIT_PREFIX):]
+    loop = ReferenceLoop(hf_folder, spec, terms)
+    results = loop.train(read_split(spec.name, glue_dir, "train"), read_split(spec.name, glue_dir, "valid"),
+                         recipe.epochs, recipe.batch, recipe.lrs[0], recipe.weight_decay)
+    epochs = [{"epoch": r.epoch, "seconds": round(r.seconds, 2), "updates": r.updates,
+               "dev": {k: v for k, v in r.dev.items() if k in spec.metrics}} for r in results]
+    return epochs, loop.trainable
+
+
+def markdown(rows: List[dict]) -> str:
+    lines = ["| mode | system | trained params | epoch time (s), median | / transformers | updates / epoch "
+             "| dev metrics by epoch |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for row in rows:
+        dev = "; ".join(f"{e['epoch']}: " + ", ".join(f"{k} {v:.1f}" for k, v in e["dev"].items())
+                        for e in row["epochs"])
+        ratio = "–" if row["ratio_to_transformers"] is None else f"{row['ratio_to_transformers']:.2f}"
+        lines.append(f"| {row['mode']} | {row['system']} | {row['trainable']:,} | {row['epoch_seconds']:.1f} | {ratio} "
+                     f"| {row['epochs'][0]['updates']} | {dev} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="speed_vs_hf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--glue-dir", default="glue_data")
+    parser.add_argument("--task", default="STS-B")
+    parser.add_argument("--modes", nargs="+", default=[FULL, "bitfit-all"])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr-full", type=float, default=5e-5)
+    parser.add_argument("--lr-bitfit", type=float, default=1e-3)
+    parser.add_argument("--output-dir", default="outputs/speed_vs_hf")
+    return parser
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    glue_dir = check_glue_dir(args.glue_dir)
+    spec = get_task_spec(args.task)
+    for mode in args.modes:
+        if mode.startswith("head"):
+            raise UserError("--modes: head-only has no counterpart in the transformers loop; use full or bitfit-<terms>")
+        mode_flags(mode)
+    if args.epochs < 1:
+        raise UserError(f"--epochs {args.epochs}: expected a positive integer")
+    model = load_model_dir(default_model_dir())
+    rows: List[dict] = []
+    with tempfile.TemporaryDirectory(prefix="speed-vs-hf-") as tmp:
+        workdir = Path(tmp)
+        manifest = prepare_task(spec, glue_dir, model, model.dictionary, workdir / "data", 1)
+        train_rows = manifest["splits"]["train"]["rows_written"]
+        for mode in args.modes:
+            lr = args.lr_full if mode == FULL else args.lr_bitfit
+            recipe = Recipe((lr,), args.batch, args.epochs, 0.0, None, "speed_vs_hf")
+            by_system: Dict[str, List[dict]] = {}
+            trained: Dict[str, int] = {}
+            for system in SYSTEMS:
+                start = time.time()
+                print(f"{spec.name} {mode}: {system}, {args.epochs} epochs ...", file=sys.stderr, flush=True)
+                if system == "transformers":
+                    by_system[system], trained[system] = time_transformers(spec, glue_dir, package_model_folder(),
+                                                                           mode, recipe)
+                else:
+                    by_system[system], trained[system] = time_train_py(
+                        spec, model, workdir / "data", workdir, mode, recipe, system.endswith("grouped"), train_rows)
+                gc.collect()
+                print(f"  done in {format_duration(time.time() - start)}: "
+                      + json.dumps(by_system[system]), file=sys.stderr, flush=True)
+            reference = statistics.median(e["seconds"] for e in by_system["transformers"])
+            for system, epochs in by_system.items():
+                median = statistics.median(e["seconds"] for e in epochs)
+                rows.append({"task": spec.name, "mode": mode, "system": system, "batch": args.batch, "lr": lr,
+                             "trainable": trained[system], "epoch_seconds": round(median, 2), "epochs": epochs,
+                             "ratio_to_transformers": None if system == "transformers" else round(median / reference, 3),
+                             "threads": torch.get_num_threads()})
+    written = write_report(args.output_dir, "speed_vs_hf", rows, markdown(rows))
+    print(markdown(rows))
+    print(written)
+
+
+if __name__ == "__main__":
+    main()

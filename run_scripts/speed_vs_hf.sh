@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Epochs of real GLUE data, side by side in one process: a plain Hugging Face transformers
+# loop, train.py with fairseq's random batches, and train.py with length-grouped batches
+# (the GLUE runner's default). Same model, data, batch, schedule and trained parameters.
+#   GLUE_DIR=glue_data TASK=MRPC bash run_scripts/speed_vs_hf.sh
+# Environment (defaults in brackets):
+#   GLUE_DIR    GLUE's glue_data folder                                    [./glue_data]
+#   TASK        one GLUE task                                              [STS-B]
+#   MODES       full and/or bitfit-<terms>                                 [full bitfit-all]
+#   EPOCHS      epochs each system trains; the median epoch is compared    [3]
+#   OUTPUT_DIR  speed_vs_hf.json and speed_vs_hf.md go here                [outputs/speed_vs_hf]
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="${here}${PYTHONPATH:+:${PYTHONPATH}}"
+exec python -m fairseq_ext.experiments.speed_vs_hf --glue-dir "${GLUE_DIR:-glue_data}" --task "${TASK:-STS-B}" \
+  --modes ${MODES:-full bitfit-all} --epochs "${EPOCHS:-3}" --output-dir "${OUTPUT_DIR:-outputs/speed_vs_hf}"
