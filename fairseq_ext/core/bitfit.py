@@ -110,6 +110,12 @@ def _is_head(name: str, head_prefixes: Sequence[str]) -> bool:
     return any(name.startswith(prefix) or ("." + prefix) in name for prefix in head_prefixes)
 
 
+def has_heads(model: torch.nn.Module, head_prefixes: Sequence[str] = DEFAULT_HEAD_PREFIXES) -> bool:
+    """Whether the model has task heads: a sentence-prediction model does, a seq2seq model does not
+    (its output projection is tied to its embeddings, or a plain weight: never a head)."""
+    return any(_is_head(name, head_prefixes) for name, _ in model.named_parameters())
+
+
 @dataclass
 class Selection:
     """What BitFit trains in one model: parameter names, each with its report group."""
@@ -189,13 +195,18 @@ def apply(
     head_prefixes: Sequence[str] = DEFAULT_HEAD_PREFIXES,
     forward_backward: Optional[Callable[[], None]] = None,
 ) -> Selection:
-    """Select, drop the selected parameters that get no gradient, and freeze the rest."""
+    """Select, drop the selected parameters that get no gradient, and freeze the rest.
+
+    A selection that trains nothing is an error, except ``none`` (heads only) on a model
+    without heads, such as a seq2seq model: it freezes everything, the frozen baseline.
+    """
     selection = select(model, terms, train_heads, head_prefixes)
     if forward_backward is not None and selection.groups:
         selection.unused = find_unused(model, selection.names, forward_backward)
         for name in selection.unused:
             del selection.groups[name]
-    if not selection.groups:
+    frozen_baseline = terms.strip() == "none" and train_heads and not has_heads(model, head_prefixes)
+    if not selection.groups and not frozen_baseline:
         raise SelectionError(
             f"selection {terms!r}{'' if train_heads else ' with frozen heads'} trains no parameter"
         )
@@ -255,8 +266,9 @@ def report(model: torch.nn.Module, selection: Selection) -> str:
     head = tally.get("head", (0, 0))
     bias_tensors = sum(v[0] for k, v in tally.items() if k != "head")
     bias_params = sum(v[1] for k, v in tally.items() if k != "head")
+    heads = f"heads {'trained' if selection.train_heads else 'frozen'}" if has_heads(model) else "no task heads"
     lines = [
-        f"BitFit selection {selection.terms!r}, heads {'trained' if selection.train_heads else 'frozen'}",
+        f"BitFit selection {selection.terms!r}, {heads}",
         trainable_summary(model),
         f"bias terms: {bias_params:,} params in {bias_tensors} tensors || "
         f"heads: {head[1]:,} params in {head[0]} tensors",
@@ -266,6 +278,8 @@ def report(model: torch.nn.Module, selection: Selection) -> str:
         lines.append(
             "left frozen, selected but unused in the forward pass: " + ", ".join(selection.unused)
         )
+    if not selection.groups:
+        lines.append("nothing is trained: every weight stays as loaded (the frozen baseline)")
     return "\n".join(lines)
 
 
