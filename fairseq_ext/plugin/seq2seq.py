@@ -156,8 +156,9 @@ class Seq2SeqPredictor:
                 self.generate(name, sentences, beam, **options)]
 
     def generate(self, name: str, sentences: Sequence[str], beam: int = 5, **options) -> List[List[dict]]:
-        """fairseq's n-best hypotheses of each sentence (``tokens``, ``score``, ``positional_scores``,
-        ``alignment``), best first, in input order."""
+        """fairseq's hypotheses of each sentence (``tokens``, ``score``, ``positional_scores``,
+        ``alignment``), best first, in input order: the whole beam, as fairseq's hub gives it, or the
+        first ``nbest`` when that option is given (as fairseq-generate prints them)."""
         unknown = sorted(set(options) - GENERATION_OPTIONS - HUB_OPTIONS)
         if unknown:
             raise UserError(f"unknown generation option {unknown[0]!r}; fairseq's are "
@@ -170,4 +171,5 @@ class Seq2SeqPredictor:
         hub = self.hub
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pin_memory.*")  # fairseq's loader asks for it, CPUs lack it
-            return hub.generate([hub.encode(sentence) for sentence in sentences], beam=beam, **options)
+            hypotheses = hub.generate([hub.encode(sentence) for sentence in sentences], beam=beam, **options)
+        return [best[:options["nbest"]] for best in hypotheses] if "nbest" in options else hypotheses

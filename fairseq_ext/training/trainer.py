@@ -8,6 +8,7 @@ needs them.  Freezing when the Trainer is constructed is therefore enough for
 all of them.
 """
 import logging
+import warnings
 from typing import List, Optional
 
 import torch
@@ -72,7 +73,10 @@ class BitFitTrainer(Trainer):
         def forward_backward():
             # One real loss on two validation examples shows which selected
             # tensors get a gradient; fork the RNG so training is unaffected.
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                # fairseq's decoders pass torch a float causal mask with a bool padding mask, which torch
+                # calls deprecated: a resumed seq2seq run refused at start must print its one error line only.
+                warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
                 loss, _, _ = criterion(model, sample)
                 loss.backward()
 
