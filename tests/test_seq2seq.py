@@ -208,6 +208,16 @@ def test_interrupted_delta_only_run_resumes_to_the_same_result(bitfit_run, finet
     assert refused.returncode == 2 and len(lines) == 1 and "--bitfit-terms 'q'" in lines[0], refused.stderr
 
 
+def test_the_benchmark_times_a_translation_workload():
+    """run_scripts/benchmark.sh rows of an encoder-decoder arch: train.py on synthetic translation."""
+    from fairseq_ext.experiments.benchmark import measure_in_process
+
+    full, none = measure_in_process([("transformer_tiny", "full"), ("transformer_tiny", "bitfit-none")], "cpu",
+                                    4, 16, 2, 1, "fp32")
+    assert full["trainable"] == full["total"] == none["total"] > 2_000_000  # WMT'16 en-de's 32,768 symbols
+    assert none["trainable"] == 0 and 0 < none["step_ms_median"] <= none["update_ms_median"]
+
+
 # ------------------------------------------------------------------ deltas
 
 
