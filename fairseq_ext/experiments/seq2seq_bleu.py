@@ -206,6 +206,10 @@ def main(argv=None) -> None:
             raise UserError(f"--modes {mode}: full or bitfit-<terms> (bitfit-none: nothing trained)")
         mode_flags(mode)
     output = Path(args.output_dir)
+    for name in args.settings:
+        if (output / "runs" / name).exists():
+            raise UserError(f"--output-dir {output}: runs/{name} exists from an earlier measurement; "
+                            "remove it or choose another --output-dir")
     rows = []
     for name in args.settings:
         rows += run_setting(name, output / "runs" / name, args)
