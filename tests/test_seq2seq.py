@@ -261,6 +261,11 @@ def test_generation_from_base_plus_delta_equals_the_full_checkpoint(bitfit_run, 
     ours = generated(capsys, finetune_data, "--path", pretrained, "--delta", best_delta, *GENERATION)
     assert ours == generated(capsys, finetune_data, "--path", bitfit_run / "checkpoint_best.pt", *GENERATION)
     assert ours != generated(capsys, finetune_data, "--path", pretrained, *GENERATION)
+    # fairseq-interactive on raw text, the same way
+    interactive = ["--interactive", finetune_data, "--input", finetune_data.parent / "raw" / "finetune.test.src",
+                   "--buffer-size", "8", *GENERATION]
+    assert generated(capsys, *interactive, "--path", pretrained, "--delta", best_delta) == generated(
+        capsys, *interactive, "--path", bitfit_run / "checkpoint_best.pt")
 
 
 def test_many_deltas_on_one_base_translate_as_their_full_checkpoints(bitfit_run, none_run, best_delta, pretrained,

@@ -42,7 +42,8 @@ def describe(delta: Delta) -> str:
         f"tensors: {len(delta.tensors)}, {params:,} params, {tensor_bytes:,} bytes "
         f"({100.0 * params / max(total, 1):.4f}% of the model's {total:,} values), dtype {base['dtype']}",
         *role_lines(tally),
-        f"selection: --bitfit-terms {selection['terms']}, heads {'trained' if selection['train_heads'] else 'frozen'}"
+        f"selection: --bitfit-terms {selection['terms']}"
+        + ("" if delta.is_seq2seq else f", heads {'trained' if selection['train_heads'] else 'frozen'}")
         + (", delta-only run" if selection.get("delta_only") else ""),
         task_line,
         f"model: arch {delta.arch}, " + ", ".join(
