@@ -17,8 +17,7 @@ from fairseq import tasks, utils
 from fairseq.models import ARCH_MODEL_NAME_REGISTRY, ARCH_MODEL_REGISTRY
 from omegaconf import OmegaConf
 
-from ..core.delta_file import (Delta, check_base_fingerprint, check_delta_fits, check_dictionary,
-                               copy_delta_into, read_delta)
+from ..core.delta_file import Delta, check_base_fingerprint, check_dictionary, copy_delta_into, read_delta
 from ..core.errors import UserError, one_line
 from ..core.files import check_output_file, write_atomically
 from .checkpoints import checkpoint_config, load_checkpoint_file, model_only_checkpoint
@@ -52,6 +51,19 @@ def build_model(delta: Delta, dictionary=None, target_dictionary=None,
         raise UserError(f"{delta.path}: arch {delta.arch!r} has no classification heads; deltas can be applied "
                         "to sentence-prediction encoders (BERT, RoBERTa) and to seq2seq models")
     return model.eval()
+
+
+def shared_model(delta: Delta, base_state: dict, source: str, device, dictionary=None, target_dictionary=None,
+                 overrides: Optional[Mapping[str, object]] = None):
+    """The model a predictor serves its tasks' deltas on: built from ``delta``'s config, holding the
+    base weights (``base_state``, left as it is), in float32 on ``device``, in eval mode."""
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG be
+        model = build_model(delta, dictionary, target_dictionary, overrides)
+    # load_base upgrades (renames) keys in the dict it gets: keep the caller's intact.
+    load_base(model, dict(base_state), delta, source)
+    # A bf16/fp16 run trained on the base rounded to that dtype; its full checkpoint holds float32
+    # upcasts, which fairseq loads into a float32 model: do the same.
+    return model.to(delta.dtype).float().to(device).eval()
 
 
 def register_head(model, name: str, head_tensors: Mapping[str, torch.Tensor]) -> None:

@@ -57,7 +57,7 @@ from ..core.errors import UserError
 from ..core.glue_tasks import TASK_NAMES, get_task_spec
 from . import patches
 from .checkpoints import load_checkpoint_file
-from .deltas import InPlaceDeltas, build_model, check_same_model, load_base, register_head
+from .deltas import InPlaceDeltas, check_same_model, register_head, shared_model
 from .models.model_dir import MODEL_INFO, build_bpe, load_model_dir
 
 logger = logging.getLogger(__name__)
@@ -169,13 +169,7 @@ class MultiTaskPredictor:
         self._mixed = None
 
     def _build(self, delta: Delta, source: str) -> None:
-        with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG be
-            model = build_model(delta, self.dictionary)
-        # load_base upgrades (renames) keys in the dict it gets: keep ours intact for a later, fitting delta.
-        load_base(model, dict(self._base_state), delta, source)
-        # A bf16/fp16 run trained on the base rounded to that dtype; its full checkpoint holds float32
-        # upcasts, which fairseq loads into a float32 model: do the same.
-        self.model = model.to(delta.dtype).float().to(self.device).eval()
+        self.model = shared_model(delta, self._base_state, source, self.device, self.dictionary)
         self._model_delta = delta
         self._base_state = None  # the model holds the base now
         self._in_place = InPlaceDeltas(self.model)

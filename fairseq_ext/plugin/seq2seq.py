@@ -25,7 +25,6 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
-import torch
 from fairseq.dataclass.configs import GenerationConfig
 from fairseq.hub_utils import GeneratorHubInterface
 from fairseq.tasks.translation import TranslationTask
@@ -34,8 +33,8 @@ from omegaconf import OmegaConf
 from ..core.delta_file import Delta, check_base_fingerprint, check_delta_fits, read_delta
 from ..core.errors import UserError
 from .checkpoints import load_checkpoint_file
-from .deltas import (InPlaceDeltas, build_model, check_base_model, check_same_model, check_seq2seq_dictionaries,
-                     load_base, merged_cfg, seq2seq_task)
+from .deltas import (InPlaceDeltas, check_base_model, check_same_model, check_seq2seq_dictionaries, merged_cfg,
+                     seq2seq_task, shared_model)
 from .predictor import usable_device
 
 # Keyword options translate() and generate() pass on: fairseq's generation options, and the hub's own.
@@ -116,14 +115,9 @@ class Seq2SeqPredictor:
         if self.task is None:
             self.task = seq2seq_task(delta, self.data)
         check_seq2seq_dictionaries(self.task, delta, source)
-        with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG be
-            model = build_model(delta, self.task.source_dictionary, self.task.target_dictionary,
-                                self._model_overrides)
-        load_base(model, dict(self._base["model"]), delta, self.base_source)
+        self.model = shared_model(delta, self._base["model"], self.base_source, self.device,
+                                  self.task.source_dictionary, self.task.target_dictionary, self._model_overrides)
         self._base = None  # the model holds the base now
-        # A bf16/fp16 run trained on the base rounded to that dtype; its full checkpoint holds float32
-        # upcasts, which fairseq loads into a float32 model: do the same.
-        self.model = model.to(delta.dtype).float().to(self.device).eval()
         self._model_delta = delta
         self._in_place = InPlaceDeltas(self.model)
         # The config as fairseq reads it from a checkpoint (omegaconf, the legacy model Namespace kept).
