@@ -269,7 +269,7 @@ def test_generation_from_base_plus_delta_equals_the_full_checkpoint(bitfit_run, 
 
 
 def test_many_deltas_on_one_base_translate_as_their_full_checkpoints(bitfit_run, none_run, best_delta, pretrained,
-                                                                     finetune_data):
+                                                                     finetune_data, tmp_path):
     from fairseq.models.transformer import TransformerModel
 
     from fairseq_ext.plugin.seq2seq import Seq2SeqPredictor
@@ -285,6 +285,12 @@ def test_many_deltas_on_one_base_translate_as_their_full_checkpoints(bitfit_run,
                                                data_name_or_path=str(finetune_data))
         assert output == hub.translate(sources, **options), name
     assert outputs[0] != outputs[1]
+    # A model folder (model.pt with dict.{lang}.txt beside it, as fairseq releases translation models) is a base too.
+    shutil.copytree(finetune_data, tmp_path / "folder")
+    shutil.copyfile(pretrained, tmp_path / "folder" / "model.pt")
+    from_folder = Seq2SeqPredictor(tmp_path / "folder")
+    from_folder.add_task("all", best_delta)
+    assert from_folder.translate("all", sources, **options) == outputs[0]
     nbest = predictor.generate("all", sources[:2], beam=3, nbest=2, max_len_b=12)
     assert [len(hypotheses) for hypotheses in nbest] == [2, 2]
     with pytest.raises(UserError, match="unknown generation option 'lenpn'"):

@@ -177,8 +177,9 @@ def run_setting(name: str, root: Path, args) -> List[dict]:
 def markdown(rows: List[dict]) -> str:
     lines = ["| setting | mode | trainable / total | lr | BLEU |", "|---|---|---:|---:|---:|"]
     for row in rows:
+        lr = f"{row['lr']:g}" if row["trainable"] else "–"  # nothing trained: the pretrained model
         lines.append(f"| {row['setting']} | {row['mode']} | {row['trainable']:,} / {row['total']:,} "
-                     f"({100 * row['trainable'] / row['total']:.2f}%) | {row['lr']:g} | {row['bleu']:.2f} |")
+                     f"({100 * row['trainable'] / row['total']:.2f}%) | {lr} | {row['bleu']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
