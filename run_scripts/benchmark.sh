@@ -4,8 +4,10 @@
 #   MODELS="roberta_base roberta_large" DEVICE=cuda bash run_scripts/benchmark.sh
 # Environment (defaults in brackets):
 #   MODELS      space-separated: minilm (embedded, pretrained) or fairseq archs with random
-#               init (roberta_base, roberta_large, bert_base, ...)                   [minilm]
-#   MODES       full bitfit-ofa bitfit-all bitfit-q,m2 head (bitfit-<any --bitfit-terms>) [all five]
+#               init (roberta_base, roberta_large, bert_base, ...; encoder-decoder archs such as
+#               transformer_wmt_en_de or bart_base train on synthetic translation)   [minilm]
+#   MODES       full bitfit-ofa bitfit-all bitfit-q,m2 head (bitfit-<any --bitfit-terms>;
+#               head on a seq2seq model, which has no heads, trains nothing)         [all five]
 #   STEPS       timed updates after WARMUP warm-up updates; the median is reported [10, 3]
 #   ROUNDS      run every model x mode this many times, interleaved; median of rounds [1]
 #   DEVICE      cpu or cuda                                                          [cuda if present]

@@ -266,7 +266,7 @@ def test_a_delta_for_another_architecture_is_refused(best_delta, tmp_path, capsy
                 "optimizer_history": [{"num_updates": 0}]}, bert_base)
     out = tmp_path / "merged.pt"
     assert_one_line_error(run_cli(capsys, "apply", "--base", bert_base, "--delta", best_delta, "--out", out),
-                          "does not fit the delta's model (arch roberta)")
+                          "a bert model (arch bert_tiny)", "classification delta", "arch roberta")
     assert not out.exists()
 
 

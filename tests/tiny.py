@@ -147,3 +147,39 @@ def assert_one_line_error(result, *fragments):
     assert len(lines) == 1, err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+# ------------------------------------------------------------------ seq2seq: a tiny translation model
+
+# A 2+2-layer, 16-dim transformer: every encoder, decoder and cross-attention bias role, fast on CPU.
+# The output projection is tied to the decoder's embeddings, as in fairseq's translation recipes.
+TINY_TRANSFORMER = [
+    "--arch", "transformer", "--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "16",
+    "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32",
+    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--share-decoder-input-output-embed",
+]
+TRANSLATION = ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+               "--optimizer", "adam", "--batch-size", "16"]
+
+
+def make_translation_data(root: Path):
+    """(pretraining, fine-tuning) binarized src-tgt data: the synthetic corpora of the BLEU experiment
+    (monotone word-for-word translation, then reversed), small, with one dictionary per language."""
+    from fairseq_ext.experiments.seq2seq_bleu import SETTINGS, make_data
+
+    return make_data(root, SETTINGS["new-word-order"], (200, 24, 24), (160, 24, 24), vocab=20, lengths=(3, 7),
+                     joined=False)
+
+
+def pretrain_translation(data: Path, save_dir: Path, updates=30) -> Path:
+    """A real pretrained tiny translation transformer: a few updates of train.py --task translation."""
+    run(["train.py", str(data), *TRANSLATION, *TINY_TRANSFORMER, "--lr", "5e-3", "--max-update", str(updates),
+         "--save-dir", str(save_dir), "--no-epoch-checkpoints", *COMMON])
+    return save_dir / "checkpoint_last.pt"
+
+
+def translation_recipe(data: Path, pretrained: Path, save_dir: Path, updates=12, extra=()):
+    """Fine-tuning a pretrained translation model on new data, fairseq-style (--restore-file, --reset-*)."""
+    return ["train.py", str(data), *TRANSLATION, *TINY_TRANSFORMER, "--lr", "1e-2",
+            "--restore-file", str(pretrained), "--reset-optimizer", "--reset-dataloader", "--reset-meters",
+            "--max-update", str(updates), "--save-dir", str(save_dir), "--no-epoch-checkpoints", *COMMON, *extra]

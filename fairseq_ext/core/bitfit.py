@@ -121,6 +121,12 @@ def _is_head(name: str, head_prefixes: Sequence[str]) -> bool:
     return any(name.startswith(prefix) or ("." + prefix) in name for prefix in head_prefixes)
 
 
+def has_heads(model: torch.nn.Module, head_prefixes: Sequence[str] = DEFAULT_HEAD_PREFIXES) -> bool:
+    """Whether the model has task heads: a sentence-prediction model does, a seq2seq model does not
+    (its output projection is tied to its embeddings, or a plain weight: never a head)."""
+    return any(_is_head(name, head_prefixes) for name, _ in model.named_parameters())
+
+
 @dataclass
 class Selection:
     """What BitFit trains in one model: parameter names, each with its report group."""
@@ -210,6 +216,9 @@ def apply(
     entries as the ``all`` selection trains bias parameters, drawn with ``seed``: its masks
     are in ``selection.masks``; keep the rest of those matrices fixed with
     ``controls.MaskGuard`` while training.
+
+    A selection that trains nothing is an error, except ``none`` (heads only) on a model
+    without heads, such as a seq2seq model: it freezes everything, the frozen baseline.
     """
     selection = select(model, terms, train_heads, head_prefixes)
     if forward_backward is not None and selection.groups:
@@ -218,7 +227,8 @@ def apply(
             del selection.groups[name]
     if terms.strip() in CONTROL_TERMS:
         _draw_control(model, selection, terms.strip(), head_prefixes, forward_backward, seed)
-    if not selection.groups:
+    frozen_baseline = terms.strip() == "none" and train_heads and not has_heads(model, head_prefixes)
+    if not selection.groups and not frozen_baseline:
         raise SelectionError(
             f"selection {terms!r}{'' if train_heads else ' with frozen heads'} trains no parameter"
         )
@@ -310,8 +320,9 @@ def report(model: torch.nn.Module, selection: Selection) -> str:
     head = tally.get("head", (0, 0))
     bias_tensors = sum(v[0] for k, v in tally.items() if k not in ("head", "masked"))
     bias_params = sum(v[1] for k, v in tally.items() if k not in ("head", "masked"))
+    heads = f"heads {'trained' if selection.train_heads else 'frozen'}" if has_heads(model) else "no task heads"
     lines = [
-        f"BitFit selection {selection.terms!r}, heads {'trained' if selection.train_heads else 'frozen'}",
+        f"BitFit selection {selection.terms!r}, {heads}",
         format_trainable(*trained_and_total(model, selection)),
         f"bias terms: {bias_params:,} params in {bias_tensors} tensors || "
         f"heads: {head[1]:,} params in {head[0]} tensors",
@@ -324,6 +335,8 @@ def report(model: torch.nn.Module, selection: Selection) -> str:
         lines.append(
             "left frozen, selected but unused in the forward pass: " + ", ".join(selection.unused)
         )
+    if not selection.groups:
+        lines.append("nothing is trained: every weight stays as loaded (the frozen baseline)")
     return "\n".join(lines)
 
 

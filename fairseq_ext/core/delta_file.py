@@ -52,6 +52,10 @@ logger = logging.getLogger(__name__)
 FORMAT = "fairseq-bitfit-delta"
 FORMAT_VERSION = 1
 DELTA_SUFFIX = ".delta.safetensors"
+# What a delta's run was (its header's task "kind"): a sequence-to-sequence run (translation and the
+# tasks built on it: generate from it) or a classification one (sentence prediction: predict labels).
+# Deltas written before seq2seq runs had deltas are all classification ones and record no kind.
+SEQ2SEQ, CLASSIFICATION = "seq2seq", "classification"
 
 
 def delta_path_for(checkpoint_path) -> str:
@@ -88,6 +92,19 @@ def dictionary_identity(dictionary) -> dict:
             "unk": dictionary.unk(), "sha256": hashlib.sha256(symbols).hexdigest()}
 
 
+def check_dictionary(expected: dict, dictionary, what: str, source: str) -> None:
+    """Refuse a dictionary other than the one a delta was trained with (``expected``: its identity).
+
+    Token ids mean nothing with another dictionary, even one of the same size: the run's
+    embeddings and outputs are indexed by its own symbols.
+    """
+    found = dictionary_identity(dictionary)
+    if found != expected:
+        raise UserError(f"{source}: {what} ({found['size']} symbols, sha256 {found['sha256'][:12]}...) is not the "
+                        f"dictionary the delta was trained with ({expected['size']} symbols, sha256 "
+                        f"{expected['sha256'][:12]}...)")
+
+
 # --------------------------------------------------------------------------- the file
 
 
@@ -99,7 +116,7 @@ class Delta:
     selection: dict  # {"terms", "train_heads", "trained": [names], "unused": [names], "delta_only"}
     task: dict  # {"cfg": fairseq task config, "label_symbols": class names or None, "truncate_to": tokens}
     model: dict  # {"arch", "args": the model config, "namespace": whether fairseq keeps it as a Namespace}
-    dictionary: dict  # dictionary_identity() of the task's source dictionary
+    dictionary: dict  # dictionary_identity() of the task's source dictionary; seq2seq: + "target": the target's
     base: dict  # {"fingerprint", "dtype", "tensors", "parameters"} of the frozen base tensors
     progress: dict  # {"num_updates", "epoch", "valid_metric", "valid_score"} when the checkpoint was saved
     training_cfg: dict  # the run's other fairseq config groups (common, optimization, ...)
@@ -131,6 +148,38 @@ class Delta:
     @property
     def label_symbols(self) -> Optional[List[str]]:
         return self.task.get("label_symbols")
+
+    @property
+    def kind(self) -> str:
+        """SEQ2SEQ or CLASSIFICATION: how the run's model is used (generate, or predict labels)."""
+        return self.task.get("kind", CLASSIFICATION)
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.kind == SEQ2SEQ
+
+    def describe_kind(self) -> str:
+        """``a seq2seq delta (task translation, de-en)``, ``a classification delta (task sentence_prediction)``."""
+        pair = f", {self.source_lang}-{self.target_lang}" if self.is_seq2seq else ""
+        return f"a {self.kind} delta (task {self.task_name}{pair}, arch {self.arch})"
+
+    @property
+    def source_lang(self) -> Optional[str]:
+        return self.task_cfg.get("source_lang")
+
+    @property
+    def target_lang(self) -> Optional[str]:
+        return self.task_cfg.get("target_lang")
+
+    @property
+    def source_dictionary(self) -> dict:
+        """The identity of the (source) dictionary the run read its input with."""
+        return {key: value for key, value in self.dictionary.items() if key != "target"}
+
+    @property
+    def target_dictionary(self) -> Optional[dict]:
+        """The identity of a seq2seq run's target dictionary; None for classification."""
+        return self.dictionary.get("target")
 
     @property
     def arch(self) -> str:

@@ -1,7 +1,9 @@
 """Speed and memory of BitFit against full fine-tuning, measured in train.py itself.
 
 Each (model, mode) is one train.py run on a synthetic binarized dataset (random
-tokens, every batch exactly batch x seq_len) for warmup + steps updates, through
+tokens, every batch exactly batch x seq_len: sentence prediction, or for an
+encoder-decoder arch such as ``transformer_wmt_en_de`` translation, source and
+target seq_len tokens each; tokens/s counts source tokens) for warmup + steps updates, through
 fairseq's own loop and a BitFitTrainer that times each update.  It reports the
 median update time (one loop iteration: data loading, train_step, logging), the
 median ``train_step`` time alone, tokens per second and peak memory: CUDA max
@@ -10,6 +12,7 @@ has a fresh process, since RSS cannot be told apart within one; on CUDA one proc
 per round runs them in turn, so start-up (imports, CUDA context) is paid once.
 
     python -m fairseq_ext.experiments.benchmark --models minilm roberta_base --device cpu --output-dir outputs/benchmark
+    python -m fairseq_ext.experiments.benchmark --models transformer_wmt_en_de --modes full bitfit-all bitfit-none
 """
 import argparse
 import contextlib
@@ -31,7 +34,7 @@ from ..core.files import write_report
 from ..plugin.patches import cuda_peak_memory
 from ..training import options
 from ..training.main import cli_main
-from ..training.synthetic import model_setup, train_args, write_synthetic_data
+from ..training.synthetic import is_translation_workload, model_setup, train_args, workload_args, write_synthetic_data
 from ..training.trainer import BitFitTrainer
 
 MODES = (options.FULL, "bitfit-ofa", "bitfit-all", "bitfit-q,m2", options.HEAD_ONLY)
@@ -53,10 +56,10 @@ def _measure_in(workdir: Path, model: str, mode: str, device: str, batch: int, s
                 warmup: int, precision: str) -> dict:
     model_args, dictionary, checkpoint = model_setup(model, workdir)
     updates = warmup + steps
-    data = write_synthetic_data(workdir, dictionary, batch, seq_len, updates)
+    data = write_synthetic_data(workdir, dictionary, batch, seq_len, updates, translation=is_translation_workload(model))
     restore = ["--restore-file", str(checkpoint), "--reset-optimizer", "--reset-dataloader", "--reset-meters"] \
         if checkpoint is not None else []
-    argv = [*train_args(data, model_args, batch, device, precision, mode), *restore,
+    argv = [*train_args(data, model_args, batch, device, precision, mode, workload_args(model)), *restore,
             "--required-batch-size-multiple", "1", "--max-update", str(updates),
             "--no-save", "--save-dir", str(workdir / "checkpoints"),
             "--log-format", "simple", "--log-interval", str(max(1, updates // 2))]

@@ -44,9 +44,9 @@ def check_checkpoint_container(path: str, what: str) -> None:
     raise UserError(f"{what} {path}: not a whole PyTorch checkpoint (truncated or corrupt?)")
 
 
-def add_trust_checkpoint_argument(parser) -> None:
+def add_trust_checkpoint_argument(parser, flag: str = "--base") -> None:
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle --base without torch's weights_only safety (only for files you trust)")
+                        help=f"unpickle {flag} without torch's weights_only safety (only for files you trust)")
 
 
 def load_checkpoint_file(path, trust_checkpoint: bool = False, flag: str = "--base") -> dict:
@@ -96,16 +96,25 @@ def checkpoint_parameter_count(path) -> int:
 
 def read_checkpoint_model_config(path) -> Dict[str, object]:
     """The model config stored in a fairseq checkpoint, as a dict, without reading its tensors."""
-    state = _mapped_checkpoint(path)
-    cfg = state.get("cfg") if isinstance(state, dict) else None
-    model_cfg = cfg.get("model") if isinstance(cfg, dict) else None
-    if model_cfg is None and isinstance(state, dict):
-        model_cfg = state.get("args")
-    if isinstance(model_cfg, argparse.Namespace):
-        model_cfg = vars(model_cfg)
-    if not isinstance(model_cfg, dict):
+    model_cfg = checkpoint_config(_mapped_checkpoint(path), "model")
+    if model_cfg is None:
         raise UserError(f"{path}: no model config (cfg.model or args) in the checkpoint")
     return model_cfg
+
+
+def checkpoint_config(state, group: str) -> Optional[Dict[str, object]]:
+    """One config group (``model``, ``task``) of a loaded fairseq checkpoint, as a dict, or None.
+
+    fairseq >= 0.10 keeps ``cfg.<group>`` (a dict, or an argparse.Namespace for legacy models);
+    older checkpoints keep every option in one ``args`` Namespace.
+    """
+    cfg = state.get("cfg") if isinstance(state, dict) else None
+    group_cfg = cfg.get(group) if isinstance(cfg, dict) else None
+    if group_cfg is None and isinstance(state, dict):
+        group_cfg = state.get("args")
+    if isinstance(group_cfg, argparse.Namespace):
+        group_cfg = vars(group_cfg)
+    return group_cfg if isinstance(group_cfg, dict) else None
 
 
 def model_only_checkpoint(cfg: dict, model_state: Dict[str, torch.Tensor], num_updates: int = 0,

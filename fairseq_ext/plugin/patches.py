@@ -159,6 +159,23 @@ PATCHES: Tuple[Patch, ...] = (
           "freezing before the Trainer exists is enough because the optimizer is built from the parameters "
           "that require grad",
           source_has=("filter(", "lambda p: p.requires_grad")),
+    Patch("models-in-memory", "fairseq.checkpoint_utils.load_model_ensemble", "replaces",
+          "models_in_memory() (python -m fairseq_ext.tools.generate --delta)",
+          "fairseq-generate reads its model from the --path file; generating from a base plus a BitFit delta "
+          "without writing a merged checkpoint hands fairseq's own generation the model already built in "
+          "memory for that path (any other path, an --lm-path, loads as usual)"),
+    Patch("models-in-memory", "fairseq_cli.generate._main", "relies on",
+          "models_in_memory() (python -m fairseq_ext.tools.generate --delta)",
+          "fairseq-generate loads its models through the checkpoint_utils module attribute, with the task it set "
+          "up from the command line, and only then reads the test set with the returned config's task",
+          source_has=("task = tasks.setup_task(cfg.task)", "checkpoint_utils.load_model_ensemble(",
+                      "task=task", "task.load_dataset(cfg.dataset.gen_subset, task_cfg=saved_cfg.task)",
+                      "model.prepare_for_inference_(cfg)")),
+    Patch("models-in-memory", "fairseq_cli.interactive.main", "relies on",
+          "models_in_memory() (python -m fairseq_ext.tools.generate --interactive --delta)",
+          "fairseq-interactive loads its models the same way, with the task it set up from the command line",
+          source_has=("task = tasks.setup_task(cfg.task)", "checkpoint_utils.load_model_ensemble(", "task=task",
+                      "model.prepare_for_inference_(cfg)")),
 )
 
 
@@ -557,3 +574,31 @@ class cuda_peak_memory:
         _mark("cuda-peak-memory", False)
         self.peak = max(self._peaks + [torch.cuda.max_memory_allocated()])
         return False
+
+
+# --------------------------------------------------------------------------- generation: models already in memory
+
+
+ModelLoader = Callable[[Optional[dict], object], Tuple[list, object]]  # (arg_overrides, task) -> (models, cfg)
+
+
+@contextlib.contextmanager
+def models_in_memory(loaders: Dict[str, ModelLoader]):
+    """While the block runs, fairseq's ``checkpoint_utils.load_model_ensemble`` asked for one path
+    that ``loaders`` names returns ``loaders[path](arg_overrides, task)``, a ``(models, cfg)`` pair
+    built in memory, instead of reading the file (see PATCHES: models-in-memory); any other path
+    loads as fairseq loads it."""
+    fairseq_load = checkpoint_utils.load_model_ensemble
+
+    def load_model_ensemble(filenames, arg_overrides=None, task=None, *args, **kwargs):
+        if len(filenames) == 1 and filenames[0] in loaders:
+            return loaders[filenames[0]](arg_overrides, task)
+        return fairseq_load(filenames, arg_overrides, task, *args, **kwargs)
+
+    checkpoint_utils.load_model_ensemble = load_model_ensemble
+    _mark("models-in-memory")
+    try:
+        yield
+    finally:
+        checkpoint_utils.load_model_ensemble = fairseq_load
+        _mark("models-in-memory", False)

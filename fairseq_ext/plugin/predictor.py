@@ -56,8 +56,7 @@ from ..core.errors import UserError
 from ..core.glue_tasks import TASK_NAMES, get_task_spec
 from . import patches
 from .checkpoints import load_checkpoint_file
-from .deltas import build_model, load_base, register_head
-from .models.build import SHARED_MODEL_OPTIONS
+from .deltas import InPlaceDeltas, check_same_model, register_head, shared_model
 from .models.model_dir import MODEL_INFO, build_bpe, load_model_dir
 
 logger = logging.getLogger(__name__)
@@ -124,10 +123,8 @@ class MultiTaskPredictor:
         self._base_state: Optional[dict] = load_checkpoint_file(checkpoint, trust_checkpoint)["model"]
         self.model = None  # built from the first task's model config
         self._model_delta: Optional[Delta] = None
-        self._parameters: Dict[str, torch.nn.Parameter] = {}
-        self._base_values: Dict[str, torch.Tensor] = {}  # base values of every tensor some task trains
+        self._in_place: Optional[InPlaceDeltas] = None  # each task's bias tensors, swapped into the model
         self._tasks: Dict[str, _Task] = {}
-        self._active: Optional[str] = None
         self._mixed: Optional[PerExampleBiases] = None  # the bias tables of the tasks added so far
 
     # -- tasks ------------------------------------------------------------------------
@@ -143,62 +140,39 @@ class MultiTaskPredictor:
         if not isinstance(delta, Delta):
             delta = read_delta(delta)
         source = f"--delta {name}={delta.path}"
+        if delta.is_seq2seq:
+            raise UserError(f"{source}: {delta.describe_kind()}: it generates sequences, it has no labels to "
+                            "predict; generate with python -m fairseq_ext.tools.generate")
         check_task_name(name, delta)
         if delta.head_name not in delta.head_names():
             raise UserError(f"{source}: holds no classification head {delta.head_name!r}")
         if self.model is None:
             self._build(delta, source)
         else:
-            self._check_same_model(delta, source)
-        if dictionary_identity(self.dictionary) != delta.dictionary:
+            check_same_model(self._model_delta, delta, source)
+        if dictionary_identity(self.dictionary) != delta.source_dictionary:
             raise UserError(f"{source}: trained with another dictionary ({delta.dictionary['size']} symbols) than "
                             f"the base's ({len(self.dictionary)} symbols)")
-        check_base_fingerprint(self._base_view(), delta, f"--base {self.base_source}", force_flag=None)
+        check_base_fingerprint(self._in_place.base_state(), delta, f"--base {self.base_source}", force_flag=None)
         # float32 like the model (see _build); bf16/fp16 deltas upcast losslessly.
         body = {tensor_name: tensor.float() for tensor_name, tensor in delta.body_tensors().items()}
         check_delta_fits(self.model, body, source)
-        for tensor_name in body:
-            if tensor_name not in self._base_values:
-                # Only tensors some task trains are ever overwritten: this one still holds its base value.
-                self._base_values[tensor_name] = self._parameters[tensor_name].detach().clone()
         head_key = f"task{len(self._tasks)}"
         register_head(self.model, head_key, delta.head_tensors(delta.head_name))
         head = self.model.classification_heads[head_key].to(self.device).eval()
         head.load_state_dict(delta.head_tensors(delta.head_name), strict=True)
-        self._parameters = dict(self.model.named_parameters())
         glue_task = delta.glue_task
         pair = get_task_spec(glue_task).is_pair if glue_task else None
         body = {tensor_name: tensor.to(self.device) for tensor_name, tensor in body.items()}
+        self._in_place.add(name, body)
         self._tasks[name] = _Task(name, delta, head_key, body, pair)
         self._mixed = None
 
     def _build(self, delta: Delta, source: str) -> None:
-        with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG be
-            model = build_model(delta, self.dictionary)
-        # load_base upgrades (renames) keys in the dict it gets: keep ours intact for a later, fitting delta.
-        load_base(model, dict(self._base_state), delta, source)
-        # A bf16/fp16 run trained on the base rounded to that dtype; its full checkpoint holds float32
-        # upcasts, which fairseq loads into a float32 model: do the same.
-        self.model = model.to(delta.dtype).float().to(self.device).eval()
+        self.model = shared_model(delta, self._base_state, source, self.device, self.dictionary)
         self._model_delta = delta
         self._base_state = None  # the model holds the base now
-        self._parameters = dict(model.named_parameters())
-
-    def _check_same_model(self, delta: Delta, source: str) -> None:
-        ours = {**self._model_delta.model["args"], "arch": self._model_delta.arch}
-        theirs = {**delta.model["args"], "arch": delta.arch}
-        for option in SHARED_MODEL_OPTIONS:
-            if ours.get(option) != theirs.get(option):
-                raise UserError(f"{source}: model {option} {theirs.get(option)!r} differs from the loaded model's "
-                                f"{ours.get(option)!r} (from {self._model_delta.path}); tasks of one predictor "
-                                "share one model")
-        if delta.dtype != self._model_delta.dtype:
-            raise UserError(f"{source}: trained in {delta.base['dtype']}, the loaded model is "
-                            f"{self._model_delta.base['dtype']}")
-
-    def _base_view(self) -> Dict[str, torch.Tensor]:
-        """The model's state with every tensor some task changed put back to its base value."""
-        return {name: self._base_values.get(name, tensor) for name, tensor in self.model.state_dict().items()}
+        self._in_place = InPlaceDeltas(self.model)
 
     def delta(self, name: str) -> Delta:
         return self._task(name).delta
@@ -214,16 +188,7 @@ class MultiTaskPredictor:
 
     def use(self, name: str) -> None:
         """Switch the shared model to task ``name``: copy its bias tensors in place."""
-        task = self._task(name)
-        if self._active == name:
-            return
-        previous = self._tasks[self._active].body if self._active is not None else {}
-        with torch.no_grad():
-            for tensor_name in previous.keys() - task.body.keys():
-                self._parameters[tensor_name].copy_(self._base_values[tensor_name])
-            for tensor_name, tensor in task.body.items():
-                self._parameters[tensor_name].copy_(tensor)
-        self._active = name
+        self._in_place.use(self._task(name).name)
 
     # -- encoding and batching ----------------------------------------------------------
 
@@ -345,7 +310,7 @@ class MultiTaskPredictor:
             if not self._tasks:
                 raise UserError("no task added")
             trained = sorted({name for task in self._tasks.values() for name in task.body})
-            tables = {name: torch.stack([task.body.get(name, self._base_values[name])
+            tables = {name: torch.stack([task.body.get(name, self._in_place.base_values[name])
                                          for task in self._tasks.values()]) for name in trained}
             probe = torch.full((2, 3), self.dictionary.unk(), dtype=torch.long, device=self.device)
             probe[:, 0], probe[:, -1] = self.dictionary.bos(), self.dictionary.eos()

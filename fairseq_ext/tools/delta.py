@@ -14,8 +14,7 @@ from ..core.bitfit import role_lines, tally_by_role
 from ..core.delta_file import FORMAT_VERSION, Delta, plain_json, read_delta
 from ..core.errors import exit_on_user_error, quiet_cli_logging
 from ..plugin.checkpoints import add_trust_checkpoint_argument
-from ..plugin.deltas import apply_delta
-from ..plugin.models.build import SHARED_MODEL_OPTIONS
+from ..plugin.deltas import apply_delta, model_options
 
 
 def describe(delta: Delta) -> str:
@@ -26,25 +25,38 @@ def describe(delta: Delta) -> str:
     params = sum(count for _, count in tally.values())
     selection, task, base = delta.selection, delta.task_cfg, delta.base
     total = base["parameters"] + params
+    if delta.is_seq2seq:
+        task_line = (f"task: {delta.task_name}, {delta.source_lang} -> {delta.target_lang} (seq2seq: generate with "
+                     "python -m fairseq_ext.tools.generate), no task heads")
+        dictionary_line = (f"dictionaries: source {_dictionary(delta.source_dictionary)}, "
+                           f"target {_dictionary(delta.target_dictionary)}")
+    else:
+        task_line = (f"task: {delta.task_name}" + (f" (GLUE {delta.glue_task})" if delta.glue_task else "")
+                     + f", head {delta.head_name!r}, "
+                     + ("regression" if delta.regression else f"{task.get('num_classes')} classes {delta.label_symbols}")
+                     + f", init token {task.get('init_token')}, separator {task.get('separator_token')}, "
+                     f"truncate to {delta.task.get('truncate_to')}")
+        dictionary_line = f"dictionary: {_dictionary(delta.source_dictionary)}"
     return "\n".join([
         f"{delta.path}: BitFit delta (format {FORMAT_VERSION}), {file_bytes:,} bytes",
         f"tensors: {len(delta.tensors)}, {params:,} params, {tensor_bytes:,} bytes "
         f"({100.0 * params / max(total, 1):.4f}% of the model's {total:,} values), dtype {base['dtype']}",
         *role_lines(tally),
-        f"selection: --bitfit-terms {selection['terms']}, heads {'trained' if selection['train_heads'] else 'frozen'}"
+        f"selection: --bitfit-terms {selection['terms']}"
+        + ("" if delta.is_seq2seq else f", heads {'trained' if selection['train_heads'] else 'frozen'}")
         + (", delta-only run" if selection.get("delta_only") else ""),
-        f"task: {delta.task_name}" + (f" (GLUE {delta.glue_task})" if delta.glue_task else "")
-        + f", head {delta.head_name!r}, "
-        + ("regression" if delta.regression else f"{task.get('num_classes')} classes {delta.label_symbols}")
-        + f", init token {task.get('init_token')}, separator {task.get('separator_token')}, "
-        f"truncate to {delta.task.get('truncate_to')}",
+        task_line,
         f"model: arch {delta.arch}, " + ", ".join(
-            f"{key} {delta.model['args'][key]}" for key in SHARED_MODEL_OPTIONS[1:] if key in delta.model["args"]),
-        f"dictionary: {delta.dictionary['size']} symbols, sha256 {delta.dictionary['sha256'][:16]}...",
+            f"{key} {delta.model['args'][key]}" for key in model_options(delta)[1:] if key in delta.model["args"]),
+        dictionary_line,
         f"base: {base['fingerprint']} over {base['tensors']} frozen tensors ({base['parameters']:,} params)",
         f"saved at: update {delta.progress.get('num_updates')}, epoch {delta.progress.get('epoch')}, "
         f"valid {delta.progress.get('valid_metric')} {delta.progress.get('valid_score')}",
     ])
+
+
+def _dictionary(identity: dict) -> str:
+    return f"{identity['size']} symbols, sha256 {identity['sha256'][:16]}..."
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,10 +15,12 @@ import torch
 from omegaconf import OmegaConf
 
 from ..core.bitfit import CLASSIFICATION_HEADS
-from ..core.delta_file import Delta, delta_path_for, dictionary_identity, frozen_base_tensors, tensors_fingerprint
+from ..core.delta_file import (CLASSIFICATION, SEQ2SEQ, Delta, delta_path_for, dictionary_identity,
+                               frozen_base_tensors, tensors_fingerprint)
 from ..core.errors import UserError
 from ..core.files import write_atomically
 from ..plugin import patches
+from ..plugin.seq2seq import is_seq2seq_task
 
 logger = logging.getLogger(__name__)
 
@@ -116,12 +118,20 @@ class CheckpointDeltaWriter:
             "task": _task_section(trainer.task),
             "model": {"arch": model_args.get("arch") or model_args.get("_name"), "args": model_args,
                       "namespace": namespace},
-            "dictionary": dictionary_identity(trainer.task.source_dictionary),
+            "dictionary": _dictionary_section(trainer.task),
             "base": {"fingerprint": tensors_fingerprint(frozen), "dtype": _dtype_name(frozen),
                      "tensors": len(frozen), "parameters": _distinct_numel(frozen.values())},
             "training_cfg": {key: value for key, value in plain_cfg.items() if key not in ("model", "task")},
         }
         return {"names": names, "sections": sections}
+
+
+def _dictionary_section(task) -> dict:
+    """The source dictionary's identity; a seq2seq run's target dictionary's under "target"."""
+    section = dictionary_identity(task.source_dictionary)
+    if is_seq2seq_task(task):
+        section["target"] = dictionary_identity(task.target_dictionary)
+    return section
 
 
 def _task_section(task) -> dict:
@@ -137,8 +147,8 @@ def _task_section(task) -> dict:
         # sentence_prediction's class i is label symbol nspecial + i.
         label_symbols = list(labels.symbols[labels.nspecial:labels.nspecial + num_classes])
     truncate_to = task.max_positions() if hasattr(task, "max_positions") else None
-    return {"cfg": task_cfg, "label_symbols": label_symbols,
-            "truncate_to": truncate_to if isinstance(truncate_to, int) else None}
+    return {"cfg": task_cfg, "kind": SEQ2SEQ if is_seq2seq_task(task) else CLASSIFICATION,
+            "label_symbols": label_symbols, "truncate_to": truncate_to if isinstance(truncate_to, int) else None}
 
 
 def _distinct_numel(tensors) -> int:

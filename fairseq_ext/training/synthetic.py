@@ -3,6 +3,9 @@
 A two-class sentence-prediction task of random tokens, every batch exactly
 batch x seq_len, on a named model: ``minilm`` (the embedded pretrained model) or
 a registered fairseq arch with random init (``roberta_base``, ``bert_tiny``, ...).
+An encoder-decoder arch (``transformer_wmt_en_de``, ``bart_base``, ...) gets a
+translation task instead: random source and target sentences of seq_len tokens
+each, one joined dictionary of WMT'16 en-de's size, ``--share-all-embeddings``.
 The benchmark runs train.py end to end on ``write_synthetic_data``; the GPU check
 steps a Trainer by hand (``build_trainer``) on one fixed batch.
 """
@@ -14,7 +17,7 @@ import torch
 from fairseq import checkpoint_utils, tasks
 from fairseq.data import Dictionary, FairseqDataset, indexed_dataset
 from fairseq.distributed import utils as distributed_utils
-from fairseq.models import ARCH_MODEL_REGISTRY
+from fairseq.models import ARCH_MODEL_NAME_REGISTRY, ARCH_MODEL_REGISTRY
 
 from ..core.errors import UserError
 from ..plugin.models.model_dir import load_model_dir
@@ -23,7 +26,24 @@ from . import options
 from .trainer import BitFitTrainer
 
 EMBEDDED_MODEL = "minilm"
-RANDOM_INIT_VOCAB = {"roberta": 50261, "bert": 30518}  # symbols besides fairseq's 4 specials
+# Symbols besides fairseq's 4 specials; translation: fairseq's WMT'16 en-de joined BPE dictionary (32,768).
+RANDOM_INIT_VOCAB = {"roberta": 50261, "bert": 30518, "translation": 32764}
+# fairseq models whose archs get the translation workload.
+SEQ2SEQ_MODELS = ("transformer", "bart")
+SENTENCE_PREDICTION = ["--task", "sentence_prediction", "--criterion", "sentence_prediction", "--num-classes", "2",
+                       "--max-positions", "512"]
+TRANSLATION = ["--task", "translation", "--source-lang", "src", "--target-lang", "tgt",
+               "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
+
+
+def is_translation_workload(model: str) -> bool:
+    """Whether the named model trains on the synthetic translation task (an encoder-decoder arch)."""
+    return ARCH_MODEL_NAME_REGISTRY.get(model) in SEQ2SEQ_MODELS
+
+
+def workload_args(model: str) -> List[str]:
+    """train.py's task and criterion options of the named model's synthetic workload."""
+    return TRANSLATION if is_translation_workload(model) else SENTENCE_PREDICTION
 
 
 def model_setup(model: str, workdir: Path) -> Tuple[List[str], Path, Optional[str]]:
@@ -33,11 +53,14 @@ def model_setup(model: str, workdir: Path) -> Tuple[List[str], Path, Optional[st
         return folder.arch_args(), Path(folder.dictionary), folder.checkpoint
     if model not in ARCH_MODEL_REGISTRY:
         raise UserError(f"--models {model}: neither '{EMBEDDED_MODEL}' nor a fairseq arch")
-    family = "bert" if model.startswith("bert") else "roberta"
+    if is_translation_workload(model):
+        family, arch_args = "translation", ["--arch", model, "--share-all-embeddings"]
+    else:
+        family, arch_args = ("bert" if model.startswith("bert") else "roberta"), ["--arch", model]
     size = 996 if model == "bert_tiny" else RANDOM_INIT_VOCAB[family]
     dictionary = workdir / "dict.txt"
     dictionary.write_text("".join(f"tok{i} 1\n" for i in range(size)))
-    return ["--arch", model], dictionary, None
+    return arch_args, dictionary, None
 
 
 def write_dictionaries(data: Path, dictionary: Path) -> None:
@@ -48,18 +71,19 @@ def write_dictionaries(data: Path, dictionary: Path) -> None:
 
 
 def train_args(data: Path, model_args: Sequence[str], batch: int, device: str, precision: str,
-               mode: str) -> List[str]:
-    """The train.py options every synthetic run shares: two-class sentence prediction, Adam, and
-    data loaded in the training process (as the GLUE runner's runs do): no loader processes."""
-    return [str(data), "--task", "sentence_prediction", "--criterion", "sentence_prediction",
-            "--num-classes", "2", *model_args, "--max-positions", "512", "--batch-size", str(batch),
-            "--num-workers", "0",
+               mode: str, task_args: Sequence[str] = SENTENCE_PREDICTION) -> List[str]:
+    """The train.py options every synthetic run shares: the task (``task_args``: two-class sentence
+    prediction, or ``workload_args(model)``), Adam, and data loaded in the training process (as the
+    GLUE runner's runs do): no loader processes."""
+    return [str(data), *task_args, *model_args, "--batch-size", str(batch), "--num-workers", "0",
             "--optimizer", "adam", "--lr", "1e-4", "--seed", "1", *(["--cpu"] if device == "cpu" else []),
             *({"fp16": ["--fp16"], "bf16": ["--bf16"], "fp32": []}[precision]), *options.mode_flags(mode)]
 
 
-def write_synthetic_data(workdir: Path, dictionary: Path, batch: int, seq_len: int, updates: int) -> Path:
-    """A binarized sentence_prediction dataset of random tokens (what fairseq-preprocess writes).
+def write_synthetic_data(workdir: Path, dictionary: Path, batch: int, seq_len: int, updates: int,
+                         translation: bool = False) -> Path:
+    """A binarized sentence_prediction dataset of random tokens (what fairseq-preprocess writes), or
+    with ``translation`` a src-tgt translation dataset of random sentence pairs.
 
     Every sequence is ``seq_len`` tokens ending in </s>, so every batch is batch x seq_len;
     there are enough for ``updates`` updates in one epoch, plus a one-batch valid split:
@@ -69,6 +93,8 @@ def write_synthetic_data(workdir: Path, dictionary: Path, batch: int, seq_len: i
     data = workdir / "data"
     source = Dictionary.load(str(dictionary))
     generator = torch.Generator().manual_seed(1)
+    if translation:
+        return _write_translation_data(data, dictionary, source, generator, batch, seq_len, updates)
     write_dictionaries(data, dictionary)
     labels = Dictionary.load(str(data / "label" / "dict.txt"))
     for split, rows in (("train", batch * (updates + 1)), ("valid", batch)):
@@ -82,6 +108,25 @@ def write_synthetic_data(workdir: Path, dictionary: Path, batch: int, seq_len: i
             targets.add_item(torch.tensor([labels.index(str(label)), labels.eos()]))
         tokens.finalize(str(data / "input0" / f"{split}.idx"))
         targets.finalize(str(data / "label" / f"{split}.idx"))
+    return data
+
+
+def _write_translation_data(data: Path, dictionary: Path, vocabulary: Dictionary, generator: torch.Generator,
+                            batch: int, seq_len: int, updates: int) -> Path:
+    """Random sentence pairs, source and target of ``seq_len`` tokens each, one dictionary for both."""
+    data.mkdir(parents=True)
+    for side in ("src", "tgt"):
+        (data / f"dict.{side}.txt").write_text(dictionary.read_text())
+    for split, rows in (("train", batch * (updates + 1)), ("valid", batch)):
+        builders = {side: indexed_dataset.make_builder(str(data / f"{split}.src-tgt.{side}.bin"), "mmap",
+                                                       len(vocabulary)) for side in ("src", "tgt")}
+        for _ in range(rows):
+            for builder in builders.values():
+                sequence = torch.randint(vocabulary.nspecial, len(vocabulary), (seq_len,), generator=generator)
+                sequence[-1] = vocabulary.eos()
+                builder.add_item(sequence)
+        for side, builder in builders.items():
+            builder.finalize(str(data / f"{split}.src-tgt.{side}.idx"))
     return data
 
 

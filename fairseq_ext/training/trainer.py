@@ -8,10 +8,12 @@ needs them.  Freezing when the Trainer is constructed is therefore enough for
 all of them.
 """
 import logging
+import warnings
 from typing import List, Optional
 
 import torch
 from fairseq.distributed import LegacyDistributedDataParallel, ModuleProxyWrapper
+from fairseq.optim import FairseqOptimizer, lr_scheduler
 from fairseq.optim.fp16_optimizer import FP16Optimizer
 from fairseq.trainer import Trainer
 
@@ -90,7 +92,10 @@ class BitFitTrainer(Trainer):
         def forward_backward():
             # One real loss on two validation examples shows which selected
             # tensors get a gradient; fork the RNG so training is unaffected.
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                # fairseq's decoders pass torch a float causal mask with a bool padding mask, which torch
+                # calls deprecated: a resumed seq2seq run refused at start must print its one error line only.
+                warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
                 loss, _, _ = criterion(model, sample)
                 loss.backward()
 
@@ -145,6 +150,8 @@ class BitFitTrainer(Trainer):
         trainable = [p for p in self._model.parameters() if p.requires_grad]
         self._log_all_reduce_volume(trainable)
         module = self._model.to(self.device)
+        if not trainable:
+            return module  # the frozen baseline: no gradient to reduce, and torch's DDP refuses such a module
         if dt.ddp_backend in ("legacy_ddp", "no_c10d"):
             wrapped = LegacyDistributedDataParallel(
                 module=module,
@@ -208,7 +215,12 @@ class BitFitTrainer(Trainer):
     def _build_optimizer(self):
         if self._checking_resumed_selection and self._optim_history:
             self._check_resumed_selection(self._optim_history[-1].get("bitfit"))
-        super()._build_optimizer()
+        if self.bitfit_selection is not None and not self.bitfit_selection.groups:
+            self._optimizer = NothingToTrainOptimizer(self.cfg.optimizer, self.cfg.optimization.lr[0])
+            self._lr_scheduler = lr_scheduler.build_lr_scheduler(self.cfg.lr_scheduler, self._optimizer)
+            self._lr_scheduler.step_update(0)
+        else:
+            super()._build_optimizer()
         if self._checking_resumed_selection and self._optim_history:
             self._check_resumed_components(self._optim_history[-1])
 
@@ -262,3 +274,21 @@ class BitFitTrainer(Trainer):
         if self._delta_writer is None:
             self._delta_writer = CheckpointDeltaWriter(self)
         return self._delta_writer.save(filename, extra_state, super().save_checkpoint)
+
+
+class NothingToTrainOptimizer(FairseqOptimizer):
+    """The optimizer of a BitFit run that trains no parameter: ``--bitfit-terms none`` on a model
+    without task heads (a seq2seq model), the frozen baseline.
+
+    fairseq's loop still runs every forward pass, logs the training loss, validates and saves
+    checkpoints (and their empty deltas).  torch's optimizers refuse an empty parameter list and
+    a loss without a graph cannot go backward: this one holds an empty parameter group, whose
+    learning rate the scheduler sets as usual, and its backward does nothing.
+    """
+
+    def __init__(self, cfg, lr: float):
+        super().__init__(cfg)
+        self._optimizer = torch.optim.SGD([{"params": []}], lr=lr)
+
+    def backward(self, loss):
+        pass  # no parameter requires grad

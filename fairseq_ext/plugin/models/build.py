@@ -21,22 +21,33 @@ STRUCTURE_OPTIONS = ("encoder_layers", "encoder_embed_dim", "encoder_attention_h
 HEAD_OPTIONS = ("pooling", "pooler_activation_fn", "spectral_norm_classification_head")
 # What two task deltas must agree on to share one base model in memory.
 SHARED_MODEL_OPTIONS = ("arch", *STRUCTURE_OPTIONS, *HEAD_OPTIONS)
+# The same for encoder-decoder models (fairseq's transformer and bart archs): the options that set
+# their network's shape or arithmetic, decoder and embedding sharing included.
+SEQ2SEQ_MODEL_OPTIONS = (
+    "arch", "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads",
+    "encoder_normalize_before", "encoder_learned_pos", "decoder_layers", "decoder_embed_dim",
+    "decoder_ffn_embed_dim", "decoder_attention_heads", "decoder_normalize_before", "decoder_learned_pos",
+    "decoder_output_dim", "share_decoder_input_output_embed", "share_all_embeddings", "layernorm_embedding",
+    "no_scale_embedding", "no_token_positional_embeddings", "activation_fn", "max_source_positions",
+    "max_target_positions", "no_cross_attention", "cross_self_attention", "adaptive_softmax_cutoff")
 
 
 class DictionaryOnlyTask:
-    """What fairseq's build_model needs from a task, for building the model to fill."""
+    """What fairseq's build_model needs from a task, for building the model to fill: the
+    dictionary, and a seq2seq model's target dictionary."""
 
-    def __init__(self, dictionary):
+    def __init__(self, dictionary, target_dictionary=None):
         self.source_dictionary = dictionary
+        self.target_dictionary = target_dictionary
 
     def max_positions(self):
         return None
 
 
-def build_fairseq_model(model_cfg: Dict[str, object], dictionary):
+def build_fairseq_model(model_cfg: Dict[str, object], dictionary, target_dictionary=None):
     """The registered ``model_cfg["arch"]`` built from ``model_cfg``; weights are random until loaded."""
     model_class = ARCH_MODEL_REGISTRY[model_cfg["arch"]]
-    return model_class.build_model(argparse.Namespace(**model_cfg), DictionaryOnlyTask(dictionary))
+    return model_class.build_model(argparse.Namespace(**model_cfg), DictionaryOnlyTask(dictionary, target_dictionary))
 
 
 def architecture_config(arch: str, /, **explicit) -> Dict[str, object]:
