@@ -5,7 +5,9 @@ import torch
 import fairseq_ext  # noqa: F401  (allow-lists fairseq checkpoint types for torch.load)
 import tiny
 from fairseq_ext.core import bitfit, controls
+from fairseq_ext.core.delta_file import read_delta
 from fairseq_ext.core.run_record import read_run_record
+from fairseq_ext.plugin.deltas import apply_delta
 
 SHAPES = {"layers.0.fc1.weight": (6, 4), "layers.0.fc2.weight": (4, 6), "layers.1.fc1.weight": (6, 4)}
 
@@ -81,3 +83,14 @@ def test_only_masked_entries_change_through_training(tiny_data, tiny_pretrained,
         else:
             assert torch.equal(before, after), f"{name} is outside the control but changed"
     assert changed_entries > budget // 2  # the masked entries did train
+
+    # The delta holds the masked entries (indices and values), not the matrices, and applies exactly.
+    delta = read_delta(tmp_path / "checkpoint_last.delta.safetensors")
+    assert set(delta.masked_entries()) == set(masks)
+    assert not any(name in delta.tensors for name in masks)
+    assert sum(values.numel() for _, values in delta.masked_entries().values()) == budget
+    merged = tmp_path / "merged.pt"
+    apply_delta(tiny_pretrained, tmp_path / "checkpoint_last.delta.safetensors", merged)
+    rebuilt = torch.load(merged, map_location="cpu")["model"]
+    for name, tensor in finetuned["model"].items():
+        assert torch.equal(rebuilt[name], tensor), name

@@ -37,13 +37,14 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .bitfit import CLASSIFICATION_HEADS, load_trainable_state_dict
+from .controls import merge_masked
 from .errors import UserError, one_line
 from .files import write_atomically
 
@@ -76,6 +77,10 @@ def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
         # A byte view works for every dtype (numpy has no bfloat16).
         digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return "sha256:" + digest.hexdigest()
+
+
+# A random-subset control's weight is stored as its trained entries: NAME#indices (int64, flat) and NAME#values.
+MASKED_INDICES, MASKED_VALUES = "#indices", "#values"
 
 
 def frozen_base_tensors(state: Mapping[str, torch.Tensor], delta_names: Iterable[str]) -> Dict[str, torch.Tensor]:
@@ -197,8 +202,30 @@ class Delta:
         prefix = f"{CLASSIFICATION_HEADS}{head}."
         return {name[len(prefix):]: tensor for name, tensor in self.tensors.items() if name.startswith(prefix)}
 
-    def body_tensors(self) -> Dict[str, torch.Tensor]:
-        return {name: tensor for name, tensor in self.tensors.items() if not name.startswith(CLASSIFICATION_HEADS)}
+    def masked_entries(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """A random-subset control's trained entries: {weight name: (flat indices, values)}."""
+        return {name[:-len(MASKED_INDICES)]: (tensor, self.tensors[name[:-len(MASKED_INDICES)] + MASKED_VALUES])
+                for name, tensor in self.tensors.items() if name.endswith(MASKED_INDICES)}
+
+    def trained_names(self) -> List[str]:
+        """Every parameter the delta changes: whole tensors, and the weights a control changed entries of."""
+        whole = [name for name in self.tensors if not name.endswith((MASKED_INDICES, MASKED_VALUES))]
+        return whole + list(self.masked_entries())
+
+    def body_tensors(self, base: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """The trained tensors outside the heads; with ``base`` (a state dict holding the base values),
+        a control's weights too, as the base with the trained entries put in."""
+        body = {name: tensor for name, tensor in self.tensors.items()
+                if not name.startswith(CLASSIFICATION_HEADS) and not name.endswith((MASKED_INDICES, MASKED_VALUES))}
+        if base is not None:
+            for name, (indices, values) in self.masked_entries().items():
+                body[name] = merge_masked(base[name], indices, values)
+        return body
+
+    def trained_tensors(self, base: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """What to copy into a model holding the base to make the run's model: heads and body."""
+        heads = {name: tensor for name, tensor in self.tensors.items() if name.startswith(CLASSIFICATION_HEADS)}
+        return {**self.body_tensors(base), **heads}
 
     # -- storage --
     def metadata(self) -> Dict[str, str]:
@@ -257,7 +284,7 @@ def read_delta(path) -> Delta:
     if metadata.get("tensors_sha256") != tensors_fingerprint(tensors):
         raise UserError(f"{path}: corrupt delta: its tensors do not match the checksum in its header")
     delta = Delta(tensors=tensors, path=path, **sections)
-    missing = sorted(set(delta.selection.get("trained", ())) - set(tensors))
+    missing = sorted(set(delta.selection.get("trained", ())) - set(delta.trained_names()))
     if missing:
         raise UserError(f"{path}: corrupt delta: the header lists trained tensors it does not hold: {missing[0]}")
     return delta
@@ -266,7 +293,7 @@ def read_delta(path) -> Delta:
 def check_base_fingerprint(state: Mapping[str, torch.Tensor], delta: Delta, source: str, force: bool = False,
                            force_flag: Optional[str] = "--force") -> None:
     """Refuse a base other than the one the delta was trained from (``force``: warn only)."""
-    frozen = frozen_base_tensors(state, delta.tensors)
+    frozen = frozen_base_tensors(state, delta.trained_names())
     # In the training dtype: lossless for a model already rounded to it (fp32 upcasts of bf16 values).
     found = tensors_fingerprint({name: t.to(delta.dtype) if t.is_floating_point() else t for name, t in frozen.items()})
     expected = delta.base["fingerprint"]

@@ -168,7 +168,7 @@ def apply_delta(base_path, delta_path, out_path, force: bool = False, trust_chec
     del base
     model.to(delta.dtype)  # what fairseq's --fp16/--bf16 did to the training model before loading the base
     check_base_fingerprint(model.state_dict(), delta, source, force)
-    copy_delta_into(model, delta.tensors, f"--delta {delta_path}")
+    copy_delta_into(model, delta.trained_tensors(model.state_dict()), f"--delta {delta_path}")
     checkpoint = merged_checkpoint(delta, model.state_dict())
     write_atomically(out_path, lambda tmp: torch.save(checkpoint, tmp))
     return out_path

@@ -153,9 +153,10 @@ class MultiTaskPredictor:
         if dictionary_identity(self.dictionary) != delta.source_dictionary:
             raise UserError(f"{source}: trained with another dictionary ({delta.dictionary['size']} symbols) than "
                             f"the base's ({len(self.dictionary)} symbols)")
-        check_base_fingerprint(self._in_place.base_state(), delta, f"--base {self.base_source}", force_flag=None)
+        base = self._in_place.base_state()
+        check_base_fingerprint(base, delta, f"--base {self.base_source}", force_flag=None)
         # float32 like the model (see _build); bf16/fp16 deltas upcast losslessly.
-        body = {tensor_name: tensor.float() for tensor_name, tensor in delta.body_tensors().items()}
+        body = {tensor_name: tensor.float() for tensor_name, tensor in delta.body_tensors(base).items()}
         check_delta_fits(self.model, body, source)
         head_key = f"task{len(self._tasks)}"
         register_head(self.model, head_key, delta.head_tensors(delta.head_name))

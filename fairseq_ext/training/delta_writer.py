@@ -14,9 +14,10 @@ from typing import Dict, Mapping, Optional
 import torch
 from omegaconf import OmegaConf
 
+from ..core import controls
 from ..core.bitfit import CLASSIFICATION_HEADS
-from ..core.delta_file import (CLASSIFICATION, SEQ2SEQ, Delta, delta_path_for, dictionary_identity,
-                               frozen_base_tensors, tensors_fingerprint)
+from ..core.delta_file import (CLASSIFICATION, MASKED_INDICES, MASKED_VALUES, SEQ2SEQ, Delta, delta_path_for,
+                               dictionary_identity, frozen_base_tensors, tensors_fingerprint)
 from ..core.errors import UserError
 from ..core.files import write_atomically
 from ..plugin import patches
@@ -41,6 +42,7 @@ class CheckpointDeltaWriter:
         self._run_sections: Optional[dict] = None  # what stays the same for the whole run
         # Checkpoints saved as a delta only (abspath) -> the full resume file written at that save, or None.
         self._delta_only_saves: Dict[str, Optional[str]] = {}
+        self._mask_indices: Dict[str, torch.Tensor] = {}  # a control's flat indices per weight, made once
         patches.route_checkpoint_copies(self.copy_checkpoint)
 
     def save(self, filename, extra_state, save_full):
@@ -80,8 +82,16 @@ class CheckpointDeltaWriter:
         progress = {"num_updates": self.trainer.get_num_updates(), "epoch": epoch,
                     "valid_metric": self.trainer.cfg.checkpoint.best_checkpoint_metric,
                     "valid_score": None if score is None else float(score)}
-        return Delta(tensors={name: state[name].detach().cpu().clone() for name in names},
-                     progress=progress, **self._run_sections["sections"])
+        masks = self.trainer.bitfit_selection.masks  # a random-subset control: only the masked entries
+        tensors = {}
+        for name in names:
+            if name in masks:
+                indices = self._mask_indices.setdefault(name, controls.mask_indices(masks[name]))
+                tensors[name + MASKED_INDICES] = indices
+                tensors[name + MASKED_VALUES] = controls.masked_values(state[name].cpu(), indices)
+            else:
+                tensors[name] = state[name].detach().cpu().clone()
+        return Delta(tensors=tensors, progress=progress, **self._run_sections["sections"])
 
     def copy_checkpoint(self, src_path: str, dst_path: str, overwrite: bool, copy_file) -> bool:
         """fairseq's copy of a saved checkpoint to another name (``copy_file``), its delta included."""
