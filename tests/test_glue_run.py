@@ -74,7 +74,7 @@ def test_leaderboard_predictions_cover_the_test_set(glue_output):
 
 def test_finished_runs_are_not_repeated(glue_output):
     *_, again = glue_output
-    assert "done earlier" in again.stdout and "training" not in again.stdout
+    assert "done earlier" in again.stdout and ": training (" not in again.stdout
 
 
 @pytest.mark.parametrize(
@@ -184,6 +184,7 @@ def test_a_bad_file_in_a_later_task_stops_before_any_training(tmp_path, edit, ne
     ({"TRAIN_SUBSETS": "200 9000"}, [], "TRAIN_SUBSETS 9000: CoLA has 8,551 training rows"),
     ({"TRAIN_SUBSETS": "200 many"}, [], "TRAIN_SUBSETS '200 many'"),
     ({"MODE": "full rand_gauss"}, [], "MODE rand_gauss"),
+    ({"BITFIT_TERMS": "foo"}, [], "BITFIT_TERMS foo: unknown term 'foo'"),
     ({"NPROC": "0"}, [], "NPROC 0"),
     ({"EPOCHS": "0"}, [], "EPOCHS 0"),
     ({"MAX_SEQ_LEN": "0"}, [], "MAX_SEQ_LEN 0"),
@@ -271,12 +272,13 @@ def test_bad_input_under_torchrun_is_still_one_line_and_exit_2(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
+    # A selection only train.py can judge (it trains nothing once the heads are frozen), in each worker.
     result = glue_script({"GLUE_DIR": str(tiny.REAL_GLUE), "TASKS": "CoLA", "TRAIN_SUBSET": "16", "NPROC": "2",
-                          "MASTER_PORT": port, "BITFIT_TERMS": "foo", "OUTPUT_DIR": str(tmp_path / "out")},
-                         "--max-update", "1", check=False)
+                          "MASTER_PORT": port, "OUTPUT_DIR": str(tmp_path / "out")},
+                         "--max-update", "1", "--bitfit-terms", "none", "--bitfit-freeze-heads", check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
-    assert len(errors) == 1 and "--bitfit-terms" in errors[0] and "foo" in errors[0], result.stderr
+    assert len(errors) == 1 and "train.py" in errors[0] and "trains no parameter" in errors[0], result.stderr
 
 
 def test_size_curves_and_controls_in_one_job(tmp_path):
@@ -288,7 +290,7 @@ def test_size_curves_and_controls_in_one_job(tmp_path):
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert sorted((r["mode"], r["train_rows"]) for r in runs) == [
         ("bitfit-all", 16), ("bitfit-all", 24), ("rand_uniform", 16), ("rand_uniform", 24)]
-    assert all(r["curve"] and r["recipe"]["rule"] for r in runs)
+    assert all(r["size_curve"] and r["recipe"]["rule"] for r in runs)
     control = next(r for r in runs if r["mode"] == "rand_uniform")
     bitfit_all = next(r for r in runs if r["mode"] == "bitfit-all")
     assert control["trainable"] == bitfit_all["trainable"]  # as many entries as 'all' has bias parameters

@@ -42,7 +42,8 @@ from ..core.glue_files import check_glue_dir, read_split, write_leaderboard_tsv
 from ..core.glue_tasks import GLUE_SOURCE_HINT, TASK_NAMES, TASKS, get_task_spec
 from ..core.progress import DEFAULT_INTERVAL_S, ConsoleProgress, format_duration
 from ..core.run_record import RECORD_NAME, epoch_stats, read_run_record
-from ..plugin.checkpoints import checkpoint_parameter_count
+from ..plugin.analysis import delta_bias_change, write_bias_change
+from ..plugin.checkpoints import checkpoint_parameter_count, load_checkpoint_file
 from ..plugin.data.glue_prepare import prepare_task, read_test_indices
 from ..plugin.deltas import apply_delta
 from ..plugin.models import hf_import
@@ -51,7 +52,7 @@ from ..plugin.models.pretrained import default_model_dir
 from ..plugin.predictor import predict_prepared_split
 from ..training.glue_recipe import (Recipe, check_passthrough, default_recipe, schedule_updates, train_command,
                                     without_bookkeeping)
-from ..training.options import TRAIN_COMMAND, TRAIN_MODULE, TRAIN_PROG, mode_flags, mode_label
+from ..training.options import BITFIT_PREFIX, TRAIN_COMMAND, TRAIN_MODULE, TRAIN_PROG, mode_flags, mode_label
 
 logger = logging.getLogger("fairseq_ext.experiments.glue_run")  # also when run as __main__
 
@@ -94,16 +95,16 @@ def best_epoch(epochs: Dict[int, dict], primary: str) -> Optional[int]:
 
 def run_key(row: dict) -> tuple:
     """What tells runs apart: a training-size curve's runs (TRAIN_SUBSETS) are keyed by their size too."""
-    curve_size = row.get("train_subset") if row.get("curve") else None
+    curve_size = row.get("train_subset") if row.get("size_curve") else None
     return (row["task"], row["mode"], curve_size or 0, row["lr"], row["seed"])
 
 
 def main_rows(rows: List[dict]) -> List[dict]:
-    return [row for row in rows if not row.get("curve")]
+    return [row for row in rows if not row.get("size_curve")]
 
 
 def curve_rows(rows: List[dict]) -> List[dict]:
-    return [row for row in rows if row.get("curve")]
+    return [row for row in rows if row.get("size_curve")]
 
 
 def load_results(path: Path) -> List[dict]:
@@ -654,7 +655,7 @@ def one_run(run: PlannedRun, args, job: JobProgress) -> dict:
     row = {"task": spec.name, "mode": run.mode, "lr": run.lr, "seed": run.seed,
            "primary_metric": spec.primary_metric, "wall_time_s": round(wall, 1), "train_rows": run.train_rows,
            "run_dir": str(run_dir), "recipe": run.recipe.describe(), "train_subset": run.train_subset,
-           "curve": run.curve}
+           "size_curve": run.curve}
     if args.node_rank != 0:
         job.finished(run, run.planned_updates, wall)
         return row  # the job's first worker, on node 0, keeps the run record and the results
@@ -694,6 +695,29 @@ def predict_test_sets(spec, prepared: Path, run_dir: Path, base_checkpoint: str,
             path = write_leaderboard_tsv(spec, indices, predictions, run_dir / split.leaderboard_file)
             written[split.name] = str(path)
     return written
+
+
+def write_bias_change_of_best_runs(output_dir: Path, rows: List[dict], base_checkpoint: str) -> Optional[Path]:
+    """OUTPUT_DIR/bias_change/: how far each bias term moved in each task's best BitFit run (a panel per task)."""
+    best: Dict[str, dict] = {}
+    for (task, mode), runs in best_rows(main_rows(rows)).items():
+        if not mode.startswith(BITFIT_PREFIX):
+            continue
+        run = max(runs, key=lambda r: r["dev"].get(r["primary_metric"], float("-inf")))
+        if task not in best or run["dev"].get(run["primary_metric"], float("-inf")) > \
+                best[task]["dev"].get(best[task]["primary_metric"], float("-inf")):
+            best[task] = run
+    base = load_checkpoint_file(base_checkpoint)
+    tables = {}
+    for task, run in sorted(best.items()):
+        delta = Path(run["run_dir"]) / "checkpoint_best.delta.safetensors"
+        if not delta.exists():
+            continue
+        try:
+            tables[f"{task} {run['mode']}"] = delta_bias_change(base, delta, str(delta), str(base_checkpoint))
+        except UserError as error:  # a run of another model in the same OUTPUT_DIR: no panel, not a failed job
+            logger.warning(f"bias change of {delta} left out: {error}")
+    return write_bias_change(tables, output_dir / "bias_change") if tables else None
 
 
 def collect_predictions(output_dir: Path, rows: List[dict]) -> None:
@@ -834,16 +858,20 @@ def _removed_if_left_empty(folder: Path):
 
 def run_modes(text: str, bitfit_terms: str) -> List[str]:
     """MODE's run modes as labels (full, head, bitfit-<terms>), each checked."""
-    modes = [mode_label(mode, bitfit_terms) if mode == "bitfit" else mode for mode in text.split()]
-    if not modes:
+    given = text.split()
+    if not given:
         raise UserError("MODE is empty; modes: full, head, bitfit, bitfit-<terms>, rand_uniform or rand_row_col")
-    for mode in modes:
+    modes = []
+    for mode in given:
+        label = mode_label(mode, bitfit_terms) if mode == "bitfit" else mode
+        setting = f"BITFIT_TERMS {bitfit_terms}" if mode == "bitfit" else f"MODE {mode}"
         try:
-            mode_flags(mode)
-            if mode.startswith("bitfit-"):
-                parse_terms(mode[len("bitfit-"):])
+            mode_flags(label)
+            if label.startswith(BITFIT_PREFIX):
+                parse_terms(label[len(BITFIT_PREFIX):])
         except (UserError, SelectionError) as error:
-            raise UserError(f"MODE {mode}: {error}") from None
+            raise UserError(f"{setting}: {error}") from None
+        modes.append(label)
     return list(dict.fromkeys(modes))
 
 
@@ -893,8 +921,10 @@ def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_
         return
     all_rows = write_results(output_dir, rows)
     collect_predictions(output_dir, all_rows)
+    write_bias_change_of_best_runs(output_dir, all_rows, model.checkpoint)
     print(f"\n{(output_dir / 'results.md').read_text().split('## Every run')[0].strip()}\n", flush=True)
-    written = [output_dir / name for name in ("results.json", "results.md", "curves.png", "size_curves.png")]
+    written = [output_dir / name for name in ("results.json", "results.md", "curves.png", "size_curves.png",
+                                               "bias_change/bias_change.png")]
     print("results: " + ", ".join(str(path) for path in written if path.exists()))
 
 
