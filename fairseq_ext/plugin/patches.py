@@ -176,6 +176,15 @@ PATCHES: Tuple[Patch, ...] = (
           "fairseq-interactive loads its models the same way, with the task it set up from the command line",
           source_has=("task = tasks.setup_task(cfg.task)", "checkpoint_utils.load_model_ensemble(", "task=task",
                       "model.prepare_for_inference_(cfg)")),
+    Patch("contiguous-layer-input", "fairseq.models.transformer.TransformerEncoderBase.forward_scriptable",
+          "relies on", "contiguous_layer_input() (BitFit runs)",
+          "the encoder hands its first layer x.transpose(0, 1) of the (B, T, C) embeddings: a strided view. When "
+          "it requires grad (a BitFit run trains the embedding LayerNorm bias, or anything below layer 0's "
+          "projections), torch's linear on it takes matmul -> bmm with an expanded weight, in the forward and the "
+          "backward. A forward pre-hook on the first layer makes its input contiguous (one copy); values are "
+          "unchanged. Runs without --bitfit keep fairseq's path (their numbers equal fairseq-train's)",
+          source_has=("x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings)",
+                      "x = x.transpose(0, 1)", "for layer in self.layers:")),
 )
 
 
@@ -602,3 +611,28 @@ def models_in_memory(loaders: Dict[str, ModelLoader]):
     finally:
         checkpoint_utils.load_model_ensemble = fairseq_load
         _mark("models-in-memory", False)
+
+
+# --------------------------------------------------------------------------- BitFit runs: a contiguous first-layer input
+
+
+def contiguous_layer_input(model: nn.Module) -> int:
+    """Give the first layer of every fairseq TransformerEncoder a contiguous input (see PATCHES:
+    contiguous-layer-input); returns how many encoders were changed."""
+    from fairseq.models.transformer import TransformerEncoderBase
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, TransformerEncoderBase) and len(module.layers) > 0:
+            first = module.layers[0]
+            if _contiguous_input not in first._forward_pre_hooks.values():
+                first.register_forward_pre_hook(_contiguous_input)
+                changed += 1
+    if changed:
+        _mark("contiguous-layer-input")
+    return changed
+
+
+def _contiguous_input(layer, args):
+    """A forward pre-hook (module-level: models stay picklable): the layer's input x, made contiguous."""
+    return (args[0].contiguous(), *args[1:]) if args and not args[0].is_contiguous() else None

@@ -20,7 +20,7 @@ from fairseq.trainer import Trainer
 from ..core import bitfit, controls
 from ..core.errors import UserError
 from ..core.run_record import RunRecord
-from ..plugin.patches import cache_module_walks
+from ..plugin.patches import cache_module_walks, contiguous_layer_input
 from .delta_writer import CheckpointDeltaWriter
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class BitFitTrainer(Trainer):
         self._mask_guard: Optional[controls.MaskGuard] = None
         if bitfit_cfg is not None and bitfit_cfg.bitfit:
             self.bitfit_selection = self._apply_bitfit(bitfit_cfg, cfg, task, model, criterion)
+            contiguous_layer_input(model)
             if self.bitfit_selection.masks:
                 self._mask_guard = controls.MaskGuard(model, self.bitfit_selection.masks)
         else:
