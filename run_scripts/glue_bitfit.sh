@@ -36,7 +36,7 @@ for name in GLUE_DIR TASKS MODE BITFIT_TERMS MODEL OUTPUT_DIR SEEDS LRS EPOCHS M
 done
 command+="bash $(printf '%q' "$0")"
 for arg in "$@"; do command+=" $(printf '%q' "$arg")"; done
-export GLUE_BITFIT_COMMAND="${command}"
+export GLUE_BITFIT_COMMAND="${GLUE_BITFIT_COMMAND:-${command}}"  # a script that calls this one may name itself
 args=(
   --glue-dir "${GLUE_DIR:-glue_data}" --tasks "${TASKS:-}" --mode "${MODE:-bitfit}"
   --bitfit-terms "${BITFIT_TERMS:-ofa}" --model "${MODEL:-}" --output-dir "${OUTPUT_DIR:-outputs/glue}"

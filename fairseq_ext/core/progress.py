@@ -46,6 +46,7 @@ class ConsoleProgress:
         self._start = time.monotonic()
         self._start_done: Optional[int] = None
         self._last_line = self._start
+        self._printed = False
         use_bar = self.stream.isatty() if bar is None else bar
         self._bar = None
         if use_bar:
@@ -67,8 +68,8 @@ class ConsoleProgress:
             self._bar.n = done
             self._bar.set_postfix_str(self._summary(), refresh=False)
             self._bar.refresh()
-        elif now - self._last_line >= self.interval_s:
-            self._print_line()
+        elif now - self._last_line >= self.interval_s or (not self._printed and self.rate):
+            self._print_line()  # the first line as soon as the speed is known, then one per interval
 
     def eta(self) -> Optional[float]:
         return eta_seconds(self.done, self.total, self.rate)
@@ -102,3 +103,4 @@ class ConsoleProgress:
         print(f"  {self.label}: {self.done:,}{total} {self.unit}{share}, {self._summary()}", file=self.stream,
               flush=True)
         self._last_line = time.monotonic()
+        self._printed = True
