@@ -23,6 +23,8 @@ FAIRSEQ_RUNTIME = [
 ]
 
 SERVE = ["fastapi>=0.100", "uvicorn>=0.23"]
+# hydra's launchers for `train.py -m` sweeps and the GLUE runner's PARALLEL / LAUNCHER=submitit.
+SWEEP = ["hydra-joblib-launcher>=1.2", "hydra-submitit-launcher>=1.2", "submitit>=1.4"]
 
 setup(
     name="fairseq-bitfit",
@@ -42,9 +44,11 @@ setup(
     extras_require={
         # The HTTP server (python -m fairseq_ext.tools.serve).
         "serve": SERVE,
+        # Sweeps: train.py -m with hydra/launcher=joblib or submitit_slurm.
+        "sweep": SWEEP,
         # transformers is only the reference implementation in parity tests; the suite runs
         # on two pytest-xdist workers (tests/pytest.ini), and tests the server too.
-        "test": ["pytest>=7", "pytest-xdist>=3.5", "transformers>=4.40", *SERVE],
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "transformers>=4.40", *SERVE, *SWEEP],
     },
     entry_points={"console_scripts": ["fairseq-bitfit-train=fairseq_ext.training.main:cli_main"]},
 )
