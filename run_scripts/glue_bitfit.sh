@@ -23,6 +23,16 @@
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT  multi-node torchrun       [1, 0, 127.0.0.1, 29500]
 #   SAVE_MINUTES  checkpoint_last.pt at least every M minutes, mid-epoch too [5]
 #   PROGRESS_SECONDS  seconds between progress lines when not on a terminal [60]
+#   PARALLEL      runs trained at once on this machine: one GPU each where there are GPUs (PARALLEL
+#                 above the GPU count is an error), else OMP_NUM_THREADS = cores / PARALLEL each
+#                 (unless OMP_NUM_THREADS is set); progress lines are labelled by run      [1]
+#   LAUNCHER      local (this machine), submitit (each run a SLURM job through submitit; needs
+#                 pip install submitit, or pip install -e .[sweep]), submitit_local (submitit's
+#                 local executor: the SLURM path without SLURM)                 [local]
+#   SLURM_PARTITION     LAUNCHER=submitit: the partition                     [the cluster's default]
+#   SLURM_TIME_MIN      a run's time limit in minutes; a run stopped by it resumes on the next call [720]
+#   SLURM_GPUS_PER_RUN, SLURM_CPUS_PER_RUN, SLURM_MEM_GB  each run's job     [1, 8, 32]
+#                 (submitit's files: OUTPUT_DIR/submitit; the job runs the same train.py command)
 #
 # Ctrl-C (or SIGTERM) stops the job with one line that says how to resume: the same command.
 set -euo pipefail
@@ -31,7 +41,8 @@ export PYTHONPATH="${here}${PYTHONPATH:+:${PYTHONPATH}}"
 # The command as it was given (the variables set for it included), for the line that says how to resume.
 command=""
 for name in GLUE_DIR TASKS MODE BITFIT_TERMS MODEL OUTPUT_DIR SEEDS LRS EPOCHS MAX_SEQ_LEN TRAIN_SUBSET TRAIN_SUBSETS NPROC \
-            NNODES NODE_RANK MASTER_ADDR MASTER_PORT SAVE_MINUTES PROGRESS_SECONDS; do
+            NNODES NODE_RANK MASTER_ADDR MASTER_PORT SAVE_MINUTES PROGRESS_SECONDS PARALLEL LAUNCHER SLURM_PARTITION \
+            SLURM_TIME_MIN SLURM_GPUS_PER_RUN SLURM_CPUS_PER_RUN SLURM_MEM_GB; do
   if [[ -n "${!name+set}" ]]; then command+="${name}=$(printf '%q' "${!name}") "; fi
 done
 command+="bash $(printf '%q' "$0")"
@@ -44,6 +55,9 @@ args=(
   --nproc "${NPROC:-1}" --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}"
   --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}"
   --save-minutes "${SAVE_MINUTES:-5}" --progress-interval "${PROGRESS_SECONDS:-60}"
+  --parallel "${PARALLEL:-1}" --launcher "${LAUNCHER:-local}" --slurm-partition "${SLURM_PARTITION:-}"
+  --slurm-time-min "${SLURM_TIME_MIN:-720}" --slurm-gpus-per-run "${SLURM_GPUS_PER_RUN:-1}"
+  --slurm-cpus-per-run "${SLURM_CPUS_PER_RUN:-8}" --slurm-mem-gb "${SLURM_MEM_GB:-32}"
 )
 if [[ -n "${EPOCHS:-}" ]]; then args+=(--epochs "${EPOCHS}"); fi
 if [[ -n "${TRAIN_SUBSET:-}" ]]; then args+=(--train-subset "${TRAIN_SUBSET}"); fi

@@ -79,7 +79,7 @@ class ConsoleProgress:
         if self._bar is not None:
             self._bar.write(line, file=self.stream)
         else:
-            print(line, file=self.stream, flush=True)
+            self._write_line(line)
 
     def close(self, final_line: bool = True) -> None:
         if self._bar is not None:
@@ -100,7 +100,11 @@ class ConsoleProgress:
     def _print_line(self) -> None:
         share = f" ({100.0 * self.done / self.total:.0f}%)" if self.total else ""
         total = f"/{self.total:,}" if self.total else ""
-        print(f"  {self.label}: {self.done:,}{total} {self.unit}{share}, {self._summary()}", file=self.stream,
-              flush=True)
+        self._write_line(f"  {self.label}: {self.done:,}{total} {self.unit}{share}, {self._summary()}")
         self._last_line = time.monotonic()
         self._printed = True
+
+    def _write_line(self, line: str) -> None:
+        # One write per line: displays of runs trained at once share the stream without splitting lines.
+        self.stream.write(line + "\n")
+        self.stream.flush()

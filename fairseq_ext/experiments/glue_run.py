@@ -15,12 +15,14 @@ ones', other modes included) are written to results.json, results.md and curves.
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import math
 import os
+import queue
 import shlex
 import shutil
 import signal
@@ -32,11 +34,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..core import interrupts
 from ..core.bitfit import SelectionError, format_trainable, parse_terms
-from ..core.errors import UserError, exit_on_user_error, user_error_in
+from ..core.errors import UserError, exit_on_user_error, one_line, user_error_in
 from ..core.files import write_atomically, write_text_atomically
 from ..core.glue_files import check_glue_dir, read_split, write_leaderboard_tsv
 from ..core.glue_tasks import GLUE_SOURCE_HINT, TASK_NAMES, TASKS, get_task_spec
@@ -397,16 +399,27 @@ class JobProgress:
 
     A task's speed is the wall time per update of its runs in this job (validation,
     start-up and test prediction included); a task not run yet is assumed as fast as
-    the one running.
+    the one running.  With runs trained at once (``concurrency`` > 1) every running run
+    reports its own progress, and the work left is shared by as many runs as may train at once.
     """
 
     FIRST_ESTIMATE_AFTER_S = 20.0
 
-    def __init__(self, runs: List["PlannedRun"], interval_s: float):
-        self.runs, self.interval_s = runs, interval_s
+    def __init__(self, runs: List["PlannedRun"], interval_s: float, concurrency: int = 1):
+        self.runs, self.interval_s, self.concurrency = runs, interval_s, concurrency
         self.updates_left = {run.run_dir: 0 if run.finished else run.planned_updates for run in runs}
         self.seconds_per_update: Dict[str, float] = {}
         self.estimated = False
+        self._lock = threading.Lock()  # runs trained at once report from their own threads
+
+    @property
+    def bar(self) -> Optional[bool]:
+        """ConsoleProgress's ``bar``: a terminal bar for one run at a time; plain lines for several."""
+        return None if self.concurrency == 1 else False
+
+    def echo_line(self, run: "PlannedRun", line: str) -> str:
+        """A line from a run's record as shown: indented under its run, or, with runs at once, labelled."""
+        return "    " + line if self.concurrency == 1 else f"  {run.label}: {line}"
 
     def plan_lines(self) -> List[str]:
         todo = [run for run in self.runs if not run.finished]
@@ -423,29 +436,39 @@ class JobProgress:
         """Take the running ``run``'s latest progress; the job's ETA in seconds (None: not known yet)."""
         done = int(progress.get("updates") or 0)
         total = progress.get("total_updates") or run.planned_updates
-        self.updates_left[run.run_dir] = max(0, total - done)
         trained = done - updates_at_start
-        if trained <= 0 or seconds <= 0:
-            return None
-        self.seconds_per_update[run.spec.name] = seconds / trained
-        eta = self.eta(run.spec.name)
-        if not self.estimated and seconds >= self.FIRST_ESTIMATE_AFTER_S:
-            self.estimated = True
-            print(f"  estimate: {format_duration(eta)} for the whole job ({trained / seconds:.2f} updates/s on "
-                  f"{run.spec.name} so far; other tasks' speed is measured when they run)", flush=True)
+        with self._lock:
+            self.updates_left[run.run_dir] = max(0, total - done)
+            if trained <= 0 or seconds <= 0:
+                return None
+            self.seconds_per_update[run.spec.name] = seconds / trained
+            eta = self.eta(run.spec.name)
+            first_estimate = not self.estimated and seconds >= self.FIRST_ESTIMATE_AFTER_S
+            self.estimated = self.estimated or first_estimate
+        if first_estimate:
+            say(f"  estimate: {format_duration(eta)} for the whole job ({trained / seconds:.2f} updates/s on "
+                f"{run.spec.name} so far; other tasks' speed is measured when they run)")
         return eta
 
     def finished(self, run: "PlannedRun", updates: int, seconds: float) -> None:
-        self.updates_left[run.run_dir] = 0
-        if updates > 0 and seconds > 0:
-            self.seconds_per_update[run.spec.name] = seconds / updates
+        with self._lock:
+            self.updates_left[run.run_dir] = 0
+            if updates > 0 and seconds > 0:
+                self.seconds_per_update[run.spec.name] = seconds / updates
 
     def eta(self, running_task: str) -> Optional[float]:
         fallback = self.seconds_per_update.get(running_task)
         if fallback is None:
             return None
-        return sum(left * self.seconds_per_update.get(run.spec.name, fallback)
-                   for run in self.runs for left in [self.updates_left[run.run_dir]])
+        left = [(run, self.updates_left[run.run_dir]) for run in self.runs if self.updates_left[run.run_dir]]
+        seconds = sum(updates * self.seconds_per_update.get(run.spec.name, fallback) for run, updates in left)
+        return seconds / max(1, min(self.concurrency, len(left)))
+
+
+def say(line: str) -> None:
+    """One line on stdout in one write: runs trained at once print from several threads."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class TrainLog:
@@ -475,49 +498,126 @@ POLL_S = 0.5
 CHILD_STOP_TIMEOUT_S = 120.0
 
 
-def run_training(command: List[str], run: "PlannedRun", job: JobProgress) -> None:
-    """Run train.py; keep its whole log in the run folder's train.log; show its progress, the job's
-    ETA and each validation's dev metrics; pass a stop signal on and wait for it to save and end."""
+@dataclass
+class TrainingOutcome:
+    """How a train.py launch ended: its exit status, its first one-line error, its last lines, its seconds."""
+    code: int
+    user_error: Optional[str]
+    last_lines: List[str]
+    seconds: float
+
+
+class LocalTraining:
+    """train.py as a child process, its output copied into the run's train.log; ``env`` adds to this
+    process's environment (a GPU, a thread count)."""
+
+    def __init__(self, command: List[str], log_path: Path, env: Optional[Dict[str, str]] = None):
+        # Unbuffered: the log is whole if the run dies.
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        bufsize=1, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+        self.log = TrainLog(self.process.stdout, log_path)
+        self.start = time.monotonic()
+
+    def done(self) -> bool:
+        return self.process.poll() is not None
+
+    def stop(self, signum: int) -> None:
+        _stop_child(self.process, signum)
+
+    def outcome(self) -> TrainingOutcome:
+        code = self.process.wait()
+        self.log.join()
+        return TrainingOutcome(code, self.log.user_error, self.log.last_lines, time.monotonic() - self.start)
+
+
+def train_in_job(command: List[str], log_path: str, env: Dict[str, str]) -> TrainingOutcome:
+    """What a submitit job runs: train.py as on this machine; a stop the job gets (scancel, SLURM's time
+    limit, submitit's local cancel) is passed on to train.py, which saves and ends."""
+    training = LocalTraining(command, Path(log_path), env)
+    with interrupts.handled():
+        try:
+            while not training.done():
+                time.sleep(POLL_S)
+        except interrupts.Interrupted as stop:
+            training.stop(stop.signum)
+    return training.outcome()
+
+
+class SubmititTraining:
+    """train.py in a job submitted through submitit (SLURM, or submitit's local executor)."""
+
+    _submitting = threading.Lock()  # one submission at a time: runs are submitted from several threads
+
+    def __init__(self, executor, command: List[str], log_path: Path, env: Optional[Dict[str, str]] = None):
+        with self._submitting:
+            self.job = executor.submit(train_in_job, command, str(log_path), dict(env or {}))
+        self.log_path = log_path
+
+    def done(self) -> bool:
+        return self.job.done()
+
+    def stop(self, signum: int) -> None:
+        self.job.cancel(check=False)
+        deadline = time.monotonic() + CHILD_STOP_TIMEOUT_S
+        while not self.job.done() and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+
+    def outcome(self) -> TrainingOutcome:
+        try:
+            return self.job.result()
+        except Exception as error:  # the job itself failed: killed, out of memory, out of time
+            raise RuntimeError(f"submitit job {self.job.job_id} ended without a result ({one_line(error)}); "
+                               f"its logs: {self.job.paths.stdout}, {self.job.paths.stderr}; train.py's: "
+                               f"{self.log_path}") from None
+
+
+StartTraining = Callable[[List[str], Path], "LocalTraining | SubmititTraining"]
+
+
+def run_training(command: List[str], run: "PlannedRun", job: JobProgress, stage: "JobStage",
+                 start: StartTraining = LocalTraining) -> float:
+    """Run train.py (``start`` launches it); keep its whole log in the run folder's train.log; show its
+    progress, the job's ETA and each validation's dev metrics; pass a stop signal on and wait for it to
+    save and end.  The seconds train.py ran."""
     echo = RecordEcho(run.run_dir / RECORD_NAME)
     log_path = run.run_dir / "train.log"
-    # Unbuffered: the log is whole if the run dies.
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                               env=env)
-    log = TrainLog(process.stdout, log_path)
-    display = ConsoleProgress(run.label, run.planned_updates, interval_s=job.interval_s)
-    start, updates_at_start = time.monotonic(), None
+    training = start(command, log_path)
+    display = ConsoleProgress(run.label, run.planned_updates, interval_s=job.interval_s, bar=job.bar)
+    start_time, updates_at_start = time.monotonic(), None
     try:
         while True:
-            code = process.poll()
+            finished = training.done()
             for line in echo.poll():
-                display.write("    " + line)
+                display.write(job.echo_line(run, line))
             progress = echo.progress
             if progress and progress.get("updates") is not None:
                 if updates_at_start is None:
                     updates_at_start = int(progress["updates"])
                     display.total = progress.get("total_updates") or run.planned_updates
-                job_eta = job.observe(run, progress, time.monotonic() - start, updates_at_start)
+                job_eta = job.observe(run, progress, time.monotonic() - start_time, updates_at_start)
                 display.update(int(progress["updates"]), rate=progress.get("updates_per_s"),
                                detail=_progress_detail(progress, job_eta))
-            if code is not None:
+            if finished:
                 break
+            stage.check_stop()
             time.sleep(POLL_S)
     except interrupts.Interrupted as stop:
         display.close(final_line=False)
-        _stop_child(process, stop.signum)
+        training.stop(stop.signum)
         raise
     finally:
         display.close()
-        log.join()
+    outcome = training.outcome()
+    code = outcome.code
     if code in (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM):
         raise interrupts.Interrupted(abs(code) - 128 if code > 0 else -code)  # train.py alone was stopped
-    if code != 0 and log.user_error is not None:
-        raise UserError(f"{TRAIN_PROG}: {log.user_error}")
+    if code != 0 and outcome.user_error is not None:
+        raise UserError(f"{TRAIN_PROG}: {outcome.user_error}")
     if code == 2:
-        raise UserError(log.last_lines[-1].strip() if log.last_lines else f"train.py failed; see {log_path}")
+        raise UserError(outcome.last_lines[-1].strip() if outcome.last_lines else f"train.py failed; see {log_path}")
     if code != 0:
-        raise RuntimeError(f"train.py exited {code}; the end of {log_path}:\n{''.join(log.last_lines)}")
+        raise RuntimeError(f"train.py exited {code}; the end of {log_path}:\n{''.join(outcome.last_lines)}")
+    return outcome.seconds
 
 
 def _progress_detail(progress: dict, job_eta: Optional[float]) -> str:
@@ -543,15 +643,16 @@ def _stop_child(process: subprocess.Popen, signum: int) -> None:
             process.wait()
 
 
-def train_timed(command: List[str], run: "PlannedRun", job: JobProgress) -> float:
+def train_timed(command: List[str], run: "PlannedRun", job: JobProgress, stage: "JobStage",
+                start: StartTraining = LocalTraining) -> float:
     """run_training, and the seconds this run has trained over all its launches (resumes included)."""
     elapsed = run.run_dir / "elapsed.json"
     earlier = json.loads(elapsed.read_text())["seconds"] if elapsed.exists() else 0.0
-    start = time.time()
+    start_time, trained = time.time(), None
     try:
-        run_training(command, run, job)
-    finally:  # an interrupted launch counts too
-        total = earlier + time.time() - start
+        trained = run_training(command, run, job, stage, start)
+    finally:  # an interrupted launch counts too; a queued SLURM job's wait does not, once its time is known
+        total = earlier + (trained if trained is not None else time.time() - start_time)
         write_text_atomically(elapsed, json.dumps({"seconds": round(total, 1)}) + "\n")
     return total
 
@@ -641,17 +742,22 @@ def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, m
                       str(model.checkpoint), recipe, train_subset, curve)
 
 
-def one_run(run: PlannedRun, args, job: JobProgress) -> dict:
-    spec, run_dir = run.spec, run.run_dir
+def one_run(run: PlannedRun, args, job: JobProgress, stage: "JobStage", start: StartTraining = LocalTraining) -> dict:
     if run.finished:
-        print(f"  {run.label}: done earlier ({run.result_file})", flush=True)
+        say(f"  {run.label}: done earlier ({run.result_file})")
         return json.loads(run.result_file.read_text())
+    with stage.running(run):
+        return _train_and_read(run, args, job, stage, start)
+
+
+def _train_and_read(run: PlannedRun, args, job: JobProgress, stage: "JobStage", start: StartTraining) -> dict:
+    spec, run_dir = run.spec, run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.node_rank == 0:
         write_text_atomically(run_dir / "settings.json", json.dumps(run.settings, indent=1) + "\n")
     command = launcher(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port) + run.train_args
-    print(f"  {run.label}: training ({run_dir}; log: {run_dir / 'train.log'})", flush=True)
-    wall = train_timed(command, run, job)
+    say(f"  {run.label}: training ({run_dir}; log: {run_dir / 'train.log'})")
+    wall = train_timed(command, run, job, stage, start)
     row = {"task": spec.name, "mode": run.mode, "lr": run.lr, "seed": run.seed,
            "primary_metric": spec.primary_metric, "wall_time_s": round(wall, 1), "train_rows": run.train_rows,
            "run_dir": str(run_dir), "recipe": run.recipe.describe(), "train_subset": run.train_subset,
@@ -665,16 +771,18 @@ def one_run(run: PlannedRun, args, job: JobProgress) -> dict:
                curve={str(e): v for e, v in sorted(parsed["epochs"].items())},
                trainable=parsed["trainable"], total=parsed["total"], updates=parsed["updates"],
                predictions=predict_test_sets(spec, run.prepared, run_dir, run.base_checkpoint, run.label,
-                                             job.interval_s))
+                                             job.interval_s, job.bar, stage.check_stop))
     write_text_atomically(run.result_file, json.dumps(row, indent=1) + "\n")
     job.finished(run, parsed["updates"], wall)
     return row
 
 
 def predict_test_sets(spec, prepared: Path, run_dir: Path, base_checkpoint: str, label: str = "",
-                      interval_s: float = DEFAULT_INTERVAL_S) -> Dict[str, str]:
+                      interval_s: float = DEFAULT_INTERVAL_S, bar: Optional[bool] = None,
+                      check_stop: Callable[[], None] = lambda: None) -> Dict[str, str]:
     """GLUE leaderboard files for the task's test splits, from the best checkpoint (or, with
-    --bitfit-delta-only, from the best delta merged into the base model for the time it takes)."""
+    --bitfit-delta-only, from the best delta merged into the base model for the time it takes);
+    ``check_stop`` is called after each batch (a run's thread ends there when the job stops)."""
     splits = [s for s in spec.test_splits if (prepared / "input0" / f"{s.name}.idx").exists()]
     checkpoint, best_delta = run_dir / "checkpoint_best.pt", run_dir / "checkpoint_best.delta.safetensors"
     if not splits or not (checkpoint.exists() or best_delta.exists()):
@@ -686,10 +794,14 @@ def predict_test_sets(spec, prepared: Path, run_dir: Path, base_checkpoint: str,
         for split in splits:
             indices = read_test_indices(prepared, split.name)
             display = ConsoleProgress(f"{label}: predicting {split.name}", len(indices), unit="examples",
-                                      interval_s=interval_s)
+                                      interval_s=interval_s, bar=bar)
+
+            def progress(done, total):
+                display.update(done)
+                check_stop()
+
             try:
-                predictions = predict_prepared_split(checkpoint, prepared, split.name,
-                                                     progress=lambda done, total: display.update(done))
+                predictions = predict_prepared_split(checkpoint, prepared, split.name, progress=progress)
             finally:
                 display.close()
             path = write_leaderboard_tsv(spec, indices, predictions, run_dir / split.leaderboard_file)
@@ -760,6 +872,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train.py --save-interval-minutes: checkpoint_last.pt at least this often (0: epoch ends only)")
     parser.add_argument("--progress-interval", type=float, default=DEFAULT_INTERVAL_S,
                         help="seconds between progress lines when the output is not a terminal")
+    parser.add_argument("--parallel", default="1",
+                        help="runs trained at once on this machine (joblib threads, one train.py each; "
+                             "one GPU each where there are GPUs, else a share of the cores)")
+    parser.add_argument("--launcher", default="local",
+                        help="local: on this machine; submitit: each run a SLURM job; submitit_local: "
+                             "submitit's local executor (the SLURM path without SLURM)")
+    parser.add_argument("--slurm-partition", default="", help="with --launcher submitit (default: the cluster's)")
+    parser.add_argument("--slurm-time-min", default="720", help="a run's SLURM time limit in minutes")
+    parser.add_argument("--slurm-gpus-per-run", default="1")
+    parser.add_argument("--slurm-cpus-per-run", default="8")
+    parser.add_argument("--slurm-mem-gb", default="32")
     return parser
 
 
@@ -770,8 +893,29 @@ def _numbers(text: str, kind, flag: str) -> list:
         raise UserError(f"{flag} {text!r}: expected space-separated numbers") from None
 
 
+def _integer(text: str, name: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        expected = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+        raise UserError(f"{name} {text!r}: expected {expected}")
+    return value
+
+
 def _check_settings(args, passthrough: List[str]) -> None:
     """Numbers the run script's users set, checked before anything runs."""
+    args.parallel = _integer(args.parallel, "PARALLEL", 1)
+    if args.launcher not in LAUNCHERS:
+        raise UserError(f"LAUNCHER {args.launcher!r}: expected local, submitit or submitit_local")
+    for name, minimum in (("slurm_time_min", 1), ("slurm_gpus_per_run", 0), ("slurm_cpus_per_run", 1),
+                          ("slurm_mem_gb", 1)):
+        setattr(args, name, _integer(getattr(args, name), name.upper(), minimum))
+    if (args.parallel > 1 or args.launcher != "local") and (args.nproc > 1 or args.nnodes > 1):
+        # Runs at once would share torchrun's master port, and a node's runs must follow the plan's order.
+        raise UserError(f"NPROC {args.nproc}, NNODES {args.nnodes}: torchrun runs are trained one at a time; "
+                        "use PARALLEL=1 and LAUNCHER=local with NPROC or NNODES above 1")
     for value, name in ((args.nproc, "NPROC"), (args.nnodes, "NNODES"), (args.epochs, "EPOCHS"),
                         (args.max_seq_len, "MAX_SEQ_LEN"), (args.train_subset, "TRAIN_SUBSET")):
         if value is not None and value < 1:
@@ -810,11 +954,12 @@ def main(argv=None) -> None:
         raise UserError(f"TRAIN_SUBSETS {' '.join(map(str, args.train_subsets))}: sizes must be positive integers")
     lrs = _numbers(args.lrs, float, "LRS")
     _check_settings(args, passthrough)
+    dispatch = Dispatch(args, passthrough)
     output_dir = Path(args.output_dir)
     stage = JobStage()
     try:
         with interrupts.handled(), _removed_if_left_empty(output_dir):
-            run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir, output_dir, stage)
+            run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir, output_dir, stage, dispatch)
     except interrupts.Interrupted as stop:
         resume = os.environ.get(RESUME_COMMAND_VARIABLE) or shlex.join(
             [sys.executable, "-m", "fairseq_ext.experiments.glue_run", *argv])
@@ -828,15 +973,49 @@ RESUME_COMMAND_VARIABLE = "GLUE_BITFIT_COMMAND"
 
 
 class JobStage:
-    """What the job is doing, for the line an interruption prints."""
+    """Which runs are training, for the line an interruption prints; and, with runs trained at once,
+    the stop that every run's thread passes on to its train.py."""
 
     def __init__(self):
-        self.run: Optional[PlannedRun] = None
+        self._started: List[PlannedRun] = []
+        self._running: Dict[Path, PlannedRun] = {}
+        self._stopped: Dict[Path, PlannedRun] = {}
+        self._stop_signum: Optional[int] = None
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def running(self, run: PlannedRun):
+        with self._changed:
+            self.check_stop()  # no run starts once the job is stopping
+            self._started.append(run)
+            self._running[run.run_dir] = run
+        try:
+            yield
+        except interrupts.Interrupted:
+            self._stopped[run.run_dir] = run
+            raise
+        finally:
+            with self._changed:
+                del self._running[run.run_dir]
+                self._changed.notify_all()
+
+    def check_stop(self) -> None:
+        """Raise the job's stop in a run's thread (run_training then stops its train.py)."""
+        if self._stop_signum is not None:
+            raise interrupts.Interrupted(self._stop_signum)
+
+    def stop_all(self, signum: int) -> None:
+        """Stop every running run and wait until each has stopped its train.py."""
+        with self._changed:
+            self._stop_signum = signum
+            self._stopped.update(self._running)
+            self._changed.wait_for(lambda: not self._running)
 
     def describe(self) -> str:
-        if self.run is None:
+        runs = [run for run in self._started if run.run_dir in self._stopped or run.run_dir in self._running]
+        if not runs:
             return "while preparing the job"
-        return f"during {self.run.label} ({self.run.run_dir})"
+        return "during " + ", ".join(f"{run.label} ({run.run_dir})" for run in runs)
 
 
 @contextlib.contextmanager
@@ -854,6 +1033,114 @@ def _removed_if_left_empty(folder: Path):
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+
+
+LAUNCHERS = ("local", "submitit", "submitit_local")
+SUBMITIT_HINT = "pip install submitit (or the project's extra: pip install -e .[sweep])"
+
+
+def visible_gpus() -> List[str]:
+    """The CUDA devices this machine lets runs use: those in CUDA_VISIBLE_DEVICES, else every one torch sees."""
+    import torch
+
+    count = torch.cuda.device_count()
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return (listed or [str(i) for i in range(count)])[:count]
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def import_submitit():
+    try:
+        import submitit  # only LAUNCHER=submitit needs it
+    except ImportError:
+        raise UserError(f"LAUNCHER submitit: the submitit package is not installed; {SUBMITIT_HINT}") from None
+    return submitit
+
+
+class Dispatch:
+    """How the planned runs are trained: one after another (PARALLEL=1), up to PARALLEL at once on this
+    machine (joblib threads, each driving one train.py), or each as a job through submitit (SLURM, or
+    submitit's local executor).  Rows come back in the plan's order either way."""
+
+    def __init__(self, args, passthrough: List[str]):
+        self.launcher, self.parallel = args.launcher, args.parallel
+        self.slot_envs: List[Dict[str, str]] = [{}]
+        if self.launcher != "local":
+            import_submitit()
+            self.slurm = {"partition": args.slurm_partition, "timeout_min": args.slurm_time_min,
+                          "gpus": args.slurm_gpus_per_run, "cpus": args.slurm_cpus_per_run, "mem_gb": args.slurm_mem_gb}
+        elif self.parallel > 1:
+            self.slot_envs = self._slot_environments("--cpu" in passthrough)
+
+    def _slot_environments(self, cpu_only: bool) -> List[Dict[str, str]]:
+        """Each concurrent run's environment: its own GPU where there are GPUs, else a share of the cores."""
+        gpus = [] if cpu_only else visible_gpus()
+        if gpus:
+            if self.parallel > len(gpus):
+                raise UserError(f"PARALLEL {self.parallel}: this machine has {len(gpus)} CUDA GPU"
+                                f"{'s' if len(gpus) > 1 else ''} and each run at once takes one; "
+                                f"use PARALLEL {len(gpus)} or less")
+            return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus[:self.parallel]]
+        if "OMP_NUM_THREADS" in os.environ:  # the user's choice wins
+            return [{} for _ in range(self.parallel)]
+        return [{"OMP_NUM_THREADS": str(max(1, available_cores() // self.parallel))} for _ in range(self.parallel)]
+
+    def concurrency(self, runs: List[PlannedRun]) -> int:
+        """How many runs may train at once (for the job's ETA): every submitted job, or PARALLEL."""
+        return max(1, sum(not run.finished for run in runs)) if self.launcher != "local" else self.parallel
+
+    def train(self, runs: List[PlannedRun], args, job: JobProgress, stage: JobStage) -> List[dict]:
+        if self.launcher == "local" and self.parallel == 1:
+            return [one_run(run, args, job, stage) for run in runs]
+        if self.launcher == "local":
+            slots: "queue.Queue[Dict[str, str]]" = queue.Queue()
+            for env in self.slot_envs:
+                slots.put(env)
+
+            def train_one(run):
+                env = slots.get()  # joblib runs at most PARALLEL of these at once: a slot is always free
+                try:
+                    return one_run(run, args, job, stage, functools.partial(LocalTraining, env=env))
+                finally:
+                    slots.put(env)
+        else:
+            start = functools.partial(SubmititTraining, self._executor(Path(args.output_dir)), env=self._job_env())
+
+            def train_one(run):
+                return one_run(run, args, job, stage, start)
+        return self._in_threads(train_one, runs, self.concurrency(runs), stage)
+
+    @staticmethod
+    def _in_threads(train_one, runs: List[PlannedRun], n_jobs: int, stage: JobStage) -> List[dict]:
+        import joblib
+
+        try:
+            return joblib.Parallel(n_jobs=n_jobs, backend="threading")(joblib.delayed(train_one)(run) for run in runs)
+        except BaseException as error:
+            # joblib stops starting runs but leaves running ones be: stop each (its train.py saves, so the
+            # same command resumes it) and wait, so that no train.py outlives the job.
+            stage.stop_all(error.signum if isinstance(error, interrupts.Interrupted) else signal.SIGTERM)
+            raise
+
+    def _executor(self, output_dir: Path):
+        submitit = import_submitit()
+        cluster = "local" if self.launcher == "submitit_local" else "slurm"
+        executor = submitit.AutoExecutor(folder=output_dir / "submitit", cluster=cluster)
+        settings = {"name": "glue_bitfit", "timeout_min": self.slurm["timeout_min"]}
+        if cluster == "slurm":
+            settings.update(gpus_per_node=self.slurm["gpus"], cpus_per_task=self.slurm["cpus"],
+                            mem_gb=self.slurm["mem_gb"], slurm_partition=self.slurm["partition"] or None)
+        executor.update_parameters(**settings)
+        return executor
+
+    def _job_env(self) -> Dict[str, str]:
+        """A job's train.py uses the cores its job was given, unless the user set OMP_NUM_THREADS."""
+        if "OMP_NUM_THREADS" in os.environ or self.launcher == "submitit_local":
+            return {}
+        return {"OMP_NUM_THREADS": str(self.slurm["cpus"])}
 
 
 def run_modes(text: str, bitfit_terms: str) -> List[str]:
@@ -875,7 +1162,8 @@ def run_modes(text: str, bitfit_terms: str) -> List[str]:
     return list(dict.fromkeys(modes))
 
 
-def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_dir: Path, stage: JobStage) -> None:
+def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_dir: Path, stage: JobStage,
+            dispatch: "Dispatch") -> None:
     model = resolve_model(args.model, output_dir)
     model_params = checkpoint_parameter_count(model.checkpoint)
     print(f"GLUE {' '.join(modes)}: tasks {' '.join(s.name for s in specs)}; model {model.path} ({model.arch}, "
@@ -910,13 +1198,9 @@ def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_
                         runs.append(plan_run(spec, model, data_dir, manifest, output_dir / "runs" / run_name, args,
                                              mode, recipe, lr, seed, passthrough,
                                              bookkeeping_args(args, output_dir / "tensorboard" / run_name), size, curve))
-    job = JobProgress(runs, args.progress_interval)
+    job = JobProgress(runs, args.progress_interval, dispatch.concurrency(runs))
     print("\n".join(job.plan_lines()), flush=True)
-    rows = []
-    for run in runs:
-        stage.run = run
-        rows.append(one_run(run, args, job))
-    stage.run = None
+    rows = dispatch.train(runs, args, job, stage)
     if args.node_rank != 0:
         return
     all_rows = write_results(output_dir, rows)
