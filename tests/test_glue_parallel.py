@@ -1,0 +1,183 @@
+"""The GLUE runner's PARALLEL and LAUNCHER: runs trained at once, or as submitit jobs, give the
+results a sequential job gives; a stop reaches every run; bad settings are one line and exit 2."""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import tiny
+from test_glue_run import SCRIPT, glue_script, small_glue_dir
+
+from fairseq_ext.experiments import glue_run
+
+needs_glue = pytest.mark.skipif(not tiny.REAL_GLUE.is_dir(),
+                                reason="no real GLUE files (FAIRSEQ_EXT_TEST_GLUE, default ../shared/glue)")
+
+# Three runs of two updates each: with PARALLEL=2 the third waits for a free slot.
+GRID = {"TASKS": "CoLA", "SEEDS": "1 2 3"}
+GRID_ARGS = ("--batch-size", "8", "--max-update", "2")
+WALL_CLOCK = ("wall_time_s",)
+PATHS = ("run_dir", "predictions")  # each job's own folder
+
+
+@pytest.fixture(scope="module")
+def small_glue(tmp_path_factory):
+    return small_glue_dir(tmp_path_factory.mktemp("glue"))
+
+
+@pytest.fixture(scope="module")
+def sequential(small_glue, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sequential")
+    glue_script(dict(GRID, GLUE_DIR=str(small_glue), OUTPUT_DIR=str(out)), *GRID_ARGS)
+    return out
+
+
+def comparable(out):
+    """results.json's rows without wall-clock times and folder names; the table above the per-run list
+    (which has wall times); the leaderboard files."""
+    rows = [{key: value for key, value in row.items() if key not in WALL_CLOCK + PATHS}
+            for row in json.loads((out / "results.json").read_text())["runs"]]
+    table = (out / "results.md").read_text().split("## Every run")[0]
+    predictions = {str(path.relative_to(out)): path.read_text() for path in sorted((out / "predictions").rglob("*.tsv"))}
+    return rows, table, predictions
+
+
+@needs_glue
+def test_parallel_runs_give_the_sequential_results_bit_for_bit(small_glue, sequential, tmp_path):
+    out = tmp_path / "parallel"
+    result = glue_script(dict(GRID, GLUE_DIR=str(small_glue), OUTPUT_DIR=str(out), PARALLEL="2"), *GRID_ARGS)
+    rows, table, predictions = comparable(out)
+    assert len(rows) == 3 and predictions
+    assert (rows, table, predictions) == comparable(sequential)  # floats compared exactly
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # With runs at once every progress line and echoed dev line names its run.
+    lines = result.stdout.splitlines()
+    assert sum(" updates (" in line for line in lines) >= 3
+    assert all(line.startswith("  CoLA bitfit-ofa lr 0.001 seed ") for line in lines
+               if " updates (" in line or "valid: loss" in line or "trainable params" in line)
+
+
+@needs_glue
+def test_submitit_local_jobs_give_the_sequential_results(small_glue, sequential, tmp_path):
+    """Two of the grid's three runs, each a job of submitit's local executor: the same rows."""
+    pytest.importorskip("submitit")
+    out = tmp_path / "submitit"
+    glue_script(dict(GRID, SEEDS="1 2", GLUE_DIR=str(small_glue), OUTPUT_DIR=str(out), LAUNCHER="submitit_local"),
+                *GRID_ARGS)
+    rows, _, predictions = comparable(out)
+    assert rows == [row for row in comparable(sequential)[0] if row["seed"] in (1, 2)] and predictions
+    assert len(list((out / "submitit").glob("*_result.pkl"))) == 2  # one job per run
+
+
+def _train_py_processes(out):
+    """train.py processes still training into ``out`` (their command lines name its folders)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if "fairseq_ext.training.main" in command and str(out) in command:
+            found.append(pid)
+    return found
+
+
+@needs_glue
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_stop_reaches_every_run_at_once_and_prints_one_resume_line(small_glue, tmp_path):
+    """SIGINT to the runner alone (not to its process group): each running train.py gets it, saves and ends;
+    one line names both runs and the command, PARALLEL included."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLUE_DIR=str(small_glue), TASKS="CoLA STS-B", OUTPUT_DIR=str(out),
+               PARALLEL="2", SAVE_MINUTES="0.01", PROGRESS_SECONDS="1")
+    job = subprocess.Popen(["bash", str(SCRIPT), "--batch-size", "4", "--max-update", "200"], env=env,
+                                cwd=tiny.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    records = [out / "runs" / task / "bitfit-ofa" / "lr0.001-seed1" / "run_record.json" for task in ("CoLA", "STS-B")]
+
+    def saved(record):
+        return (json.loads(record.read_text()).get("progress") or {}).get("last_saved_updates") \
+            if record.exists() else None
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and job.poll() is None:
+        if all(saved(record) for record in records):
+            job.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.1)
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 130, stdout[-3000:] + stderr[-3000:]
+    assert "Traceback" not in stdout + stderr
+    stops = [line for line in stderr.splitlines() if "glue_bitfit: SIGINT: stopped during" in line]
+    assert len(stops) == 1 and "CoLA bitfit-ofa" in stops[0] and "STS-B bitfit-ofa" in stops[0], stderr
+    assert "PARALLEL=2" in stops[0].split("run the same command: ", 1)[1]
+    for record in records:
+        assert json.loads(record.read_text())["launches"][-1]["status"] == "interrupted"
+    assert not _train_py_processes(out)
+
+
+def parsed(*argv):
+    return glue_run.build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--parallel", "0"], "PARALLEL '0': expected a positive integer"),
+    (["--parallel", "two"], "PARALLEL 'two': expected a positive integer"),
+    (["--launcher", "slurm"], "LAUNCHER 'slurm': expected local, submitit or submitit_local"),
+    (["--launcher", "submitit", "--slurm-mem-gb", "lots"], "SLURM_MEM_GB 'lots'"),
+    (["--parallel", "2", "--nproc", "2"], "NPROC 2, NNODES 1: torchrun runs are trained one at a time"),
+])
+def test_bad_parallel_and_launcher_settings_are_one_line_and_exit_2(tmp_path, capsys, argv, needle):
+    out = tmp_path / "out"
+    glue = tmp_path / "glue" / "CoLA"
+    glue.mkdir(parents=True)
+    (glue / "train.tsv").write_text("")
+    result = tiny.run_main(glue_run.main, capsys, "--glue-dir", glue.parent, "--output-dir", out, *argv)
+    tiny.assert_one_line_error(result, needle)
+    assert not out.exists()
+
+
+def test_submitit_missing_names_the_package_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit now fails as if not installed
+    glue = tmp_path / "glue" / "CoLA"
+    glue.mkdir(parents=True)
+    (glue / "train.tsv").write_text("")
+    result = tiny.run_main(glue_run.main, capsys, "--glue-dir", glue.parent, "--output-dir", tmp_path / "out",
+                           "--launcher", "submitit")
+    tiny.assert_one_line_error(result, "LAUNCHER submitit", "pip install submitit", "pip install -e .[sweep]")
+
+
+def _dispatch(monkeypatch, gpus, parallel, passthrough=()):
+    monkeypatch.setattr(glue_run, "visible_gpus", lambda: list(gpus))
+    args = parsed("--parallel", str(parallel))
+    glue_run._check_settings(args, list(passthrough))
+    return glue_run.Dispatch(args, list(passthrough))
+
+
+def test_each_run_at_once_gets_its_own_gpu_and_no_more_runs_than_gpus(monkeypatch):
+    assert _dispatch(monkeypatch, ["3", "5"], 2).slot_envs == [{"CUDA_VISIBLE_DEVICES": "3"},
+                                                               {"CUDA_VISIBLE_DEVICES": "5"}]
+    with pytest.raises(glue_run.UserError, match="PARALLEL 3: this machine has 2 CUDA GPUs"):
+        _dispatch(monkeypatch, ["0", "1"], 3)
+
+
+def test_on_cpu_runs_at_once_share_the_cores_unless_omp_num_threads_is_set(monkeypatch):
+    monkeypatch.setattr(glue_run, "available_cores", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert _dispatch(monkeypatch, [], 3).slot_envs == [{"OMP_NUM_THREADS": "2"}] * 3
+    assert _dispatch(monkeypatch, ["0"], 16, ["--cpu"]).slot_envs == [{"OMP_NUM_THREADS": "1"}] * 16
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert _dispatch(monkeypatch, [], 2).slot_envs == [{}, {}]
+
+
+def test_the_job_eta_shares_the_work_left_among_the_runs_at_once():
+    spec = argparse.Namespace(name="CoLA")
+    runs = [argparse.Namespace(run_dir=f"r{i}", spec=spec, planned_updates=100, finished=False) for i in range(4)]
+    for concurrency in (1, 2, 8):
+        job = glue_run.JobProgress(runs, 60.0, concurrency)
+        eta = job.observe(runs[0], {"updates": 10, "total_updates": 100}, 10.0, 0)  # 1 s an update
+        assert eta == pytest.approx((90 + 3 * 100) / min(concurrency, 4))  # no more runs at once than runs left
