@@ -11,6 +11,8 @@ not run again, and an interrupted one resumes from its last checkpoint.  What a
 run gave is read from the run record train.py writes (``run_record.json``), not
 from its log.  The results of all runs in OUTPUT_DIR (this call's and earlier
 ones', other modes included) are written to results.json, results.md and curves.png.
+Runs are trained one after another, up to ``--parallel`` at once, or each as a
+submitit job (``--launcher``; see ``Dispatch``): the results are the same.
 """
 import argparse
 import contextlib
