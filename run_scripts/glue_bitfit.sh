@@ -28,7 +28,8 @@
 #                 (unless OMP_NUM_THREADS is set); progress lines are labelled by run      [1]
 #   LAUNCHER      local (this machine), submitit (each run a SLURM job through submitit; needs
 #                 pip install submitit, or pip install -e .[sweep]), submitit_local (submitit's
-#                 local executor: the SLURM path without SLURM)                 [local]
+#                 local executor: the SLURM path without SLURM); all runs are submitted at once,
+#                 PARALLEL does not apply                                  [local]
 #   SLURM_PARTITION     LAUNCHER=submitit: the partition                     [the cluster's default]
 #   SLURM_TIME_MIN      a run's time limit in minutes; a run stopped by it resumes on the next call [720]
 #   SLURM_GPUS_PER_RUN, SLURM_CPUS_PER_RUN, SLURM_MEM_GB  each run's job     [1, 8, 32]
