@@ -31,7 +31,8 @@
 #                 local executor: the SLURM path without SLURM); all runs are submitted at once,
 #                 PARALLEL does not apply                                  [local]
 #   SLURM_PARTITION     LAUNCHER=submitit: the partition                     [the cluster's default]
-#   SLURM_TIME_MIN      a run's time limit in minutes; a run stopped by it resumes on the next call [720]
+#   SLURM_TIME_MIN      a run's time limit in minutes (a run that reaches it saves and stops the job;
+#                       the same command resumes)                          [720]
 #   SLURM_GPUS_PER_RUN, SLURM_CPUS_PER_RUN, SLURM_MEM_GB  each run's job     [1, 8, 32]
 #                 (submitit's files: OUTPUT_DIR/submitit; the job runs the same train.py command)
 #
