@@ -21,18 +21,19 @@ def uses_cuda(args) -> bool:
     return torch.cuda.is_available() and not args.cpu and not getattr(args, "tpu", False)
 
 
-def configure_torchrun(args, argv=()) -> None:
+def configure_torchrun(args, world_size_given: bool = False) -> None:
     """Take rank, world size and init method from torchrun's environment.
 
     fairseq only looks at WORLD_SIZE when its own world size (the CUDA device
     count) is above 1, and then computes ``rank % cuda.device_count()``: on CPU
     that is zero processes, then a ZeroDivisionError.  Explicit
-    ``--distributed-init-method`` options are left alone.
+    ``--distributed-init-method`` options are left alone; ``world_size_given``: the user set
+    ``--distributed-world-size``, which must then agree with torchrun.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if args.distributed_init_method is not None or world_size <= 1 or "RANK" not in os.environ:
         return
-    if "--distributed-world-size" in argv and args.distributed_world_size != world_size:
+    if world_size_given and args.distributed_world_size != world_size:
         raise UserError(
             f"--distributed-world-size {args.distributed_world_size} contradicts torchrun's "
             f"WORLD_SIZE={world_size}; drop the flag under torchrun"
@@ -51,16 +52,20 @@ def configure_torchrun(args, argv=()) -> None:
         )
 
 
+PRECISION_FLAGS = ("--fp16", "--memory-efficient-fp16", "--bf16", "--memory-efficient-bf16")
+
+
 def reject_conflicting_precision(argv) -> None:
     """--fp16 with --bf16: fairseq's parser dies on it with a traceback about TPUs."""
-    given = {flag for flag in argv if flag in ("--fp16", "--memory-efficient-fp16", "--bf16", "--memory-efficient-bf16")}
+    given = {flag for flag in argv if flag in PRECISION_FLAGS}
     if given & {"--fp16", "--memory-efficient-fp16"} and given & {"--bf16", "--memory-efficient-bf16"}:
         raise UserError(f"{' and '.join(sorted(given))} exclude each other: pick fp16 or bf16")
 
 
-def configure_precision(args, argv) -> None:
-    """Make --bf16 mean bf16, not TPU, and refuse precision flags the device lacks."""
-    if args.bf16 and args.tpu and "--tpu" not in argv:
+def configure_precision(args, tpu_requested: bool = False) -> None:
+    """Make --bf16 mean bf16, not TPU (unless ``tpu_requested``: the user gave --tpu), and refuse
+    precision flags the device lacks."""
+    if args.bf16 and args.tpu and not tpu_requested:
         # fairseq's options.py sets tpu whenever bf16 is on.
         args.tpu = False
     if uses_cuda(args):

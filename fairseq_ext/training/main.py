@@ -3,7 +3,8 @@
 1. ``patches.install()``: the fairseq fixes every run needs (docs/fairseq_patches.md).
 2. ``options.parse(argv)``: fairseq-train's parser plus ``--bitfit*``, checked, fitted to
    this machine (torchrun, precision), and the resume rule: a restarted fine-tuning
-   run continues from its ``checkpoint_last.pt``.
+   run continues from its ``checkpoint_last.pt``.  In hydra form (``--config-name``, ``-m``)
+   ``hydra_form`` composes the config and takes the same steps for each job.
 3. ``distributed_utils.call_main``: fairseq's launcher (one process, a torchrun rank, or
    spawned GPU workers) runs ``train_worker`` in each training process.
 4. ``train_worker``: ``fairseq_cli.train.main`` with ``BitFitTrainer`` in place of
@@ -26,7 +27,7 @@ from ..core import interrupts
 from ..core.errors import UserError, exit_on_user_error, one_line
 from ..core.run_record import RECORD_NAME, RunRecord, read_run_record
 from ..plugin import patches
-from . import options
+from . import hydra_form, options
 from .options import TRAIN_PROG
 from .progress import ProgressPublisher
 from .timed_saves import TimedCheckpoints
@@ -37,11 +38,20 @@ logger = logging.getLogger(__name__)
 
 @exit_on_user_error(prog=TRAIN_PROG)
 def cli_main(argv=None, trainer_class=BitFitTrainer) -> None:
-    """train.py: every fairseq-train option, plus ``--bitfit``.  ``trainer_class`` lets tools
-    such as the benchmark time the real loop with a BitFitTrainer subclass."""
+    """train.py: every fairseq-train option, plus ``--bitfit``; or the hydra form (``--config-name``,
+    ``-m``), as fairseq-hydra-train takes it.  ``trainer_class`` lets tools such as the benchmark
+    time the real loop with a BitFitTrainer subclass."""
     argv = sys.argv[1:] if argv is None else argv
     patches.install()
-    cfg, resumed_from = options.parse(argv, prog=TRAIN_PROG)
+    run = functools.partial(train, trainer_class=trainer_class)
+    if hydra_form.requested(argv):
+        hydra_form.main(argv, run)
+        return
+    run(*options.parse(argv, prog=TRAIN_PROG))
+
+
+def train(cfg, resumed_from: Optional[str] = None, trainer_class=BitFitTrainer) -> None:
+    """Train with a parsed and checked config, in every process fairseq's launcher starts."""
     # A partial of a module-level function: fairseq's spawned GPU workers unpickle it by name,
     # so they too train with trainer_class, not with fairseq's Trainer.
     worker = functools.partial(train_worker, trainer_class=trainer_class, resumed_from=resumed_from)

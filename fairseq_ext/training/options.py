@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from fairseq import options
 from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass.configs import CheckpointConfig, FairseqConfig
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf, gen_parser_from_dataclass
 from omegaconf import OmegaConf, open_dict
 
@@ -117,6 +118,20 @@ class TimedSaveConfig(FairseqDataclass):
     )
 
 
+@dataclass
+class TimedCheckpointConfig(TimedSaveConfig, CheckpointConfig):
+    """fairseq's checkpoint group with ``save_interval_minutes``."""
+
+
+@dataclass
+class TrainConfig(FairseqConfig):
+    """fairseq's config with train.py's additions: the ``bitfit`` group and
+    ``checkpoint.save_interval_minutes``.  The hydra form's schema; the argparse form attaches
+    the same nodes to fairseq's converted config (``attach_bitfit_config``)."""
+    checkpoint: TimedCheckpointConfig = field(default=TimedCheckpointConfig)
+    bitfit: BitFitConfig = field(default=BitFitConfig)
+
+
 def add_bitfit_args(parser) -> None:
     """Add the ``--bitfit*`` and train.py's own options to a fairseq training parser (once, before parsing)."""
     gen_parser_from_dataclass(parser.add_argument_group("BitFit"), BitFitConfig())
@@ -172,8 +187,8 @@ def parse_args(argv: Sequence[str], prog: Optional[str] = None):
     add_bitfit_args(parser)
     args = options.parse_args_and_arch(parser, input_args=argv)
     validate_bitfit_args(args)
-    launch.configure_precision(args, argv)
-    launch.configure_torchrun(args, argv)
+    launch.configure_precision(args, tpu_requested="--tpu" in argv)
+    launch.configure_torchrun(args, world_size_given="--distributed-world-size" in argv)
     return args
 
 
