@@ -187,3 +187,20 @@ def test_slurm_run_config_sets_up_the_submitit_launcher(tmp_path):
     launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert (launcher["gpus_per_node"], launcher["tasks_per_node"], launcher["partition"]) == (1, 1, None)
+
+
+def test_hydra_form_under_torchrun_trains_one_job(tiny_data, tiny_pretrained, tmp_path):
+    """torchrun's workers join one training, as in the argparse form; frozen weights stay bit-identical."""
+    from test_distributed import free_port, torchrun
+
+    save_dir = tmp_path / "save"
+    command = hydra_command(tiny_config(tmp_path / "conf"), tiny_data, tiny_pretrained, "bitfit.bitfit=true",
+                            f"checkpoint.save_dir={save_dir}", "dataset.batch_size=8")
+    result = tiny.run([*torchrun(2, free_port()), *command], cwd=tmp_path, timeout=300)
+    assert "torchrun: 2 workers, backend gloo" in result.stdout
+    trained = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu")
+    assert trained["optimizer_history"][-1]["num_updates"] == UPDATES
+    pretrained = torch.load(tiny_pretrained, map_location="cpu")["model"]
+    for name, tensor in trained["model"].items():
+        if name in pretrained and not name.endswith("bias"):
+            assert torch.equal(tensor, pretrained[name]), f"frozen {name} changed"
