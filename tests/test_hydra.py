@@ -167,6 +167,30 @@ def test_shipped_glue_configs_are_the_runners_recipe(tmp_path):
     assert "bitfit" not in full and full["optimization"]["lr"] == [1e-5]  # fairseq's RoBERTa recipe
 
 
+def test_shipped_configs_compose_to_the_runners_config():
+    """Composed by hydra, each shipped config is the config the argparse form makes of the runner's
+    command, section for section (the model section is the arch's in both)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from fairseq_ext.training import options
+
+    sections = ("common", "dataset", "optimization", "checkpoint", "bitfit", "lr_scheduler", "optimizer", "task",
+                "criterion", "distributed_training")
+    for task in glue_configs.GLUE_TRAIN_ROWS:
+        for mode in (glue_configs.BITFIT_MODE, "full"):
+            command = [str(arg) for arg in glue_configs.recipe_command(task, mode)]
+            command[0], command[command.index("--restore-file") + 1] = "DATA", "model.pt"
+            expected = OmegaConf.to_container(options.to_config(options.parse_args(command)), resolve=True)
+            name = glue_configs.config_name(task, mode)
+            hydra_form.register_schema(name)
+            with initialize_config_dir(config_dir=str(CONFIGS), version_base=hydra_form.HYDRA_VERSION_BASE):
+                composed = compose(name, overrides=["task.data=DATA", "checkpoint.restore_file=model.pt"])
+            composed = OmegaConf.to_container(hydra_form.plain_config(composed), resolve=True)
+            for section in sections:
+                assert composed[section] == expected[section], (name, section)
+
+
 def test_shipped_configs_compose_and_pass_the_checks():
     names = sorted(path.stem for path in CONFIGS.glob("*.yaml"))
     assert len(names) == 16

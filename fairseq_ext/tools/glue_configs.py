@@ -6,23 +6,22 @@ writes ``<task>.yaml`` (BitFit, ``bitfit.bitfit_terms=all``) and ``<task>_full.y
 fine-tuning, the comparison) for RoBERTa base/large on data prepared by
 ``python -m fairseq_ext.tools.glue_data prepare``, named as fairseq's
 examples/roberta/config/finetuning files are (cola, mnli, mrpc, qnli, qqp, rte, sst_2, sts_b).
-Each file holds only what differs from train.py's defaults, taken from the very train.py
-command the GLUE runner would run (``glue_recipe.train_command``), so the configs and the
-runner cannot drift apart; a test regenerates them and compares.
+Each file holds only what differs from train.py's defaults (``hydra_form.config_of_command``)
+in the very train.py command the GLUE runner would run (``glue_recipe.train_command``), so the
+configs and the runner cannot drift apart; a test regenerates them and compares.
 """
 import argparse
 import math
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import yaml
-from omegaconf import OmegaConf
 
 from ..core.errors import exit_on_user_error
 from ..core.files import write_text_atomically
 from ..core.glue_tasks import TASKS
 from ..plugin.models.model_dir import ModelDir
-from ..training import glue_recipe, options
+from ..training import glue_recipe, hydra_form
 
 # GLUE's training-set sizes (rows of download_glue_data.py's train.tsv), which fix the schedule.
 GLUE_TRAIN_ROWS = {"CoLA": 8551, "SST-2": 67349, "MRPC": 3668, "STS-B": 5749, "QQP": 363846,
@@ -34,9 +33,6 @@ ROBERTA_PARAMS = 125_000_000
 MAX_SEQ_LEN = 512  # RoBERTa's positions, as fairseq's configs (max_positions: 512)
 BITFIT_MODE = "bitfit-all"
 REQUIRED = "???"  # hydra's mark for a value the command line must give
-# Sections whose keys are fairseq dataclass fields with defaults to compare against.
-FIXED_SECTIONS = ("common", "distributed_training", "dataset", "optimization", "checkpoint", "bitfit")
-REGISTRY_SECTIONS = ("task", "criterion", "optimizer", "lr_scheduler")
 
 
 def config_name(task: str, mode: str) -> str:
@@ -49,51 +45,6 @@ def recipe_command(task: str, mode: str) -> List[str]:
     recipe = glue_recipe.default_recipe(mode, task, rows, ROBERTA_PARAMS)
     return glue_recipe.train_command(spec, ROBERTA_BASE, Path(REQUIRED), Path("checkpoints"), mode, recipe,
                                      recipe.lrs[0], 1, rows, 1, [], MAX_SEQ_LEN)
-
-
-def _registry_defaults(section: str, name: str) -> dict:
-    from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
-    from fairseq.optim import OPTIMIZER_DATACLASS_REGISTRY
-    from fairseq.optim.lr_scheduler import LR_SCHEDULER_DATACLASS_REGISTRY
-    from fairseq.tasks import TASK_DATACLASS_REGISTRY
-
-    registry = {"task": TASK_DATACLASS_REGISTRY, "criterion": CRITERION_DATACLASS_REGISTRY,
-                "optimizer": OPTIMIZER_DATACLASS_REGISTRY, "lr_scheduler": LR_SCHEDULER_DATACLASS_REGISTRY}[section]
-    return OmegaConf.to_container(OmegaConf.structured(registry[name]), resolve=False)
-
-
-def _differences(values: dict, defaults: dict, cfg: dict) -> dict:
-    """The keys set to other than their default; a default that names another key
-    (``${optimization.max_update}``) is that key's value in ``cfg``."""
-    def default_of(key):
-        default = defaults[key]
-        if isinstance(default, str) and default.startswith("${") and default.endswith("}"):
-            section, _, name = default[2:-1].partition(".")
-            return cfg.get(section, {}).get(name)
-        return default
-
-    return {key: value for key, value in values.items()
-            if key != "_name" and key in defaults and value != default_of(key)}
-
-
-def config_of(train_args: List[str]) -> Dict[str, dict]:
-    """The hydra config (as a dict) of a train.py command line: what differs from the defaults."""
-    args = options.parse_args(train_args)
-    cfg = OmegaConf.to_container(options.to_config(args), resolve=True)
-    defaults = OmegaConf.to_container(OmegaConf.structured(options.TrainConfig), resolve=False)
-    out: Dict[str, dict] = {}
-    for section in REGISTRY_SECTIONS:
-        name = cfg[section]["_name"]
-        out[section] = {"_name": name, **_differences(cfg[section], _registry_defaults(section, name), cfg)}
-    out["model"] = {"_name": args.arch}
-    for section in FIXED_SECTIONS:
-        changed = _differences(cfg[section], defaults[section], cfg)
-        if changed:
-            out[section] = changed
-    # The data and the pretrained checkpoint are the user's; their placeholders say so.
-    out["task"]["data"] = REQUIRED
-    out["checkpoint"]["restore_file"] = REQUIRED
-    return out
 
 
 def render(task: str, mode: str) -> str:
@@ -110,7 +61,11 @@ def render(task: str, mode: str) -> str:
         "# and checkpoint.restore_file (the pretrained model.pt); model._name=roberta_large for RoBERTa-large.",
         "",
     ]
-    body = yaml.safe_dump(config_of([str(arg) for arg in command]), sort_keys=False, default_flow_style=False)
+    config = hydra_form.config_of_command([str(arg) for arg in command])
+    # The data and the pretrained checkpoint are the user's; their placeholders say so.
+    config["task"]["data"] = REQUIRED
+    config["checkpoint"]["restore_file"] = REQUIRED
+    body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
     return "\n".join(header) + body
 
 

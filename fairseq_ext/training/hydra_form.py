@@ -15,6 +15,9 @@ and ``main.train``.  Errors name config keys (``bitfit.bitfit_terms``), not flag
 Relative paths mean what they mean in the argparse form: the job does not change directory.
 In a multirun each job's relative ``checkpoint.save_dir`` is placed in the job's own sweep
 folder, so that the jobs of a grid never share checkpoints.
+
+``config_of_command`` goes the other way: the hydra config of an argparse-form command line
+(the shipped configs/glue files are written with it).
 """
 import contextlib
 import importlib.util
@@ -24,7 +27,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import yaml
 from fairseq import metrics
@@ -56,6 +59,11 @@ DEFAULT_HYDRA_OVERRIDES = {"hydra.job.chdir": "False", "hydra.job.name": "train"
 # The config groups whose keys the argparse form has as flat options.
 FLAT_SECTIONS = ("common", "distributed_training", "dataset", "optimization", "checkpoint", "bitfit",
                  "model_parallel", "bmuf")
+
+
+# Sections whose keys are fairseq dataclass fields with defaults to compare against.
+FIXED_SECTIONS = ("common", "distributed_training", "dataset", "optimization", "checkpoint", "bitfit")
+REGISTRY_SECTIONS = ("task", "criterion", "optimizer", "lr_scheduler")
 
 
 def requested(argv: Sequence[str]) -> bool:
@@ -334,3 +342,44 @@ def main(argv: Sequence[str], train: Callable[[DictConfig, Optional[str]], None]
     finally:
         sys.argv = saved_argv
 
+
+def _registry_defaults(section: str, name: str) -> dict:
+    from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
+    from fairseq.optim import OPTIMIZER_DATACLASS_REGISTRY
+    from fairseq.optim.lr_scheduler import LR_SCHEDULER_DATACLASS_REGISTRY
+    from fairseq.tasks import TASK_DATACLASS_REGISTRY
+
+    registry = {"task": TASK_DATACLASS_REGISTRY, "criterion": CRITERION_DATACLASS_REGISTRY,
+                "optimizer": OPTIMIZER_DATACLASS_REGISTRY, "lr_scheduler": LR_SCHEDULER_DATACLASS_REGISTRY}[section]
+    return OmegaConf.to_container(OmegaConf.structured(registry[name]), resolve=False)
+
+
+def _differences(values: dict, defaults: dict, cfg: dict) -> dict:
+    """The keys set to other than their default; a default that names another key
+    (``${optimization.max_update}``) is that key's value in ``cfg``."""
+    def default_of(key):
+        default = defaults[key]
+        if isinstance(default, str) and default.startswith("${") and default.endswith("}"):
+            section, _, name = default[2:-1].partition(".")
+            return cfg.get(section, {}).get(name)
+        return default
+
+    return {key: value for key, value in values.items()
+            if key != "_name" and key in defaults and value != default_of(key)}
+
+
+def config_of_command(train_args: List[str]) -> Dict[str, dict]:
+    """The hydra form's config (as a dict) of an argparse-form command line: what differs from the defaults."""
+    args = options.parse_args(train_args)
+    cfg = OmegaConf.to_container(options.to_config(args), resolve=True)
+    defaults = OmegaConf.to_container(OmegaConf.structured(options.TrainConfig), resolve=False)
+    out: Dict[str, dict] = {}
+    for section in REGISTRY_SECTIONS:
+        name = cfg[section]["_name"]
+        out[section] = {"_name": name, **_differences(cfg[section], _registry_defaults(section, name), cfg)}
+    out["model"] = {"_name": args.arch}
+    for section in FIXED_SECTIONS:
+        changed = _differences(cfg[section], defaults[section], cfg)
+        if changed:
+            out[section] = changed
+    return out
