@@ -180,10 +180,10 @@ def results_markdown(rows: List[dict], specs: dict) -> str:
         "",
         f"{HOW_CHOSEN} Metrics in %; seeds: {', '.join(map(str, seeds))}. `mean` averages each task's GLUE "
         "score (the mean of its official metrics), per seed, over the tasks.",
-        "",
-        "| mode | trainable % | " + " | ".join(f"{t} ({'/'.join(header_metrics[t])})" for t in tasks) + " | mean |",
-        "|---|---|" + "---|" * len(tasks) + "---|",
     ]
+    if tasks:  # a job of training-size curves alone has no full-data table
+        lines += ["", "| mode | trainable % | " + " | ".join(f"{t} ({'/'.join(header_metrics[t])})" for t in tasks)
+                  + " | mean |", "|---|---|" + "---|" * len(tasks) + "---|"]
     for mode in modes:
         cells, fractions, scores_by_seed = [], [], {}
         for task in tasks:
@@ -199,7 +199,8 @@ def results_markdown(rows: List[dict], specs: dict) -> str:
         mean = _fmt_spread(*_spread(complete)) if complete and len(cells) == len(tasks) and "–" not in cells else "–"
         lines.append(f"| {mode} | {_fmt(_mean(fractions), 3)} | " + " | ".join(cells) + f" | {mean} |")
     recipes = {}
-    for (task, mode), runs in sorted(best.items(), key=lambda item: (_mode_order(item[0][1]), item[0][0])):
+    chosen = {**{key[:2]: runs for key, runs in best_rows(curve_rows(rows), by_size=True).items()}, **best}
+    for (task, mode), runs in sorted(chosen.items(), key=lambda item: (_mode_order(item[0][1]), item[0][0])):
         rule = (runs[0].get("recipe") or {}).get("rule")
         if rule:
             recipes.setdefault(mode, {}).setdefault(rule, []).append(task)
