@@ -61,8 +61,7 @@ FLAT_SECTIONS = ("common", "distributed_training", "dataset", "optimization", "c
                  "model_parallel", "bmuf")
 
 
-# Sections whose keys are fairseq dataclass fields with defaults to compare against.
-FIXED_SECTIONS = ("common", "distributed_training", "dataset", "optimization", "checkpoint", "bitfit")
+# The registered groups (a ``_name`` picks the dataclass whose defaults apply).
 REGISTRY_SECTIONS = ("task", "criterion", "optimizer", "lr_scheduler")
 
 
@@ -295,10 +294,9 @@ def _in_sweep_folder(cfg: DictConfig) -> None:
         cfg.checkpoint.save_dir = str(Path(HydraConfig.get().runtime.output_dir) / save_dir)
 
 
-def _with_default_overrides(argv: Sequence[str]) -> List[str]:
-    """argv with DEFAULT_HYDRA_OVERRIDES the user did not give, beside the user's overrides
+def _with_default_overrides(argv: Sequence[str], overrides: List[str]) -> List[str]:
+    """argv with DEFAULT_HYDRA_OVERRIDES the user did not give, beside the user's ``overrides``
     (hydra's parser takes its overrides as one group)."""
-    overrides = _hydra_arguments(argv).overrides
     given = {override.split("=", 1)[0] for override in overrides}
     defaults = [f"{key}={value}" for key, value in DEFAULT_HYDRA_OVERRIDES.items() if key not in given]
     at = list(argv).index(overrides[0]) if overrides else len(argv)
@@ -309,7 +307,8 @@ def main(argv: Sequence[str], train: Callable[[DictConfig, Optional[str]], None]
     """Run train.py's hydra form: ``train(cfg, resumed_from)`` for the run, or each job of a sweep."""
     import hydra
 
-    config_name = _hydra_arguments(argv).config_name or "config"
+    arguments = _hydra_arguments(argv)
+    config_name = arguments.config_name or "config"
     register_schema(config_name)
     check_command_line(argv)
 
@@ -330,7 +329,7 @@ def main(argv: Sequence[str], train: Callable[[DictConfig, Optional[str]], None]
     from hydra.errors import HydraException
 
     saved_argv = sys.argv
-    sys.argv = [TRAIN_PROG, *_with_default_overrides(argv)]
+    sys.argv = [TRAIN_PROG, *_with_default_overrides(argv, arguments.overrides)]
     # hydra then raises what it would print as a report (with exit status 1): errors stay one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
@@ -378,8 +377,8 @@ def config_of_command(train_args: List[str]) -> Dict[str, dict]:
         name = cfg[section]["_name"]
         out[section] = {"_name": name, **_differences(cfg[section], _registry_defaults(section, name), cfg)}
     out["model"] = {"_name": args.arch}
-    for section in FIXED_SECTIONS:
-        changed = _differences(cfg[section], defaults[section], cfg)
+    for section in FLAT_SECTIONS:
+        changed = _differences(cfg.get(section) or {}, defaults.get(section) or {}, cfg)
         if changed:
             out[section] = changed
     return out
