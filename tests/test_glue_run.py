@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -253,6 +254,31 @@ def test_a_run_folder_is_reused_only_with_the_same_settings(cola_subset_run):
         errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
         assert len(errors) == 1 and "trained with other settings" in errors[0] and needle in errors[0], result.stderr
     assert "done earlier" in glue_script(env, *SUBSET_ARGS).stdout
+
+
+def test_a_run_whose_folder_was_deleted_is_done_by_its_row_in_results_json(cola_subset_run, tmp_path):
+    """results.json keeps the settings each run was trained with: with the run folders deleted (their
+    checkpoints are what takes the disk) the same command trains nothing and writes the same results,
+    and a row trained with other settings is refused in one line."""
+    out = tmp_path / "out"
+    shutil.copytree(cola_subset_run / "data", out / "data")
+    shutil.copy(cola_subset_run / "results.json", out / "results.json")
+    env = dict(SUBSET_ENV, OUTPUT_DIR=str(out))
+    again = glue_script(env, *SUBSET_ARGS)
+    assert "done earlier (its row in results.json)" in again.stdout and ": training (" not in again.stdout
+    assert not (out / "runs").exists()
+    assert (out / "results.json").read_text() == (cola_subset_run / "results.json").read_text()
+    assert (out / "results.md").read_text() == (cola_subset_run / "results.md").read_text()
+
+    results = json.loads((out / "results.json").read_text())
+    recorded = results["runs"][0]["settings"]["train_args"]
+    last_batch_size = len(recorded) - 1 - recorded[::-1].index("--batch-size")  # the one after the script
+    recorded[last_batch_size + 1] = "16"
+    (out / "results.json").write_text(json.dumps(results))
+    refused = glue_script(env, *SUBSET_ARGS, check=False)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "results.json holds a row" in errors[0] and "--batch-size 16 -> 8" in errors[0]
 
 
 def test_delta_only_runs_still_write_the_leaderboard_files(cola_subset_run, tmp_path):

@@ -8,7 +8,8 @@ import torch
 from fairseq_ext.core.errors import UserError
 from fairseq_ext.core.glue_tasks import get_task_spec
 from fairseq_ext.core.run_record import RECORD_NAME, RunRecord, epoch_stats, read_run_record
-from fairseq_ext.experiments.glue_run import RecordEcho, run_summary
+from fairseq_ext.experiments.glue_run import run_summary
+from fairseq_ext.experiments.glue_run.runs import RecordEcho
 
 
 def strict_json(path):

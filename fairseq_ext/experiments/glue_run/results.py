@@ -1,0 +1,298 @@
+"""The GLUE runner's results: each run's row, the tables of results.md, the curves, and what is
+gathered from each task's best runs (leaderboard files, the bias-change figure).
+
+results.json keeps every run's row, the settings it was trained with included, so it is also
+the job's ledger: a planned run whose row is there with the same settings is done, even when
+its run folder has been deleted since (``Ledger``).
+"""
+import json
+import logging
+import shutil
+import statistics
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from ...core.errors import UserError
+from ...core.files import write_atomically, write_text_atomically
+from ...core.glue_tasks import TASK_NAMES, TASKS
+from ...plugin.analysis import delta_bias_change, write_bias_change
+from ...plugin.checkpoints import load_checkpoint_file
+from ...training.options import BITFIT_PREFIX
+
+logger = logging.getLogger(__name__)
+
+def key_of_run(task: str, mode: str, lr: float, seed: int, curve_size: Optional[int] = None) -> tuple:
+    """What tells runs apart: a training-size curve's runs (TRAIN_SUBSETS) are keyed by their size too."""
+    return (task, mode, curve_size or 0, lr, seed)
+
+
+def run_key(row: dict) -> tuple:
+    return key_of_run(row["task"], row["mode"], row["lr"], row["seed"],
+                      row.get("train_subset") if row.get("size_curve") else None)
+
+
+class Ledger:
+    """results.json's rows by run, as a job found them when it was planned."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows = {run_key(row): row for row in load_results(path)}
+
+    def row(self, task: str, mode: str, lr: float, seed: int, curve_size: Optional[int]) -> Optional[dict]:
+        """The row of a run (``curve_size``: its training size, for a run of a training-size curve)."""
+        return self.rows.get(key_of_run(task, mode, lr, seed, curve_size))
+
+
+def main_rows(rows: List[dict]) -> List[dict]:
+    return [row for row in rows if not row.get("size_curve")]
+
+
+def curve_rows(rows: List[dict]) -> List[dict]:
+    return [row for row in rows if row.get("size_curve")]
+
+
+def load_results(path: Path) -> List[dict]:
+    if not path.exists():
+        return []
+    try:
+        return json.loads(path.read_text())["runs"]
+    except (ValueError, KeyError) as error:
+        raise UserError(f"{path}: not a results file of this tool ({error})") from None
+
+
+def best_rows(rows: List[dict], by_size: bool = False) -> Dict[tuple, List[dict]]:
+    """Per (task, mode), or (task, mode, training rows): the runs of the learning rate with the best mean dev score."""
+    by_config: Dict[tuple, Dict[float, List[dict]]] = {}
+    for row in rows:
+        key = (row["task"], row["mode"], row["train_rows"]) if by_size else (row["task"], row["mode"])
+        by_config.setdefault(key, {}).setdefault(row["lr"], []).append(row)
+    best = {}
+    for key, by_lr in by_config.items():
+        def mean_primary(lr):
+            scores = [r["dev"].get(r["primary_metric"], float("-inf")) for r in by_lr[lr]]
+            return sum(scores) / len(scores)
+        best[key] = by_lr[max(by_lr, key=mean_primary)]
+    return best
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _spread(values) -> Tuple[Optional[float], Optional[float]]:
+    """(mean, sample standard deviation) of the values present; the deviation needs two."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _fmt(value, digits=1):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_spread(mean, std, digits=1):
+    return _fmt(mean, digits) if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+MODE_ORDER = ("full", "bitfit-ofa", "bitfit-all", "bitfit-q,m2", "rand_uniform", "rand_row_col")
+
+
+def _mode_order(mode: str):
+    return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode == "head", mode)
+
+
+HOW_CHOSEN = ("For each task and mode, every learning rate in the mode's defaults (or LRS) is trained with every "
+              "seed; the learning rate with the best mean dev score (the task's primary metric) over the seeds is "
+              "reported. A run's score is its best epoch's, the epoch whose checkpoint_best.pt it keeps. Cells are "
+              "the mean ± sample standard deviation over seeds; nothing is tuned per seed.")
+
+
+def results_markdown(rows: List[dict], specs: dict) -> str:
+    best = best_rows(main_rows(rows))
+    tasks = [t for t in specs if any(k[0] == t for k in best)]
+    modes = sorted({k[1] for k in best}, key=_mode_order)
+    header_metrics = {t: specs[t].metrics + (("accuracy_mm",) if t == "MNLI" else ()) for t in tasks}
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [
+        "# GLUE dev results",
+        "",
+        f"{HOW_CHOSEN} Metrics in %; seeds: {', '.join(map(str, seeds))}. `mean` averages each task's GLUE "
+        "score (the mean of its official metrics), per seed, over the tasks.",
+    ]
+    if tasks:  # a job of training-size curves alone has no full-data table
+        lines += ["", "| mode | trainable % | " + " | ".join(f"{t} ({'/'.join(header_metrics[t])})" for t in tasks)
+                  + " | mean |", "|---|---|" + "---|" * len(tasks) + "---|"]
+    for mode in modes:
+        cells, fractions, scores_by_seed = [], [], {}
+        for task in tasks:
+            runs = best.get((task, mode))
+            if not runs:
+                cells.append("–")
+                continue
+            cells.append("/".join(_fmt_spread(*_spread([r["dev"].get(m) for r in runs])) for m in header_metrics[task]))
+            for r in runs:
+                scores_by_seed.setdefault(r["seed"], {})[task] = r["dev"].get("glue_score")
+            fractions += [100.0 * r["trainable"] / r["total"] for r in runs if r.get("trainable") and r.get("total")]
+        complete = [_mean(by_task.values()) for by_task in scores_by_seed.values() if len(by_task) == len(tasks)]
+        mean = _fmt_spread(*_spread(complete)) if complete and len(cells) == len(tasks) and "–" not in cells else "–"
+        lines.append(f"| {mode} | {_fmt(_mean(fractions), 3)} | " + " | ".join(cells) + f" | {mean} |")
+    recipes = {}
+    chosen = {**{key[:2]: runs for key, runs in best_rows(curve_rows(rows), by_size=True).items()}, **best}
+    for (task, mode), runs in sorted(chosen.items(), key=lambda item: (_mode_order(item[0][1]), item[0][0])):
+        rule = (runs[0].get("recipe") or {}).get("rule")
+        if rule:
+            recipes.setdefault(mode, {}).setdefault(rule, []).append(task)
+    if recipes:
+        lines += ["", "## Defaults", ""]
+        for mode, rules in recipes.items():
+            for rule, rule_tasks in rules.items():
+                lines.append(f"- {mode} ({', '.join(rule_tasks)}): {rule}")
+    curves = best_rows(curve_rows(rows), by_size=True)
+    if curves:
+        lines += ["", "## Training-size curves", "",
+                  "Dev score (the task's primary metric, mean ± std over seeds, best learning rate per size) by "
+                  "the number of training rows (TRAIN_SUBSETS); size_curves.png plots it.", "",
+                  "| task | mode | " + " | ".join(f"{n:,} rows" for n in sorted({k[2] for k in curves})) + " |",
+                  "|---|---|" + "---:|" * len({k[2] for k in curves})]
+        sizes = sorted({k[2] for k in curves})
+        for task, mode in sorted({k[:2] for k in curves}, key=lambda tm: (tm[0], _mode_order(tm[1]))):
+            cells = []
+            for size in sizes:
+                runs = curves.get((task, mode, size))
+                cells.append(_fmt_spread(*_spread([r["dev"].get(r["primary_metric"]) for r in runs])) if runs else "–")
+            lines.append(f"| {task} | {mode} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Every run",
+        "",
+        "| task | mode | training rows | lr | seed | dev metrics | best epoch | updates | trainable / total | wall (s) |",
+        "|---|---|---:|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(rows, key=lambda r: (r["task"], _mode_order(r["mode"]), r["train_rows"], r["lr"], r["seed"])):
+        dev = ", ".join(f"{k} {_fmt(v)}" for k, v in row["dev"].items())
+        params = (f"{row['trainable']:,} / {row['total']:,}" if row.get("trainable") else "–")
+        lines.append(f"| {row['task']} | {row['mode']} | {row['train_rows']:,} | {row['lr']:g} | {row['seed']} | "
+                     f"{dev} | {row['best_epoch']} | {row['updates']} | {params} | {row['wall_time_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(rows: List[dict], specs: dict, path: Path) -> None:
+    """Dev metric per epoch, one panel per task, one line per mode (its best lr): the mean over
+    seeds, with a band of one standard deviation where there are several."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    best = best_rows(main_rows(rows))
+    tasks = [t for t in specs if any(k[0] == t for k in best)]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        primary = specs[task].primary_metric
+        for (t, mode), runs in sorted(best.items(), key=lambda item: _mode_order(item[0][1])):
+            if t != task:
+                continue
+            epochs = sorted({int(e) for run in runs for e in run["curve"]})
+            spreads = [_spread([run["curve"].get(str(e), {}).get(primary) for run in runs]) for e in epochs]
+            means = [m for m, _ in spreads]
+            line, = ax.plot(epochs, means, marker="o", markersize=3,
+                            label=f"{mode} (lr {runs[0]['lr']:g}, {len(runs)} seed{'s' if len(runs) > 1 else ''})")
+            if len(runs) > 1:
+                low = [m - (sd or 0.0) for m, sd in spreads]
+                high = [m + (sd or 0.0) for m, sd in spreads]
+                ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(task)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"dev {primary} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def plot_size_curves(rows: List[dict], specs: dict, path: Path) -> None:
+    """Dev metric against training rows (log scale), one panel per task, one line per mode: the
+    mean over seeds with a one-std band."""
+    best = best_rows(curve_rows(rows), by_size=True)
+    tasks = [t for t in specs if any(k[0] == t for k in best)]
+    if not tasks:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        primary = specs[task].primary_metric
+        for mode in sorted({k[1] for k in best if k[0] == task}, key=_mode_order):
+            sizes = sorted(k[2] for k in best if k[:2] == (task, mode))
+            spreads = [_spread([r["dev"].get(primary) for r in best[(task, mode, size)]]) for size in sizes]
+            line, = ax.plot(sizes, [m for m, _ in spreads], marker="o", markersize=3, label=mode)
+            if any(sd is not None for _, sd in spreads):
+                ax.fill_between(sizes, [m - (sd or 0.0) for m, sd in spreads], [m + (sd or 0.0) for m, sd in spreads],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_xscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("training rows")
+        ax.set_ylabel(f"dev {primary} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def write_results(output_dir: Path, new_rows: List[dict]) -> List[dict]:
+    path = output_dir / "results.json"
+    rows = {run_key(r): r for r in load_results(path)}
+    rows.update({run_key(r): r for r in new_rows})
+    rows = sorted(rows.values(), key=run_key)
+    specs = {name: TASKS[name] for name in TASK_NAMES}
+    write_text_atomically(path, json.dumps({"how_chosen": HOW_CHOSEN, "runs": rows}, indent=1) + "\n")
+    write_text_atomically(output_dir / "results.md", results_markdown(rows, specs))
+    plot_curves(rows, specs, output_dir / "curves.png")
+    plot_size_curves(rows, specs, output_dir / "size_curves.png")
+    return rows
+
+
+def write_bias_change_of_best_runs(output_dir: Path, rows: List[dict], base_checkpoint: str) -> Optional[Path]:
+    """OUTPUT_DIR/bias_change/: how far each bias term moved in each task's best BitFit run (a panel per task)."""
+    best: Dict[str, dict] = {}
+    for (task, mode), runs in best_rows(main_rows(rows)).items():
+        if not mode.startswith(BITFIT_PREFIX):
+            continue
+        run = max(runs, key=lambda r: r["dev"].get(r["primary_metric"], float("-inf")))
+        if task not in best or run["dev"].get(run["primary_metric"], float("-inf")) > \
+                best[task]["dev"].get(best[task]["primary_metric"], float("-inf")):
+            best[task] = run
+    base = load_checkpoint_file(base_checkpoint)
+    tables = {}
+    for task, run in sorted(best.items()):
+        delta = Path(run["run_dir"]) / "checkpoint_best.delta.safetensors"
+        if not delta.exists():
+            continue
+        try:
+            tables[f"{task} {run['mode']}"] = delta_bias_change(base, delta, str(delta), str(base_checkpoint))
+        except UserError as error:  # a run of another model in the same OUTPUT_DIR: no panel, not a failed job
+            logger.warning(f"bias change of {delta} left out: {error}")
+    return write_bias_change(tables, output_dir / "bias_change") if tables else None
+
+
+def collect_predictions(output_dir: Path, rows: List[dict]) -> None:
+    """OUTPUT_DIR/predictions/<mode>/: each task's leaderboard files from its best run."""
+    for (task, mode), runs in best_rows(main_rows(rows)).items():
+        best = max(runs, key=lambda r: r["dev"].get(r["primary_metric"], float("-inf")))
+        for path in (best.get("predictions") or {}).values():
+            if Path(path).exists():
+                target = output_dir / "predictions" / mode / Path(path).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(target, lambda tmp, source=path: shutil.copyfile(source, tmp))
+
