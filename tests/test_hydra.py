@@ -122,6 +122,7 @@ def test_submitit_local_sweep(tiny_data, tiny_pretrained, tmp_path):
     (["common.fp16=true", "common.bf16=true"], ["common.bf16 and common.fp16 exclude each other"]),
     (["checkpoint.save_interval_minutes=-1"], ["checkpoint.save_interval_minutes -1: must be positive"]),
     (["optimization.lr=fast"], ["optimization.lr=fast"]),
+    (["dataset.batch_size=null"], ["dataset.batch_size or dataset.max_tokens is needed"]),
 ])
 def test_bad_config_is_one_line_naming_the_key(tiny_data, tiny_pretrained, tmp_path, capsys, overrides, fragments):
     command = hydra_command(tiny_config(tmp_path / "conf"), tiny_data, tiny_pretrained, *overrides)

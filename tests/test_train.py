@@ -190,6 +190,16 @@ def test_bad_input_gets_one_line_and_exit_2(tiny_data, tiny_pretrained, tmp_path
     assert not (tmp_path / "checkpoint_last.pt").exists()
 
 
+def test_no_batch_size_is_one_line_and_exit_2(tiny_data, tiny_pretrained, tmp_path):
+    """fairseq-train asserts (a traceback) when neither --batch-size nor --max-tokens is given."""
+    args = tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=2)
+    at = args.index("--batch-size")
+    result = tiny.run(args[:at] + args[at + 2:], check=False)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: --batch-size or --max-tokens"), result.stderr
+
+
 def test_user_dir_fairseq_ext_is_accepted(tiny_data, tiny_pretrained, tmp_path):
     """fairseq users pass --user-dir; train.py has imported the plugin already."""
     result = tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=2,

@@ -121,7 +121,7 @@ def check(cfg: DictConfig) -> None:
     with named_as_keys(view):
         launch.reject_conflicting_precision([flag for flag in launch.PRECISION_FLAGS
                                              if getattr(view, flag[2:].replace("-", "_"))])
-        options.validate_bitfit_args(view)
+        options.validate_args(view)
 
 
 def prepare(cfg: DictConfig) -> Optional[str]:

@@ -152,6 +152,14 @@ def attach_bitfit_config(cfg, args) -> None:
         cfg.checkpoint.save_interval_minutes = float(args.save_interval_minutes)
 
 
+def validate_args(args) -> None:
+    """Reject, before anything is built, options fairseq would stop on with a traceback, and impossible
+    BitFit options."""
+    if args.batch_size is None and args.max_tokens is None:
+        raise UserError("--batch-size or --max-tokens is needed: fairseq forms its batches by one of them")
+    validate_bitfit_args(args)
+
+
 def validate_bitfit_args(args) -> None:
     """Reject impossible BitFit options before anything is built."""
     try:
@@ -186,7 +194,7 @@ def parse_args(argv: Sequence[str], prog: Optional[str] = None):
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_bitfit_args(parser)
     args = options.parse_args_and_arch(parser, input_args=argv)
-    validate_bitfit_args(args)
+    validate_args(args)
     launch.configure_precision(args, tpu_requested="--tpu" in argv)
     launch.configure_torchrun(args, world_size_given="--distributed-world-size" in argv)
     return args
