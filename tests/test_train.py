@@ -200,6 +200,18 @@ def test_no_batch_size_is_one_line_and_exit_2(tiny_data, tiny_pretrained, tmp_pa
     assert len(lines) == 1 and lines[0].startswith("train.py: error: --batch-size or --max-tokens"), result.stderr
 
 
+def test_a_sentence_task_without_its_criterion_is_one_line_and_exit_2(tiny_data, tiny_pretrained, tmp_path):
+    """sentence_prediction reads its head name from the criterion's config: under fairseq-train's default
+    criterion that is omegaconf's traceback."""
+    args = tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=2)
+    at = args.index("--criterion")
+    result = tiny.run(args[:at] + args[at + 2:], check=False)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--criterion cross_entropy does not have" in lines[0], result.stderr
+    assert lines[0].endswith("use --criterion sentence_prediction"), result.stderr
+
+
 def test_user_dir_fairseq_ext_is_accepted(tiny_data, tiny_pretrained, tmp_path):
     """fairseq users pass --user-dir; train.py has imported the plugin already."""
     result = tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=2,

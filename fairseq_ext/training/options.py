@@ -18,6 +18,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.dataclass.configs import CheckpointConfig, FairseqConfig
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf, gen_parser_from_dataclass
 from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import InterpolationKeyError
 
 from ..core import bitfit
 from ..core.errors import UserError
@@ -200,12 +201,24 @@ def parse_args(argv: Sequence[str], prog: Optional[str] = None):
     return args
 
 
+# The criterion each sentence-classification task takes an option from (--classification-head-name).
+TASK_CRITERIA = {"glue": "glue_prediction", "sentence_prediction": "sentence_prediction"}
+
+
 def to_config(args):
     """fairseq's omegaconf config of parsed options, with ``cfg.bitfit``."""
     with warnings.catch_warnings():
         # fairseq composes its config through hydra's deprecated APIs: noise for users.
         warnings.simplefilter("ignore")
-        cfg = convert_namespace_to_omegaconf(args)
+        try:
+            cfg = convert_namespace_to_omegaconf(args)
+        except InterpolationKeyError as error:
+            # A task option that refers to the criterion's (sentence_prediction's classification_head_name),
+            # under a criterion that lacks it: fairseq-train ends in omegaconf's traceback.
+            source = str(error).splitlines()[0].split("'")[1::2] or ["the criterion"]
+            hint = f"--criterion {TASK_CRITERIA[args.task]}" if args.task in TASK_CRITERIA else "the task's criterion"
+            raise UserError(f"--task {args.task} takes {error.full_key} from {source[0]}, which --criterion "
+                            f"{args.criterion} does not have; use {hint}") from None
     attach_bitfit_config(cfg, args)
     return cfg
 
