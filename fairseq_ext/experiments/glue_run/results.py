@@ -206,15 +206,9 @@ def plot_curves(rows: List[dict], specs: dict, path: Path) -> None:
                 low = [m - (sd or 0.0) for m, sd in spreads]
                 high = [m + (sd or 0.0) for m, sd in spreads]
                 ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.set_title(task)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"dev {primary} (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+        _label_panel(ax, task, "epoch", primary)
+    _save_figure(fig, path)
 
 
 def plot_size_curves(rows: List[dict], specs: dict, path: Path) -> None:
@@ -240,11 +234,21 @@ def plot_size_curves(rows: List[dict], specs: dict, path: Path) -> None:
                 ax.fill_between(sizes, [m - (sd or 0.0) for m, sd in spreads], [m + (sd or 0.0) for m, sd in spreads],
                                 color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xscale("log")
-        ax.set_title(task)
-        ax.set_xlabel("training rows")
-        ax.set_ylabel(f"dev {primary} (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label_panel(ax, task, "training rows", primary)
+    _save_figure(fig, path)
+
+
+def _label_panel(ax, task: str, xlabel: str, primary: str) -> None:
+    ax.set_title(task)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"dev {primary} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
