@@ -123,6 +123,9 @@ def test_submitit_local_sweep(tiny_data, tiny_pretrained, tmp_path):
     (["checkpoint.save_interval_minutes=-1"], ["checkpoint.save_interval_minutes -1: must be positive"]),
     (["optimization.lr=fast"], ["optimization.lr=fast"]),
     (["dataset.batch_size=null"], ["dataset.batch_size or dataset.max_tokens is needed"]),
+    (["criterion._name=cross_entropy"], ["task._name=sentence_prediction takes task.regression_target",
+                                          "criterion._name=cross_entropy does not have",
+                                          "use criterion._name=sentence_prediction"]),
 ])
 def test_bad_config_is_one_line_naming_the_key(tiny_data, tiny_pretrained, tmp_path, capsys, overrides, fragments):
     command = hydra_command(tiny_config(tmp_path / "conf"), tiny_data, tiny_pretrained, *overrides)

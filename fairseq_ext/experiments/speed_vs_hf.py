@@ -38,7 +38,7 @@ from ..core.run_record import RECORD_NAME, epoch_stats, read_run_record
 from ..plugin.data.glue_prepare import prepare_task
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir, package_model_folder
-from ..training.glue_recipe import LENGTH_GROUP_BATCHES, Recipe, train_command
+from ..training.glue_recipe import Recipe, train_command
 from ..training.hf_reference_loop import ReferenceLoop
 from ..training.main import cli_main
 from ..training.options import BITFIT_PREFIX, FULL, mode_flags

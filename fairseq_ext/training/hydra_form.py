@@ -35,7 +35,7 @@ from fairseq.dataclass.initialize import add_defaults, hydra_init
 from fairseq.dataclass.utils import omegaconf_no_object_check
 from fairseq.utils import reset_logging
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
 
 from ..core.errors import UserError, error_line, one_line
 from . import launch, options
@@ -244,8 +244,15 @@ def _compose_each(config_name: str, jobs: List[List[str]]) -> None:
             raise UserError(_yaml_error(error)) from None
         try:
             check(plain_config(cfg))
+        except InterpolationKeyError as error:
+            raise UserError(options.criterion_lacks_option(error, cfg.task._name, cfg.criterion._name,
+                                                           spelled=as_key_choice)) from None
         except OmegaConfBaseException as error:
             raise UserError(one_line(error)) from None
+
+
+def as_key_choice(group: str, name: str) -> str:
+    return f"{group}._name={name}"
 
 def _composition_error(error: BaseException) -> str:
     """hydra's (often multi-line, nested) composition error as one line."""

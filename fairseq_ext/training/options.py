@@ -205,6 +205,20 @@ def parse_args(argv: Sequence[str], prog: Optional[str] = None):
 TASK_CRITERIA = {"glue": "glue_prediction", "sentence_prediction": "sentence_prediction"}
 
 
+def as_flag(group: str, name: str) -> str:
+    return f"--{group} {name}"
+
+
+def criterion_lacks_option(error: InterpolationKeyError, task: str, criterion: str, spelled=as_flag) -> str:
+    """One line for a task option that refers to its criterion's (sentence_prediction's
+    classification_head_name) under a criterion that lacks it, where fairseq ends in omegaconf's
+    traceback.  ``spelled(group, name)`` writes a choice as the command line's form gives it."""
+    source = str(error).splitlines()[0].split("'")[1::2] or ["the criterion"]
+    hint = spelled("criterion", TASK_CRITERIA[task]) if task in TASK_CRITERIA else "the task's criterion"
+    return (f"{spelled('task', task)} takes {error.full_key} from {source[0]}, which "
+            f"{spelled('criterion', criterion)} does not have; use {hint}")
+
+
 def to_config(args):
     """fairseq's omegaconf config of parsed options, with ``cfg.bitfit``."""
     with warnings.catch_warnings():
@@ -213,12 +227,7 @@ def to_config(args):
         try:
             cfg = convert_namespace_to_omegaconf(args)
         except InterpolationKeyError as error:
-            # A task option that refers to the criterion's (sentence_prediction's classification_head_name),
-            # under a criterion that lacks it: fairseq-train ends in omegaconf's traceback.
-            source = str(error).splitlines()[0].split("'")[1::2] or ["the criterion"]
-            hint = f"--criterion {TASK_CRITERIA[args.task]}" if args.task in TASK_CRITERIA else "the task's criterion"
-            raise UserError(f"--task {args.task} takes {error.full_key} from {source[0]}, which --criterion "
-                            f"{args.criterion} does not have; use {hint}") from None
+            raise UserError(criterion_lacks_option(error, args.task, args.criterion)) from None
     attach_bitfit_config(cfg, args)
     return cfg
 
