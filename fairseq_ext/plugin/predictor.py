@@ -55,7 +55,7 @@ from ..core.delta_file import Delta, check_base_fingerprint, check_delta_fits, d
 from ..core.errors import UserError
 from ..core.glue_tasks import TASK_NAMES, get_task_spec
 from . import patches
-from .checkpoints import load_checkpoint_file
+from .checkpoints import add_trust_checkpoint_argument, load_checkpoint_file
 from .deltas import InPlaceDeltas, check_same_model, register_head, shared_model
 from .models.model_dir import MODEL_INFO, build_bpe, load_model_dir
 
@@ -426,6 +426,16 @@ def _prediction(delta: Delta, logits: torch.Tensor) -> Prediction:
     labels = delta.label_symbols or [str(i) for i in range(logits.shape[0])]
     best = int(probabilities.argmax())
     return Prediction(labels[best], float(probabilities[best]), logits.tolist(), probabilities.tolist())
+
+
+def add_predictor_arguments(parser, base_help: str) -> None:
+    """The command-line options a MultiTaskPredictor is built from (the predict and serve tools)."""
+    parser.add_argument("--base", required=True, help=base_help)
+    parser.add_argument("--delta", action="append", required=True, metavar="TASK=PATH",
+                        help="a task and its delta (repeatable)")
+    parser.add_argument("--dictionary", help="the base's dict.txt (default: the model folder's, or beside --base)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_trust_checkpoint_argument(parser)
 
 
 def parse_delta_options(values: Sequence[str]) -> Dict[str, str]:

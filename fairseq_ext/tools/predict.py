@@ -20,8 +20,8 @@ from ..core.delta_file import read_delta
 from ..core.errors import UserError, exit_on_user_error, quiet_cli_logging
 from ..core.files import check_output_file, write_text_atomically
 from ..core.glue_files import read_tsv, write_leaderboard_tsv
-from ..plugin.checkpoints import add_trust_checkpoint_argument
-from ..plugin.predictor import MultiTaskPredictor, Prediction, glue_spec_for, parse_delta_options, usable_device
+from ..plugin.predictor import (MultiTaskPredictor, Prediction, add_predictor_arguments, glue_spec_for,
+                                parse_delta_options, usable_device)
 
 
 def read_glue_tsv(spec, path: Path) -> Tuple[List[str], List[Tuple[str, ...]]]:
@@ -84,20 +84,15 @@ def format_lines(predictions: Sequence[Prediction]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fairseq_ext.tools.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="the pretrained model folder (model.pt, dict.txt, tokenizer), "
-                        "or a fairseq checkpoint with dict.txt beside it (then, unless it is a model folder's "
-                        "model.pt, inputs are pre-tokenized text)")
-    parser.add_argument("--delta", action="append", required=True, metavar="TASK=PATH",
-                        help="a task and its delta (repeatable)")
+    add_predictor_arguments(parser, "the pretrained model folder (model.pt, dict.txt, tokenizer), or a fairseq "
+                            "checkpoint with dict.txt beside it (then, unless it is a model folder's model.pt, "
+                            "inputs are pre-tokenized text)")
     parser.add_argument("--task", required=True, help="the task to predict (one of the --delta names)")
     parser.add_argument("--input", required=True, help="a GLUE test TSV, or one sentence (or two tab-separated) a line")
     parser.add_argument("--output", required=True, help="GLUE leaderboard TSV, or prediction<TAB>score... lines")
     parser.add_argument("--input-format", choices=("auto", "glue", "lines"), default="auto",
                         help="auto: a GLUE TSV when the task is a GLUE task and the first line is its header")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--dictionary", help="the base's dict.txt (default: the model folder's, or beside --base)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    add_trust_checkpoint_argument(parser)
     return parser
 
 

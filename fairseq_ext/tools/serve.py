@@ -26,8 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import List, Sequence, Tuple, Union
 
 from ..core.errors import UserError, exit_on_user_error, quiet_cli_logging
-from ..plugin.checkpoints import add_trust_checkpoint_argument
-from ..plugin.predictor import MultiTaskPredictor, Prediction, parse_delta_options
+from ..plugin.predictor import MultiTaskPredictor, Prediction, add_predictor_arguments, parse_delta_options
 
 try:
     import uvicorn
@@ -145,18 +144,13 @@ def create_app(predictor: MultiTaskPredictor, max_batch: int = 32, wait_ms: floa
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fairseq_ext.tools.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="the pretrained model folder (or a checkpoint with dict.txt)")
-    parser.add_argument("--delta", action="append", required=True, metavar="TASK=PATH",
-                        help="a task and its delta (repeatable)")
-    parser.add_argument("--dictionary", help="the base's dict.txt (default: the model folder's, or beside --base)")
+    add_predictor_arguments(parser, "the pretrained model folder (or a checkpoint with dict.txt)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=32, help="examples per mixed batch (default: 32)")
     parser.add_argument("--wait-ms", type=float, default=5.0,
                         help="how long a batch waits for more requests after its first (default: 5)")
     parser.add_argument("--max-inputs", type=int, default=1024, help="inputs one request may send (default: 1024)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    add_trust_checkpoint_argument(parser)
     return parser
 
 
