@@ -6,10 +6,13 @@ sentence_prediction tasks read.  The pretrained model is a real fairseq RoBERTa
 trained by train.py for a few masked-LM updates.
 """
 import dataclasses
+import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +74,28 @@ def start(args, cwd=REPO, env=None) -> subprocess.Popen:
     """``run``'s command in the background (stdout and stderr piped, as text)."""
     return subprocess.Popen([sys.executable, *args], cwd=cwd, env=_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def last_saved_updates(run_record: Path):
+    """The update count of a run's last checkpoint save, from its run_record.json (None before one)."""
+    if not run_record.exists():
+        return None
+    return (json.loads(run_record.read_text()).get("progress") or {}).get("last_saved_updates")
+
+
+def interrupt_when(job: subprocess.Popen, ready, timeout=300):
+    """SIGINT to ``job`` once ``ready()`` holds; (stdout, stderr) after it has stopped as a stopped run
+    must: exit 130, no traceback."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and job.poll() is None:
+        if ready():
+            job.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.1)
+    stdout, stderr = job.communicate(timeout=timeout)
+    assert job.returncode == 130, stdout[-3000:] + stderr[-3000:]
+    assert "Traceback" not in stdout + stderr
+    return stdout, stderr
 
 
 def _preprocess(pref_args, destdir, srcdict=None):
