@@ -15,7 +15,11 @@ The layers and what may import what: docs/architecture.md.
 """
 import importlib.util
 
-from .core import bitfit  # noqa: F401  (the core: `from fairseq_ext import bitfit`)
+from .core.cpu_threads import prefer_sleeping_threads
+
+prefer_sleeping_threads()  # before anything imports torch
+
+from .core import bitfit  # noqa: E402,F401  (the core: `from fairseq_ext import bitfit`)
 
 if importlib.util.find_spec("fairseq") is not None:
     from .plugin import register as _register_plugin

@@ -1,5 +1,7 @@
 """The package's layers (docs/architecture.md): what may import what, and a core that needs no fairseq."""
 import ast
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -151,3 +153,21 @@ def test_drivers_launch_train_py_by_its_module_name():
 def test_every_layer_is_a_documented_package(layer):
     assert (PACKAGE / layer / "__init__.py").read_text(encoding="utf-8").startswith('"""')
     assert f"fairseq_ext/{layer}/" in (tiny.REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+
+
+def test_torch_threads_sleep_when_idle_unless_the_user_says_otherwise():
+    """fairseq_ext sets OMP_WAIT_POLICY before torch loads libgomp (which reads it only then): the
+    spin count libgomp reports is its PASSIVE one, 0; a policy the user set is kept."""
+    def spin_counts(**env):
+        clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        result = subprocess.run([sys.executable, "-c", "import fairseq_ext, torch; torch.ones(4).sum()"],
+                                cwd=tiny.REPO, capture_output=True, text=True,
+                                env=dict(clean, OMP_DISPLAY_ENV="VERBOSE", **env))
+        assert result.returncode == 0, result.stderr
+        return set(re.findall(r"GOMP_SPINCOUNT = '(\d+)'", result.stderr))
+
+    by_default = spin_counts()
+    if not by_default:
+        pytest.skip("torch here does not run on GNU OpenMP (libgomp)")
+    assert by_default == {"0"}
+    assert "0" not in spin_counts(OMP_WAIT_POLICY="ACTIVE")
