@@ -167,3 +167,13 @@ def test_the_job_eta_shares_the_work_left_among_the_runs_at_once():
         job = glue_run.JobProgress(runs, 60.0, concurrency)
         eta = job.observe(runs[0], {"updates": 10, "total_updates": 100}, 10.0, 0)  # 1 s an update
         assert eta == pytest.approx((90 + 3 * 100) / min(concurrency, 4))  # no more runs at once than runs left
+
+
+def test_the_job_eta_counts_start_up_once_a_run_not_against_its_first_updates():
+    spec = argparse.Namespace(name="CoLA")
+    runs = [argparse.Namespace(run_dir=f"r{i}", spec=spec, planned_updates=100, finished=False) for i in range(3)]
+    job = glue_run.JobProgress(runs, 60.0, 1)
+    # 30 s of start-up, then 10 updates in 10 s: 1 s an update, and 30 s for each run not begun
+    assert job.observe(runs[0], {"updates": 10, "total_updates": 100}, 40.0, 0, 30.0) == pytest.approx(90 + 2 * 130)
+    job.finished(runs[0], 100, 300.0)  # a finished run's all-in time per update (3 s) is used from then on
+    assert job.observe(runs[1], {"updates": 10, "total_updates": 100}, 40.0, 0, 30.0) == pytest.approx(3 * (90 + 100))

@@ -70,10 +70,13 @@ class RecordEcho:
 class JobProgress:
     """The job's plan, and an ETA for what is left of it from the speed its runs show.
 
-    A task's speed is the wall time per update of its runs in this job (validation,
-    start-up and test prediction included); a task not run yet is assumed as fast as
-    the one running.  With runs trained at once (``concurrency`` > 1) every running run
-    reports its own progress, and the work left is shared by as many runs as may train at once.
+    A task's speed is the wall time per update of its finished runs in this job (validation,
+    start-up and test prediction included); until one has finished, it is the running run's time
+    per update since it began training, plus its start-up time for every run not begun (counting
+    start-up against the first few updates overstated a job threefold).  A task not run yet is
+    assumed as fast as the one running.  With runs trained at once (``concurrency`` > 1) every
+    running run reports its own progress, and the work left is shared by as many runs as may train
+    at once.
     """
 
     FIRST_ESTIMATE_AFTER_S = 20.0
@@ -81,7 +84,9 @@ class JobProgress:
     def __init__(self, runs: List["PlannedRun"], interval_s: float, concurrency: int = 1):
         self.runs, self.interval_s, self.concurrency = runs, interval_s, concurrency
         self.updates_left = {run.run_dir: 0 if run.finished else run.planned_updates for run in runs}
-        self.seconds_per_update: Dict[str, float] = {}
+        self.seconds_per_update: Dict[str, float] = {}  # by task: finished runs', all in
+        self.live_seconds_per_update: Dict[str, float] = {}  # by task: a running run's, training alone
+        self.startup_s: Dict[str, float] = {}  # by task: a run's seconds from launch to its first update
         self.estimated = False
         self._lock = threading.Lock()  # runs trained at once report from their own threads
 
@@ -105,21 +110,24 @@ class JobProgress:
             lines.append(f"  {run.label:<40} {rows:>12}  {what}")
         return lines
 
-    def observe(self, run: "PlannedRun", progress: dict, seconds: float, updates_at_start: int) -> Optional[float]:
-        """Take the running ``run``'s latest progress; the job's ETA in seconds (None: not known yet)."""
+    def observe(self, run: "PlannedRun", progress: dict, seconds: float, updates_at_start: int,
+                started_s: float = 0.0) -> Optional[float]:
+        """Take the running ``run``'s latest progress, ``seconds`` after its launch (its training
+        began ``started_s`` after it, at ``updates_at_start``); the job's ETA in seconds (None: not known yet)."""
         done = int(progress.get("updates") or 0)
         total = progress.get("total_updates") or run.planned_updates
-        trained = done - updates_at_start
+        trained, training_s = done - updates_at_start, seconds - started_s
         with self._lock:
             self.updates_left[run.run_dir] = max(0, total - done)
-            if trained <= 0 or seconds <= 0:
+            if trained <= 0 or training_s <= 0:
                 return None
-            self.seconds_per_update[run.spec.name] = seconds / trained
+            self.live_seconds_per_update[run.spec.name] = training_s / trained
+            self.startup_s[run.spec.name] = started_s
             eta = self.eta(run.spec.name)
-            first_estimate = not self.estimated and seconds >= self.FIRST_ESTIMATE_AFTER_S
+            first_estimate = not self.estimated and training_s >= self.FIRST_ESTIMATE_AFTER_S
             self.estimated = self.estimated or first_estimate
         if first_estimate:
-            say(f"  estimate: {format_duration(eta)} for the whole job ({trained / seconds:.2f} updates/s on "
+            say(f"  estimate: {format_duration(eta)} for the whole job ({trained / training_s:.2f} updates/s on "
                 f"{run.spec.name} so far; other tasks' speed is measured when they run)")
         return eta
 
@@ -130,12 +138,22 @@ class JobProgress:
                 self.seconds_per_update[run.spec.name] = seconds / updates
 
     def eta(self, running_task: str) -> Optional[float]:
-        fallback = self.seconds_per_update.get(running_task)
-        if fallback is None:
+        if running_task not in self.seconds_per_update and running_task not in self.live_seconds_per_update:
             return None
         left = [(run, self.updates_left[run.run_dir]) for run in self.runs if self.updates_left[run.run_dir]]
-        seconds = sum(updates * self.seconds_per_update.get(run.spec.name, fallback) for run, updates in left)
+        seconds = sum(self._seconds_for(run, updates, running_task) for run, updates in left)
         return seconds / max(1, min(self.concurrency, len(left)))
+
+    def _seconds_for(self, run: "PlannedRun", updates_left: int, running_task: str) -> float:
+        """The seconds ``run``'s ``updates_left`` will take: at its task's speed, or the running task's
+        while its own is not measured yet."""
+        for task in (run.spec.name, running_task):
+            if task in self.seconds_per_update:
+                return updates_left * self.seconds_per_update[task]
+            if task in self.live_seconds_per_update:
+                not_begun = updates_left >= run.planned_updates
+                return updates_left * self.live_seconds_per_update[task] + (self.startup_s[task] if not_begun else 0.0)
+        raise KeyError(running_task)  # eta() checks that the running task is measured
 
 
 def say(line: str) -> None:
@@ -265,9 +283,9 @@ def run_training(command: List[str], run: "PlannedRun", job: JobProgress, stage:
             progress = echo.progress
             if progress and progress.get("updates") is not None:
                 if updates_at_start is None:
-                    updates_at_start = int(progress["updates"])
+                    updates_at_start, started_s = int(progress["updates"]), time.monotonic() - start_time
                     display.total = progress.get("total_updates") or run.planned_updates
-                job_eta = job.observe(run, progress, time.monotonic() - start_time, updates_at_start)
+                job_eta = job.observe(run, progress, time.monotonic() - start_time, updates_at_start, started_s)
                 display.update(int(progress["updates"]), rate=progress.get("updates_per_s"),
                                detail=_progress_detail(progress, job_eta))
             if finished:
