@@ -96,6 +96,11 @@ def _fmt_spread(mean, std, digits=1):
     return _fmt(mean, digits) if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _seeds_note(count: int, seeds: int) -> str:
+    """What a cell adds when fewer of the job's seeds than all stand behind it (a job still running)."""
+    return "" if count >= seeds else f" ({count} of {seeds} seeds)"
+
+
 MODE_ORDER = ("full", "bitfit-ofa", "bitfit-all", "bitfit-q,m2", "rand_uniform", "rand_row_col")
 
 
@@ -131,12 +136,14 @@ def results_markdown(rows: List[dict], specs: dict) -> str:
             if not runs:
                 cells.append("–")
                 continue
-            cells.append("/".join(_fmt_spread(*_spread([r["dev"].get(m) for r in runs])) for m in header_metrics[task]))
+            cells.append("/".join(_fmt_spread(*_spread([r["dev"].get(m) for r in runs])) for m in header_metrics[task])
+                         + _seeds_note(len(runs), len(seeds)))
             for r in runs:
                 scores_by_seed.setdefault(r["seed"], {})[task] = r["dev"].get("glue_score")
             fractions += [100.0 * r["trainable"] / r["total"] for r in runs if r.get("trainable") and r.get("total")]
         complete = [_mean(by_task.values()) for by_task in scores_by_seed.values() if len(by_task) == len(tasks)]
-        mean = _fmt_spread(*_spread(complete)) if complete and len(cells) == len(tasks) and "–" not in cells else "–"
+        mean = (_fmt_spread(*_spread(complete)) + _seeds_note(len(complete), len(seeds))
+                if complete and len(cells) == len(tasks) and "–" not in cells else "–")
         lines.append(f"| {mode} | {_fmt(_mean(fractions), 3)} | " + " | ".join(cells) + f" | {mean} |")
     recipes = {}
     chosen = {**{key[:2]: runs for key, runs in best_rows(curve_rows(rows), by_size=True).items()}, **best}
@@ -161,7 +168,8 @@ def results_markdown(rows: List[dict], specs: dict) -> str:
             cells = []
             for size in sizes:
                 runs = curves.get((task, mode, size))
-                cells.append(_fmt_spread(*_spread([r["dev"].get(r["primary_metric"]) for r in runs])) if runs else "–")
+                cells.append(_fmt_spread(*_spread([r["dev"].get(r["primary_metric"]) for r in runs]))
+                             + _seeds_note(len(runs), len(seeds)) if runs else "–")
             lines.append(f"| {task} | {mode} | " + " | ".join(cells) + " |")
     lines += [
         "",

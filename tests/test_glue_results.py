@@ -1,0 +1,27 @@
+"""results.md's table from results.json's rows (experiments/glue_run/results.py), without training."""
+import statistics
+
+from fairseq_ext.core.glue_tasks import get_task_spec
+from fairseq_ext.experiments.glue_run.results import results_markdown
+
+
+def row(mode, lr, seed, mcc):
+    return {"task": "CoLA", "mode": mode, "lr": lr, "seed": seed, "train_rows": 8551, "primary_metric": "mcc",
+            "dev": {"mcc": mcc, "glue_score": mcc}, "trainable": 10, "total": 1000, "best_epoch": 1,
+            "updates": 5, "wall_time_s": 1.0}
+
+
+def table_line(markdown, mode):
+    return next(line for line in markdown.splitlines() if line.startswith(f"| {mode} |"))
+
+
+def test_cells_are_the_best_learning_rates_mean_and_std_and_say_when_seeds_are_missing():
+    full = [30.0, 27.5, 29.0]
+    rows = [row("full", 5e-5, seed, mcc) for seed, mcc in zip((1, 2, 3), full)]
+    rows += [row("full", 1e-5, seed, 10.0) for seed in (1, 2, 3)]  # the worse learning rate: not reported
+    rows += [row("bitfit-ofa", 1e-3, seed, mcc) for seed, mcc in ((1, 20.0), (2, 17.0))]  # seed 3 not run yet
+    markdown = results_markdown(rows, {"CoLA": get_task_spec("CoLA")})
+    spread = f"{statistics.fmean(full):.1f} ± {statistics.stdev(full):.1f}"
+    assert table_line(markdown, "full") == f"| full | 1.000 | {spread} | {spread} |"
+    ofa = f"18.5 ± {statistics.stdev([20.0, 17.0]):.1f} (2 of 3 seeds)"
+    assert table_line(markdown, "bitfit-ofa") == f"| bitfit-ofa | 1.000 | {ofa} | {ofa} |"
