@@ -1,8 +1,8 @@
-"""results.md's table from results.json's rows (experiments/glue_run/results.py), without training."""
+"""results.md's and results.tex's tables from results.json's rows (experiments/glue_run/results.py), without training."""
 import statistics
 
 from fairseq_ext.core.glue_tasks import get_task_spec
-from fairseq_ext.experiments.glue_run.results import results_markdown
+from fairseq_ext.experiments.glue_run.results import results_latex, results_markdown
 
 
 def row(mode, lr, seed, mcc):
@@ -25,3 +25,28 @@ def test_cells_are_the_best_learning_rates_mean_and_std_and_say_when_seeds_are_m
     assert table_line(markdown, "full") == f"| full | 1.000 | {spread} | {spread} |"
     ofa = f"18.5 ± {statistics.stdev([20.0, 17.0]):.1f} (2 of 3 seeds)"
     assert table_line(markdown, "bitfit-ofa") == f"| bitfit-ofa | 1.000 | {ofa} | {ofa} |"
+
+
+def latex_line(latex, mode):
+    return next(line.strip() for line in latex.splitlines() if line.strip().startswith(f"{mode} &"))
+
+
+def test_latex_table_has_the_markdown_cells_with_each_metrics_best_mean_in_bold():
+    full = [30.0, 27.5, 29.0]
+    rows = [row("full", 5e-5, seed, mcc) for seed, mcc in zip((1, 2, 3), full)]
+    rows += [row("bitfit-ofa", 1e-3, seed, mcc) for seed, mcc in ((1, 20.0), (2, 17.0))]  # seed 3 not run yet
+    rows += [row("rand_uniform", 1e-3, seed, 31.0) for seed in (1, 2, 3)]  # the best CoLA mean, no spread
+    latex = results_latex(rows, {"CoLA": get_task_spec("CoLA")})
+    spread = rf"{statistics.fmean(full):.1f}\,{{\scriptsize$\pm${statistics.stdev(full):.1f}}}"
+    assert latex_line(latex, "full") == rf"full & 1.000 & {spread} & {spread} \\"
+    ofa = rf"18.5\,{{\scriptsize$\pm${statistics.stdev([20.0, 17.0]):.1f}}} {{\scriptsize(2 of 3 seeds)}}"
+    assert latex_line(latex, "bitfit-ofa") == rf"bitfit-ofa & 1.000 & {ofa} & {ofa} \\"
+    best = r"\textbf{31.0}\,{\scriptsize$\pm$0.0}"
+    assert latex_line(latex, r"rand\_uniform") == rf"rand\_uniform & 1.000 & {best} & {best} \\"
+    assert latex.count(r"\begin{tabular}{lrcc}") == 1 and r"\toprule" in latex and r"\bottomrule" in latex
+    assert r"seeds 1, 2, 3" in latex and "& MCC & GLUE score" in latex
+
+
+def test_latex_table_is_left_out_without_full_data_runs():
+    rows = [dict(row("bitfit-ofa", 1e-3, 1, 20.0), size_curve=True, train_subset=100)]
+    assert results_latex(rows, {"CoLA": get_task_spec("CoLA")}) is None

@@ -60,6 +60,15 @@ def test_markdown_table_compares_modes_and_plot_is_a_png(glue_output):
     assert "| full |" in table and "| bitfit-ofa |" in table
     assert "CoLA (mcc)" in table and "STS-B (pearson/spearman)" in table
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # results.tex holds the same numbers, mode by mode, for a paper.
+    latex = (out / "results.tex").read_text()
+    modes = [line.split(" | ")[0][2:] for line in table.splitlines() if line.startswith("| bitfit") or
+             line.startswith("| full")]
+    for mode in modes:
+        markdown_line = next(line for line in table.splitlines() if line.startswith(f"| {mode} |"))
+        latex_line = next(line.strip() for line in latex.splitlines() if line.strip().startswith(f"{mode} &"))
+        numbers = [re.findall(r"\d+\.\d+", line.split(mode, 1)[1]) for line in (markdown_line, latex_line)]
+        assert numbers[0] == numbers[1] and numbers[0]
 
 
 def test_leaderboard_predictions_cover_the_test_set(glue_output):

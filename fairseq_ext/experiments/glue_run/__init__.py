@@ -10,14 +10,15 @@ For every task, mode, learning rate and seed, one train.py run is made in
 not run again, and an interrupted one resumes from its last checkpoint.  What a
 run gave is read from the run record train.py writes (``run_record.json``), not
 from its log.  The results of all runs in OUTPUT_DIR (this call's and earlier
-ones', other modes included) are written to results.json, results.md and curves.png.
+ones', other modes included) are written to results.json, results.md (results.tex: its
+table in LaTeX) and curves.png.
 Runs are trained one after another, up to ``--parallel`` at once, or each as a
 submitit job (``--launcher``; see ``Dispatch``): the results are the same.  A run
 whose folder was deleted is still done while its row in results.json (which keeps
 the settings it was trained with) matches.
 
 This module plans and drives the job; ``runs`` launches one train.py run and shows
-its progress; ``results`` turns the runs' rows into results.json, results.md and plots.
+its progress; ``results`` turns the runs' rows into results.json, results.md, results.tex and plots.
 """
 import argparse
 import contextlib
@@ -614,8 +615,8 @@ def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_
     collect_predictions(output_dir, all_rows)
     write_bias_change_of_best_runs(output_dir, all_rows, model.checkpoint)
     print(f"\n{(output_dir / 'results.md').read_text().split('## Every run')[0].strip()}\n", flush=True)
-    written = [output_dir / name for name in ("results.json", "results.md", "curves.png", "size_curves.png",
-                                               "bias_change/bias_change.png")]
+    written = [output_dir / name for name in ("results.json", "results.md", "results.tex", "curves.png",
+                                               "size_curves.png", "bias_change/bias_change.png")]
     print("results: " + ", ".join(str(path) for path in written if path.exists()))
 
 

@@ -1,4 +1,4 @@
-"""The GLUE runner's results: each run's row, the tables of results.md, the curves, and what is
+"""The GLUE runner's results: each run's row, the tables of results.md (and results.tex), the curves, and what is
 gathered from each task's best runs (leaderboard files, the bias-change figure).
 
 results.json keeps every run's row, the settings it was trained with included, so it is also
@@ -9,11 +9,13 @@ import json
 import logging
 import shutil
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ...core.errors import UserError
 from ...core.files import write_atomically, write_text_atomically
+from ...core import glue_metrics as gm
 from ...core.glue_tasks import TASK_NAMES, TASKS
 from ...plugin.analysis import delta_bias_change, write_bias_change
 from ...plugin.checkpoints import load_checkpoint_file
@@ -114,12 +116,62 @@ HOW_CHOSEN = ("For each task and mode, every learning rate in the mode's default
               "the mean ± sample standard deviation over seeds; nothing is tuned per seed.")
 
 
-def results_markdown(rows: List[dict], specs: dict) -> str:
+@dataclass
+class Cell:
+    """A summary-table cell: (mean, sample std) over seeds per metric, and how many seeds stand behind it."""
+    spreads: List[Tuple[Optional[float], Optional[float]]]
+    seeds: int
+
+
+@dataclass
+class SummaryLine:
+    mode: str
+    trainable_percent: Optional[float]
+    cells: List[Optional[Cell]]  # one per task, None where the mode has no run of it
+    mean: Optional[Cell]  # the GLUE score averaged over tasks, per seed; None unless every task has runs
+
+
+@dataclass
+class Summary:
+    """The main table of results.md and results.tex: each mode's best learning rate, per task."""
+    tasks: List[str]
+    metrics: Dict[str, Tuple[str, ...]]
+    seeds: List[int]
+    lines: List[SummaryLine]
+    best: Dict[tuple, List[dict]]  # (task, mode) -> the runs of its best learning rate
+
+
+def summary(rows: List[dict], specs: dict) -> Summary:
     best = best_rows(main_rows(rows))
     tasks = [t for t in specs if any(k[0] == t for k in best)]
-    modes = sorted({k[1] for k in best}, key=_mode_order)
-    header_metrics = {t: specs[t].metrics + (("accuracy_mm",) if t == "MNLI" else ()) for t in tasks}
-    seeds = sorted({r["seed"] for r in rows})
+    metrics = {t: specs[t].metrics + (("accuracy_mm",) if t == "MNLI" else ()) for t in tasks}
+    lines = []
+    for mode in sorted({k[1] for k in best}, key=_mode_order):
+        cells, fractions, scores_by_seed = [], [], {}
+        for task in tasks:
+            runs = best.get((task, mode))
+            if not runs:
+                cells.append(None)
+                continue
+            cells.append(Cell([_spread([r["dev"].get(m) for r in runs]) for m in metrics[task]], len(runs)))
+            for r in runs:
+                scores_by_seed.setdefault(r["seed"], {})[task] = r["dev"].get("glue_score")
+            fractions += [100.0 * r["trainable"] / r["total"] for r in runs if r.get("trainable") and r.get("total")]
+        complete = [_mean(by_task.values()) for by_task in scores_by_seed.values() if len(by_task) == len(tasks)]
+        mean = Cell([_spread(complete)], len(complete)) if complete and None not in cells else None
+        lines.append(SummaryLine(mode, _mean(fractions), cells, mean))
+    return Summary(tasks, metrics, sorted({r["seed"] for r in rows}), lines, best)
+
+
+def results_markdown(rows: List[dict], specs: dict) -> str:
+    table = summary(rows, specs)
+    tasks, seeds = table.tasks, table.seeds
+
+    def cell(value: Optional[Cell]) -> str:
+        if value is None:
+            return "–"
+        return "/".join(_fmt_spread(*spread) for spread in value.spreads) + _seeds_note(value.seeds, len(seeds))
+
     lines = [
         "# GLUE dev results",
         "",
@@ -127,24 +179,12 @@ def results_markdown(rows: List[dict], specs: dict) -> str:
         "score (the mean of its official metrics), per seed, over the tasks.",
     ]
     if tasks:  # a job of training-size curves alone has no full-data table
-        lines += ["", "| mode | trainable % | " + " | ".join(f"{t} ({'/'.join(header_metrics[t])})" for t in tasks)
+        lines += ["", "| mode | trainable % | " + " | ".join(f"{t} ({'/'.join(table.metrics[t])})" for t in tasks)
                   + " | mean |", "|---|---|" + "---|" * len(tasks) + "---|"]
-    for mode in modes:
-        cells, fractions, scores_by_seed = [], [], {}
-        for task in tasks:
-            runs = best.get((task, mode))
-            if not runs:
-                cells.append("–")
-                continue
-            cells.append("/".join(_fmt_spread(*_spread([r["dev"].get(m) for r in runs])) for m in header_metrics[task])
-                         + _seeds_note(len(runs), len(seeds)))
-            for r in runs:
-                scores_by_seed.setdefault(r["seed"], {})[task] = r["dev"].get("glue_score")
-            fractions += [100.0 * r["trainable"] / r["total"] for r in runs if r.get("trainable") and r.get("total")]
-        complete = [_mean(by_task.values()) for by_task in scores_by_seed.values() if len(by_task) == len(tasks)]
-        mean = (_fmt_spread(*_spread(complete)) + _seeds_note(len(complete), len(seeds))
-                if complete and len(cells) == len(tasks) and "–" not in cells else "–")
-        lines.append(f"| {mode} | {_fmt(_mean(fractions), 3)} | " + " | ".join(cells) + f" | {mean} |")
+    for line in table.lines:
+        lines.append(f"| {line.mode} | {_fmt(line.trainable_percent, 3)} | "
+                     + " | ".join(cell(c) for c in line.cells) + f" | {cell(line.mean)} |")
+    best = table.best
     recipes = {}
     chosen = {**{key[:2]: runs for key, runs in best_rows(curve_rows(rows), by_size=True).items()}, **best}
     for (task, mode), runs in sorted(chosen.items(), key=lambda item: (_mode_order(item[0][1]), item[0][0])):
@@ -184,6 +224,76 @@ def results_markdown(rows: List[dict], specs: dict) -> str:
         lines.append(f"| {row['task']} | {row['mode']} | {row['train_rows']:,} | {row['lr']:g} | {row['seed']} | "
                      f"{dev} | {row['best_epoch']} | {row['updates']} | {params} | {row['wall_time_s']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+LATEX_METRICS = {gm.MCC: "MCC", gm.ACCURACY: "Acc.", "f1": "F1", gm.PEARSON: "Pearson", gm.SPEARMAN: "Spearman",
+                 "accuracy_mm": "Acc.\\ (mm)"}
+_LATEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                                                     "\\": r"\textbackslash{}"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
+
+
+def results_latex(rows: List[dict], specs: dict) -> Optional[str]:
+    """results.md's main table as a LaTeX booktabs table to paste into a paper, the best mean of
+    every metric in bold (ties at the shown precision too); None for a job without full-data runs."""
+    table = summary(rows, specs)
+    if not table.tasks:
+        return None
+    columns = [(t, i) for t in table.tasks for i in range(len(table.metrics[t]))] + [(None, 0)]
+
+    def spread_at(line: SummaryLine, column) -> Optional[Tuple[Optional[float], Optional[float]]]:
+        task, index = column
+        found = line.mean if task is None else line.cells[table.tasks.index(task)]
+        return found.spreads[index] if found is not None else None
+
+    shown_best = {}
+    for column in columns:
+        means = [_fmt(s[0]) for s in (spread_at(line, column) for line in table.lines) if s and s[0] is not None]
+        shown_best[column] = max(means, key=float) if len(means) > 1 else None
+
+    def cell(line: SummaryLine, cell_value: Optional[Cell], task: Optional[str]) -> str:
+        if cell_value is None:
+            return "--"
+        parts = []
+        for index, (mean, std) in enumerate(cell_value.spreads):
+            shown = _fmt(mean)
+            value = rf"\textbf{{{shown}}}" if shown == shown_best[(task, index)] else shown
+            parts.append(value if std is None else rf"{value}\,{{\scriptsize$\pm${std:.1f}}}")
+        note = _seeds_note(cell_value.seeds, len(table.seeds)).strip()
+        return "/".join(parts) + (rf" {{\scriptsize{note}}}" if note else "")
+
+    header = ["Mode", r"Trainable (\%)", *(_latex_escape(t) for t in table.tasks), "Mean"]
+    metric_row = ["", "", *("/".join(LATEX_METRICS.get(m, _latex_escape(m)) for m in table.metrics[t])
+                            for t in table.tasks), "GLUE score"]
+    body = [" & ".join([_latex_escape(line.mode), _fmt(line.trainable_percent, 3),
+                        *(cell(line, c, t) for c, t in zip(line.cells, table.tasks)), cell(line, line.mean, None)])
+            + r" \\" for line in table.lines]
+    seeds = ", ".join(map(str, table.seeds))
+    return "\n".join([
+        "% GLUE dev results, written by fairseq_ext.experiments.glue_run from results.json (results.md has",
+        "% every run). Needs \\usepackage{booktabs}.",
+        r"\begin{table}[t]",
+        r"  \centering",
+        r"  \small",
+        r"  \setlength{\tabcolsep}{4pt}",
+        r"  \begin{tabular}{lr" + "c" * (len(table.tasks) + 1) + "}",
+        r"    \toprule",
+        "    " + " & ".join(header) + r" \\",
+        "    " + " & ".join(metric_row) + r" \\",
+        r"    \midrule",
+        *("    " + line for line in body),
+        r"    \bottomrule",
+        r"  \end{tabular}",
+        rf"  \caption{{GLUE dev results (\%): mean $\pm$ sample standard deviation over seeds {seeds}, each "
+        r"mode at the learning rate with the best mean dev score; a run's score is its best epoch's. Mean: "
+        r"each task's GLUE score (the mean of its official metrics) averaged over the tasks, per seed. "
+        r"Best in bold.}",
+        r"  \label{tab:glue-dev}",
+        r"\end{table}",
+    ]) + "\n"
 
 
 def plot_curves(rows: List[dict], specs: dict, path: Path) -> None:
@@ -270,6 +380,9 @@ def write_results(output_dir: Path, new_rows: List[dict]) -> List[dict]:
     specs = {name: TASKS[name] for name in TASK_NAMES}
     write_text_atomically(path, json.dumps({"how_chosen": HOW_CHOSEN, "runs": rows}, indent=1) + "\n")
     write_text_atomically(output_dir / "results.md", results_markdown(rows, specs))
+    latex = results_latex(rows, specs)
+    if latex is not None:
+        write_text_atomically(output_dir / "results.tex", latex)
     plot_curves(rows, specs, output_dir / "curves.png")
     plot_size_curves(rows, specs, output_dir / "size_curves.png")
     return rows
