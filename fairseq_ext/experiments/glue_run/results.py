@@ -254,12 +254,12 @@ def results_latex(rows: List[dict], specs: dict) -> Optional[str]:
         means = [_fmt(s[0]) for s in (spread_at(line, column) for line in table.lines) if s and s[0] is not None]
         shown_best[column] = max(means, key=float) if len(means) > 1 else None
 
-    def cell(line: SummaryLine, cell_value: Optional[Cell], task: Optional[str]) -> str:
+    def cell(cell_value: Optional[Cell], task: Optional[str]) -> str:
         if cell_value is None:
             return "--"
         parts = []
         for index, (mean, std) in enumerate(cell_value.spreads):
-            shown = _fmt(mean)
+            shown = "--" if mean is None else _fmt(mean)
             value = rf"\textbf{{{shown}}}" if shown == shown_best[(task, index)] else shown
             parts.append(value if std is None else rf"{value}\,{{\scriptsize$\pm${std:.1f}}}")
         note = _seeds_note(cell_value.seeds, len(table.seeds)).strip()
@@ -269,7 +269,7 @@ def results_latex(rows: List[dict], specs: dict) -> Optional[str]:
     metric_row = ["", "", *("/".join(LATEX_METRICS.get(m, _latex_escape(m)) for m in table.metrics[t])
                             for t in table.tasks), "GLUE score"]
     body = [" & ".join([_latex_escape(line.mode), _fmt(line.trainable_percent, 3),
-                        *(cell(line, c, t) for c, t in zip(line.cells, table.tasks)), cell(line, line.mean, None)])
+                        *(cell(c, t) for c, t in zip(line.cells, table.tasks)), cell(line.mean, None)])
             + r" \\" for line in table.lines]
     seeds = ", ".join(map(str, table.seeds))
     return "\n".join([
