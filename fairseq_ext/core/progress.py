@@ -46,7 +46,7 @@ class ConsoleProgress:
         self._start = time.monotonic()
         self._start_done: Optional[int] = None
         self._last_line = self._start
-        self._printed = False
+        self._printed: Optional[str] = None  # the last progress line written, if any
         use_bar = self.stream.isatty() if bar is None else bar
         self._bar = None
         if use_bar:
@@ -68,7 +68,7 @@ class ConsoleProgress:
             self._bar.n = done
             self._bar.set_postfix_str(self._summary(), refresh=False)
             self._bar.refresh()
-        elif now - self._last_line >= self.interval_s or (not self._printed and self.rate):
+        elif now - self._last_line >= self.interval_s or (self._printed is None and self.rate):
             self._print_line()  # the first line as soon as the speed is known, then one per interval
 
     def eta(self) -> Optional[float]:
@@ -85,8 +85,8 @@ class ConsoleProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif final_line and self.done and time.monotonic() - self._last_line > 0:
-            self._print_line()
+        elif final_line and self.done and self._line() != self._printed:
+            self._print_line()  # where the work ended, unless the last line already says so
 
     def _summary(self) -> str:
         parts = []
@@ -97,12 +97,15 @@ class ConsoleProgress:
             parts.append(self.detail)
         return ", ".join(parts)
 
-    def _print_line(self) -> None:
+    def _line(self) -> str:
         share = f" ({100.0 * self.done / self.total:.0f}%)" if self.total else ""
         total = f"/{self.total:,}" if self.total else ""
-        self._write_line(f"  {self.label}: {self.done:,}{total} {self.unit}{share}, {self._summary()}")
+        return f"  {self.label}: {self.done:,}{total} {self.unit}{share}, {self._summary()}"
+
+    def _print_line(self) -> None:
+        self._printed = self._line()
+        self._write_line(self._printed)
         self._last_line = time.monotonic()
-        self._printed = True
 
     def _write_line(self, line: str) -> None:
         # One write per line: displays of runs trained at once share the stream without splitting lines.
