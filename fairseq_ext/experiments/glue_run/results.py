@@ -1,5 +1,5 @@
-"""The GLUE runner's results: each run's row, the tables of results.md (and results.tex), the curves, and what is
-gathered from each task's best runs (leaderboard files, the bias-change figure).
+"""The GLUE runner's results: each run's row, the tables of results.md (and results.tex), the
+curves, and what is gathered from each task's best runs (leaderboard files, the bias-change figure).
 
 results.json keeps every run's row, the settings it was trained with included, so it is also
 the job's ledger: a planned run whose row is there with the same settings is done, even when
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from ...core import glue_metrics as gm
 from ...core.errors import UserError
 from ...core.files import write_atomically, write_text_atomically
-from ...core import glue_metrics as gm
 from ...core.glue_tasks import TASK_NAMES, TASKS
 from ...plugin.analysis import delta_bias_change, write_bias_change
 from ...plugin.checkpoints import load_checkpoint_file
@@ -242,17 +242,13 @@ def results_latex(rows: List[dict], specs: dict) -> Optional[str]:
     table = summary(rows, specs)
     if not table.tasks:
         return None
-    columns = [(t, i) for t in table.tasks for i in range(len(table.metrics[t]))] + [(None, 0)]
-
-    def spread_at(line: SummaryLine, column) -> Optional[Tuple[Optional[float], Optional[float]]]:
-        task, index = column
-        found = line.mean if task is None else line.cells[table.tasks.index(task)]
-        return found.spreads[index] if found is not None else None
-
-    shown_best = {}
-    for column in columns:
-        means = [_fmt(s[0]) for s in (spread_at(line, column) for line in table.lines) if s and s[0] is not None]
-        shown_best[column] = max(means, key=float) if len(means) > 1 else None
+    shown_means: Dict[tuple, List[str]] = {}  # (task, metric index; None for the mean column) -> every mode's
+    for line in table.lines:
+        for task, found in [*zip(table.tasks, line.cells), (None, line.mean)]:
+            for index, (mean, _) in enumerate(found.spreads if found is not None else []):
+                if mean is not None:
+                    shown_means.setdefault((task, index), []).append(_fmt(mean))
+    shown_best = {column: max(means, key=float) for column, means in shown_means.items() if len(means) > 1}
 
     def cell(cell_value: Optional[Cell], task: Optional[str]) -> str:
         if cell_value is None:
@@ -260,7 +256,7 @@ def results_latex(rows: List[dict], specs: dict) -> Optional[str]:
         parts = []
         for index, (mean, std) in enumerate(cell_value.spreads):
             shown = "--" if mean is None else _fmt(mean)
-            value = rf"\textbf{{{shown}}}" if shown == shown_best[(task, index)] else shown
+            value = rf"\textbf{{{shown}}}" if shown == shown_best.get((task, index)) else shown
             parts.append(value if std is None else rf"{value}\,{{\scriptsize$\pm${std:.1f}}}")
         note = _seeds_note(cell_value.seeds, len(table.seeds)).strip()
         return "/".join(parts) + (rf" {{\scriptsize{note}}}" if note else "")
