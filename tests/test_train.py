@@ -251,3 +251,42 @@ def test_broken_checkpoints_and_changed_optimizer_are_one_line_errors(tiny_data,
     last.write_bytes(last.read_bytes()[:5000])
     one_line_error(tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, run, updates=4, extra=["--bitfit"]),
                             check=False), f"resuming from {last}: not a whole PyTorch checkpoint")
+
+
+def test_patience_survives_a_stop_after_a_validation_that_did_not_improve(tiny_data, tiny_pretrained, tmp_path):
+    """--patience counts across a restart: SIGTERM right after epoch 2's save, whose validation did not
+    improve, then the same command; it trains the same epochs, keeps the same best and ends with the same
+    weights bit for bit as a run never stopped. Run again, the finished run trains nothing more."""
+    # Maximizing the loss: every validation after the first fails to improve while training lowers it.
+    patience = ["--bitfit", "--max-update", "0", "--max-epoch", "8", "--patience", "2",
+                "--best-checkpoint-metric", "loss", "--maximize-best-checkpoint-metric"]
+    straight = tmp_path / "straight"
+    tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, straight, extra=patience))
+    straight_record = read_run_record(straight / "run_record.json")
+    assert straight_record["early_stop"]["epoch"] == 3 and straight_record["early_stop"]["patience"] == 2
+
+    stopped = tmp_path / "stopped"
+    command = tiny.glue_recipe(tiny_data, tiny_pretrained, stopped, extra=patience)
+    first = tiny.run([str(tiny.REPO / "tests" / "stop_after_epoch.py"), *command[1:]],
+                     env={"STOP_AFTER_EPOCH": "2"}, check=False)
+    assert first.returncode == 143, first.stderr[-2000:]
+    saved = load(stopped / "checkpoint_last.pt")["extra_state"]
+    assert (saved["train_iterator"]["epoch"], saved["train_iterator"]["iterations_in_epoch"]) == (3, 0)  # epoch 2 done
+    assert saved["patience"]["validations_without_improvement"] == 1
+
+    second = tiny.run(command)
+    assert "resuming the interrupted run" in second.stdout
+    record = read_run_record(stopped / "run_record.json")
+    assert record["early_stop"] == straight_record["early_stop"]
+    assert sorted(epoch_stats(record, "valid")) == sorted(epoch_stats(straight_record, "valid")) == [1, 2, 3]
+    a, b = load(straight / "checkpoint_last.pt"), load(stopped / "checkpoint_last.pt")
+    assert b["optimizer_history"][-1]["num_updates"] == a["optimizer_history"][-1]["num_updates"]
+    assert b["extra_state"]["best"] == a["extra_state"]["best"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+    third = tiny.run(command)
+    assert "nothing left to train" in third.stdout
+    c = load(stopped / "checkpoint_last.pt")
+    assert c["optimizer_history"][-1]["num_updates"] == a["optimizer_history"][-1]["num_updates"]
+    assert read_run_record(stopped / "run_record.json")["early_stop"] == straight_record["early_stop"]

@@ -12,6 +12,8 @@ left, as one JSON object (``RECORD_NAME`` in the save dir)::
                          "groups": {"ln1": {"tensors": 2, "params": 64}, ..., "head": {...}}},
      "stats": [{"tag": "train" or a valid subset, "epoch": 1, "values": {"loss": 0.69, ...}}, ...],
      "checkpoints": {"checkpoint_best.pt": path, "checkpoint_best.delta.safetensors": path, ...},
+     "early_stop": null, or {"epoch": E, "updates": N, "metric": "loss", "best": its best value,
+                             "patience": P}: --patience ended the run after epoch E's validation,
      "progress": null, or {"updates": N, "total_updates": planned or null, "epoch": E, "max_epoch": M or null,
                   "epoch_updates": n, "epoch_total": updates per epoch, "loss": the epoch's running mean,
                   "updates_per_s": recent speed, "last_saved_updates": updates in the newest checkpoint or null,
@@ -98,6 +100,11 @@ class RunRecord:
 
     def set_progress(self, progress: Mapping[str, object]) -> None:
         self.data["progress"] = {**{key: _plain(value) for key, value in progress.items()}, "time": _now()}
+        self.save()
+
+    def set_early_stop(self, stop: Optional[Mapping[str, object]]) -> None:
+        """--patience ended the run (``stop``: its epoch, updates, metric, best value and patience), or None."""
+        self.data["early_stop"] = None if stop is None else {key: _plain(value) for key, value in stop.items()}
         self.save()
 
     def end(self, status: str, error: Optional[str] = None, *, checkpoints: Dict[str, str]) -> None:

@@ -112,6 +112,16 @@ PATCHES: Tuple[Patch, ...] = (
     Patch("update-hooks", "fairseq_cli.train.train", "relies on", "fairseq_train_with() (train.py)",
           "the epoch loop calls validate_and_save after every update, by its module-level name",
           source_has=("log_output = trainer.train_step(samples)", "valid_losses, should_stop = validate_and_save(")),
+    Patch("patience-state", "fairseq_cli.train.should_stop_early", "relies on", "train.py (training.stop_rules)",
+          "--patience's state lives in this function's attributes best and num_runs, in memory only: train.py "
+          "saves them with every checkpoint and restores them on resume, so a restarted run stops where an "
+          "uninterrupted one does",
+          source_has=('getattr(should_stop_early, "best", None)', "should_stop_early.num_runs += 1",
+                      "if should_stop_early.num_runs >= cfg.checkpoint.patience:")),
+    Patch("patience-state", "fairseq_cli.train.train", "extends", "fairseq_train_with() (train.py)",
+          "a resumed run whose patience had already run out when it saved trains no further epoch: the "
+          "epoch function returns 'stop' at once, and fairseq's main loop ends as after an early stop",
+          source_has=("valid_losses, should_stop = train(cfg, trainer, task, epoch_itr)", "if should_stop:")),
     Patch("whole-checkpoints", "fairseq.checkpoint_utils.save_checkpoint", "extends", "fairseq_train_with() (train.py)",
           "Ctrl-C or SIGTERM while fairseq writes a checkpoint and copies it to its other names (best -> last) "
           "would leave a truncated checkpoint_last.pt; the signal waits until the save is done. fairseq keeps "
@@ -321,18 +331,21 @@ class _WholeCheckpointSaves:
 
 @contextlib.contextmanager
 def fairseq_train_with(trainer_factory, on_stats: Optional[StatsCallback] = None,
-                       after_update: Optional[UpdateHook] = None, on_saved: Optional[SavedHook] = None):
+                       after_update: Optional[UpdateHook] = None, on_saved: Optional[SavedHook] = None,
+                       ended: Optional[Callable[[object], bool]] = None):
     """While the block runs, fairseq_cli.train.main builds ``trainer_factory(cfg, task, model,
     criterion, quantizer)`` instead of fairseq's Trainer; (with ``on_stats``) its progress
     bars hand every stats dict they print to ``on_stats(tag, epoch, stats)``; ``after_update``
     runs after each update's validate-and-save; checkpoints are written whole whatever signal
     arrives, and ``on_saved(trainer, path)`` runs after each save on every rank (path: what this
-    rank wrote, or None)."""
+    rank wrote, or None); once ``ended(cfg)`` holds (a resumed run that had already stopped early), no
+    further epoch trains."""
     # Imported here, not with the plugin: its import sets up fairseq-train's logging (INFO on stdout).
     import fairseq_cli.train
 
     original_trainer, original_bar = fairseq_cli.train.Trainer, progress_bar.progress_bar
     original_validate_and_save = fairseq_cli.train.validate_and_save
+    original_train_epoch = fairseq_cli.train.train
     original_save = checkpoint_utils.save_checkpoint
 
     def recorded_progress_bar(iterator, *args, epoch: Optional[int] = None, **kwargs):
@@ -344,8 +357,18 @@ def fairseq_train_with(trainer_factory, on_stats: Optional[StatsCallback] = None
         after_update(cfg, trainer, epoch_itr, end_of_epoch, should_stop)
         return valid_losses, should_stop
 
+    def train_epoch_unless_ended(cfg, trainer, task, epoch_itr):
+        if ended(cfg):
+            logger.info(f"the resumed checkpoint was saved after --patience {cfg.checkpoint.patience} had run "
+                        "out: nothing left to train")
+            return [None], True
+        return original_train_epoch(cfg, trainer, task, epoch_itr)
+
     fairseq_cli.train.Trainer = trainer_factory
     _mark("bitfit-trainer")
+    if ended is not None:
+        fairseq_cli.train.train = train_epoch_unless_ended
+        _mark("patience-state")
     checkpoint_utils.save_checkpoint = _WholeCheckpointSaves(original_save, on_saved)
     _mark("whole-checkpoints")
     if on_stats is not None:
@@ -359,8 +382,9 @@ def fairseq_train_with(trainer_factory, on_stats: Optional[StatsCallback] = None
     finally:
         fairseq_cli.train.Trainer, progress_bar.progress_bar = original_trainer, original_bar
         fairseq_cli.train.validate_and_save = original_validate_and_save
+        fairseq_cli.train.train = original_train_epoch
         checkpoint_utils.save_checkpoint = original_save
-        for name in ("bitfit-trainer", "recorded-progress-bars", "update-hooks", "whole-checkpoints"):
+        for name in ("bitfit-trainer", "recorded-progress-bars", "update-hooks", "whole-checkpoints", "patience-state"):
             _mark(name, False)
 
 

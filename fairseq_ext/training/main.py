@@ -27,7 +27,7 @@ from ..core import interrupts
 from ..core.errors import UserError, exit_on_user_error, one_line
 from ..core.run_record import RECORD_NAME, RunRecord, read_run_record
 from ..plugin import patches
-from . import hydra_form, options
+from . import hydra_form, options, stop_rules
 from .options import TRAIN_PROG
 from .progress import ProgressPublisher
 from .timed_saves import TimedCheckpoints
@@ -67,17 +67,27 @@ def train(cfg, resumed_from: Optional[str] = None, trainer_class=BitFitTrainer) 
 def train_worker(cfg, trainer_class=BitFitTrainer, resumed_from: Optional[str] = None, **kwargs) -> None:
     """One training process: fairseq_cli.train.main with ``trainer_class``, recorded by the first worker."""
     patches.install()  # a spawned worker is a fresh interpreter
+    stop_rules.forget()  # the resumed checkpoint, if any, brings its own
     record = _open_record(cfg, resumed_from)
     trainer = functools.partial(trainer_class, record=record) if record is not None else trainer_class
     progress = ProgressPublisher(record) if record is not None else None
     minutes = cfg.checkpoint.get("save_interval_minutes", 0.0)
     timed_saves = TimedCheckpoints(minutes) if minutes else None
 
-    def after_update(*state):
+    def after_update(cfg, trainer, epoch_itr, end_of_epoch, should_stop):
+        state = (cfg, trainer, epoch_itr, end_of_epoch, should_stop)
         if timed_saves is not None:
             timed_saves.after_update(*state)
         if progress is not None:
             progress.after_update(*state)
+        if record is None:
+            return
+        if should_stop and stop_rules.ended_early(cfg):
+            record.set_early_stop({"epoch": epoch_itr.epoch, "updates": trainer.get_num_updates(),
+                                   "metric": cfg.checkpoint.best_checkpoint_metric,
+                                   "best": stop_rules.current().best, "patience": cfg.checkpoint.patience})
+        elif record.data.get("early_stop"):
+            record.set_early_stop(None)  # this launch trains past where an earlier one stopped early
 
     def on_saved(trainer, path):
         if timed_saves is not None:
@@ -86,7 +96,7 @@ def train_worker(cfg, trainer_class=BitFitTrainer, resumed_from: Optional[str] =
             progress.saved(trainer.get_num_updates())
 
     with patches.fairseq_train_with(trainer, on_stats=record.add_stats if record is not None else None,
-                                    after_update=after_update, on_saved=on_saved):
+                                    after_update=after_update, on_saved=on_saved, ended=stop_rules.ended_early):
         try:
             fairseq_cli.train.main(cfg, **kwargs)
         except BaseException as error:

@@ -21,6 +21,7 @@ from ..core import bitfit, controls
 from ..core.errors import UserError
 from ..core.run_record import RunRecord
 from ..plugin.patches import cache_module_walks, contiguous_layer_input
+from . import stop_rules
 from .delta_writer import CheckpointDeltaWriter
 
 logger = logging.getLogger(__name__)
@@ -209,9 +210,11 @@ class BitFitTrainer(Trainer):
         # loading its state: the check runs there, before any size mismatch can hide.
         self._checking_resumed_selection = not reset_optimizer
         try:
-            return super().load_checkpoint(filename, reset_optimizer, *args, **kwargs)
+            extra_state = super().load_checkpoint(filename, reset_optimizer, *args, **kwargs)
         finally:
             self._checking_resumed_selection = False
+        stop_rules.restore_from(extra_state, reset=reset_optimizer or kwargs.get("reset_meters", False))
+        return extra_state
 
     def _build_optimizer(self):
         if self._checking_resumed_selection and self._optim_history:
@@ -269,7 +272,9 @@ class BitFitTrainer(Trainer):
     # -- BitFit deltas: the trained tensors next to every checkpoint ---------------
 
     def save_checkpoint(self, filename, extra_state):
-        """fairseq's save, plus NAME.delta.safetensors beside NAME.pt (training.delta_writer)."""
+        """fairseq's save, with early stopping's state (training.stop_rules), plus NAME.delta.safetensors
+        beside NAME.pt in BitFit runs (training.delta_writer)."""
+        stop_rules.save_into(extra_state)
         if self.bitfit_selection is None:
             return super().save_checkpoint(filename, extra_state)
         if self._delta_writer is None:
