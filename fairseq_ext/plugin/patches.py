@@ -121,6 +121,9 @@ PATCHES: Tuple[Patch, ...] = (
     Patch("patience-state", "fairseq_cli.train.train", "extends", "fairseq_train_with() (train.py)",
           "a resumed run whose patience had already run out when it saved trains no further epoch: the "
           "epoch function returns 'stop' at once, and fairseq's main loop ends as after an early stop",
+          source_has=("def train(", "return valid_losses, should_stop")),
+    Patch("patience-state", "fairseq_cli.train.main", "relies on", "fairseq_train_with() (train.py)",
+          "the main loop calls the epoch function by its module-level name and ends when it says stop",
           source_has=("valid_losses, should_stop = train(cfg, trainer, task, epoch_itr)", "if should_stop:")),
     Patch("whole-checkpoints", "fairseq.checkpoint_utils.save_checkpoint", "extends", "fairseq_train_with() (train.py)",
           "Ctrl-C or SIGTERM while fairseq writes a checkpoint and copies it to its other names (best -> last) "
