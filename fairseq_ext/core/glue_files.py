@@ -6,6 +6,8 @@ every error names the file and line.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -30,6 +32,12 @@ class SplitRows:
     indices: Optional[List[str]]  # test splits: the GLUE id of each row
     rows_read: int
     skipped_lines: Dict[str, List[int]] = field(default_factory=dict)  # reason -> 1-based line numbers
+
+    def digest(self) -> str:
+        """What the rows say, as a hash: the same for any bytes that read as the same rows (CRLF or LF line
+        ends, a byte-order mark), different once a row is added, removed or edited."""
+        rows = {"texts": self.texts, "labels": self.labels, "indices": self.indices}
+        return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def task_file(spec: GlueTaskSpec, glue_dir, split: SplitSpec) -> Path:

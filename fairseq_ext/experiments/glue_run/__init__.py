@@ -47,7 +47,7 @@ from ...core.glue_tasks import GLUE_SOURCE_HINT, TASK_NAMES, get_task_spec
 from ...core.progress import DEFAULT_INTERVAL_S, ConsoleProgress
 from ...core.run_record import RECORD_NAME, epoch_stats, read_run_record
 from ...plugin.checkpoints import checkpoint_parameter_count
-from ...plugin.data.glue_prepare import prepare_task, read_test_indices
+from ...plugin.data.glue_prepare import prepare_task, read_test_indices, same_data
 from ...plugin.deltas import apply_delta
 from ...plugin.models import hf_import
 from ...plugin.models.model_dir import load_model_dir
@@ -147,9 +147,12 @@ def _options(train_args: List[str]) -> Dict[str, str]:
     return options
 
 
-def settings_change(before: dict, settings: dict) -> Optional[str]:
-    """What differs between the settings a run was trained with and ``settings``; None if nothing."""
+def settings_change(before: dict, settings: dict, manifest: dict) -> Optional[str]:
+    """What differs between the settings a run was trained with and ``settings`` (of data prepared as
+    ``manifest`` says); None if nothing."""
     before = dict(before, train_args=without_bookkeeping(before["train_args"]))  # written before they were left out
+    if same_data(before["data"], manifest):  # the same rows, perhaps recorded under the data's file key
+        before["data"] = settings["data"]
     if before == settings:
         return None
     if before["data"] != settings["data"]:
@@ -160,17 +163,18 @@ def settings_change(before: dict, settings: dict) -> Optional[str]:
     return "train.py arguments (" + (", ".join(changed[:4]) or "their order") + ")"
 
 
-def check_same_settings(run_dir: Path, settings: dict, recorded_row: Optional[dict], results_file: Path) -> None:
+def check_same_settings(run_dir: Path, settings: dict, manifest: dict, recorded_row: Optional[dict],
+                        results_file: Path) -> None:
     """Refuse to reuse or resume a run that was trained with other settings: its folder's settings.json,
     or its row in results.json (rows from before settings were kept in them are not checked)."""
     recorded = run_dir / "settings.json"
     if recorded.exists():
-        change = settings_change(json.loads(recorded.read_text()), settings)
+        change = settings_change(json.loads(recorded.read_text()), settings, manifest)
         if change:
             raise UserError(f"{run_dir} was trained with other settings: {change} changed; "
                             "use another OUTPUT_DIR, or delete that run folder to train it again")
     if recorded_row is not None and recorded_row.get("settings") is not None:
-        change = settings_change(recorded_row["settings"], settings)
+        change = settings_change(recorded_row["settings"], settings, manifest)
         if change:
             raise UserError(f"{results_file} holds a row for {run_dir} trained with other settings: {change} "
                             "changed; use another OUTPUT_DIR, or delete that run folder and its row in "
@@ -221,8 +225,9 @@ def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, m
     planned = schedule_updates(passthrough, recipe.batch, recipe.epochs, train_rows, world_size)
     settings = run_settings(train_args, prepared, run_dir, manifest)
     row = ledger.row(spec.name, mode, lr, seed, train_subset if curve else None)
-    check_same_settings(run_dir, settings, row, ledger.path)
-    recorded = row if row is not None and row.get("settings") == settings else None
+    check_same_settings(run_dir, settings, manifest, row, ledger.path)
+    recorded = row if row is not None and row.get("settings") is not None and \
+        settings_change(row["settings"], settings, manifest) is None else None
     return PlannedRun(spec, mode, lr, seed, prepared, run_dir, train_args, settings, train_rows, planned,
                       str(model.checkpoint), recipe, train_subset, curve, recorded)
 

@@ -39,6 +39,7 @@ from fairseq.binarizer import BinarizeSummary, VocabularyDatasetBinarizer
 from fairseq.data import Dictionary, indexed_dataset
 
 from ...core.errors import UserError
+from ...core.files import write_text_atomically
 from ...core.glue_files import SplitRows, check_glue_dir, missing_file_error, read_tsv, task_file
 from ...core.glue_tasks import GlueTaskSpec, get_task_spec
 from ...core.progress import eta_seconds, format_duration
@@ -200,10 +201,14 @@ def prepare_task(
             logger.warning(f"{path} not found: no {split.name} split, so no {split.leaderboard_file} for the leaderboard")
 
     tokenizer = _resolve_tokenizer(model_dir_or_bpe, dictionary, tokenizer_files)
-    cache_key = None
+    read = {split.name: read_tsv(spec, split, path) for split, path in present}
+    cache_key = file_cache_key = None
     if tokenizer.fingerprint is not None:
-        cache_key = _cache_key(spec, present, tokenizer, train_subset, train_subset_seed)
-        cached = _cached_manifest(out_dir, cache_key)
+        inputs = {split: rows.digest() for split, rows in read.items()}
+        cache_key = _cache_key(spec, inputs, tokenizer, train_subset, train_subset_seed)
+        file_cache_key = _cache_key(spec, {split.name: _file_sha256(path) for split, path in present}, tokenizer,
+                                    train_subset, train_subset_seed)
+        cached = _cached_manifest(out_dir, cache_key, file_cache_key)
         if cached is not None:
             logger.info(f"{spec.name}: {out_dir} is up to date (cached), nothing to do")
             return cached
@@ -211,7 +216,6 @@ def prepare_task(
         logger.info("a BPE object without tokenizer_files cannot be fingerprinted: preparing without the cache")
     _check_replaceable(out_dir, spec)
 
-    read = {split.name: read_tsv(spec, split, path) for split, path in present}
     for rows in read.values():
         for reason, lines in rows.skipped_lines.items():
             shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
@@ -224,6 +228,7 @@ def prepare_task(
         manifest = _write_prepared(spec, read, subset_skips, tokenizer, staging, workers)
         manifest.update(
             cache_key=cache_key,
+            file_cache_key=file_cache_key,
             glue_dir=str(glue_dir.resolve()),
             absent_splits=[split.name for split in absent],
             train_subset=None if train_subset is None else {"size": train_subset, "seed": train_subset_seed},
@@ -236,11 +241,13 @@ def prepare_task(
     return manifest
 
 
-def _cache_key(spec, present, tokenizer: _Tokenizer, train_subset, train_subset_seed) -> str:
+def _cache_key(spec, inputs: Dict[str, str], tokenizer: _Tokenizer, train_subset, train_subset_seed) -> str:
+    """What prepared data depends on, as a hash; ``inputs``: a digest of each split's rows (the cache key),
+    or of its file's bytes (``file_cache_key``: how data prepared before 2026-12-06 was keyed)."""
     key = {
         "format": PREPARED_FORMAT_VERSION,
         "task": spec.name,
-        "inputs": {split.name: _file_sha256(path) for split, path in present},
+        "inputs": inputs,
         "tokenizer": tokenizer.fingerprint,
         "dictionary": _file_sha256(tokenizer.dictionary_path),
         "train_subset": [train_subset, train_subset_seed] if train_subset else None,
@@ -248,12 +255,23 @@ def _cache_key(spec, present, tokenizer: _Tokenizer, train_subset, train_subset_
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _cached_manifest(out_dir: Path, cache_key: str) -> Optional[dict]:
+def _cached_manifest(out_dir: Path, cache_key: str, file_cache_key: str) -> Optional[dict]:
+    """The manifest of ``out_dir`` if it was prepared from the same rows; a preparation keyed by the same
+    file bytes (made before rows were the key) gets both keys written into its manifest."""
     try:
         manifest = load_manifest(out_dir)
     except UserError:
         return None
+    if manifest.get("cache_key") == file_cache_key and file_cache_key != cache_key:
+        manifest.update(cache_key=cache_key, file_cache_key=file_cache_key)
+        write_text_atomically(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     return manifest if manifest.get("cache_key") == cache_key else None
+
+
+def same_data(recorded_key, manifest: dict) -> bool:
+    """Whether data a run recorded (its ``cache_key``, or the file key of data prepared before rows were the
+    key) is the data of ``manifest``."""
+    return recorded_key is not None and recorded_key in (manifest.get("cache_key"), manifest.get("file_cache_key"))
 
 
 def _check_replaceable(out_dir: Path, spec: GlueTaskSpec) -> None:
