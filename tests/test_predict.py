@@ -4,6 +4,7 @@ Two tiny RoBERTa BitFit runs (different selections) share the tiny pretrained
 base; a few BitFit updates of the embedded all-MiniLM-L6-v2 on a CoLA subset
 check the real tokenizer, GLUE test files and the leaderboard output.
 """
+import dataclasses
 import random
 import shutil
 from pathlib import Path
@@ -364,3 +365,19 @@ def test_minilm_mixed_task_batches_equal_one_task_batches(minilm_cola):
     assert_mixed_equals_one_task_batches(predictor, items)
     with pytest.raises(UserError, match="takes single sentences"):
         predictor.predict_mixed([("cola", ("a premise", "a hypothesis"))])
+
+
+def test_a_mislabelled_delta_is_blamed_before_the_input_is_read(tiny_runs, tiny_pretrained, tiny_data, tmp_path,
+                                                                 capsys):
+    """Issue 31: an MRPC delta served as `rte` on RTE's test.tsv: the delta's task is the problem, not the header."""
+    ofa = deltas.read_delta(tiny_runs / "ofa" / BEST_DELTA)
+    mrpc = tmp_path / f"mrpc{deltas.DELTA_SUFFIX}"
+    ofa_as_mrpc = {**ofa.task, "cfg": {**ofa.task_cfg, "glue_task": "MRPC"}}
+    dataclasses.replace(ofa, task=ofa_as_mrpc).save(mrpc)
+    rte_test = tmp_path / "test.tsv"
+    rte_test.write_text("index\tsentence1\tsentence2\n0\tgood w1\tbad w2\n")
+    out = tmp_path / "RTE.tsv"
+    assert_one_line_error(run_cli(capsys, "--base", tiny_pretrained, "--dictionary", tiny_data / "input0" / "dict.txt",
+                                  "--delta", f"rte={mrpc}", "--task", "rte", "--input", rte_test, "--output", out),
+                          "trained on GLUE MRPC, not RTE", str(mrpc))
+    assert not out.exists()

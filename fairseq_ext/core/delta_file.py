@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 
 from .bitfit import CLASSIFICATION_HEADS, load_trainable_state_dict
 from .controls import merge_masked
+from .delta_checks import validate_delta
 from .errors import UserError, one_line
 from .files import write_atomically
 
@@ -105,9 +106,9 @@ def check_dictionary(expected: dict, dictionary, what: str, source: str) -> None
     """
     found = dictionary_identity(dictionary)
     if found != expected:
-        raise UserError(f"{source}: {what} ({found['size']} symbols, sha256 {found['sha256'][:12]}...) is not the "
+        raise UserError(f"{source}: {what} ({found['size']} symbols, sha256 {found['sha256']}) is not the "
                         f"dictionary the delta was trained with ({expected['size']} symbols, sha256 "
-                        f"{expected['sha256'][:12]}...)")
+                        f"{expected.get('sha256')})")
 
 
 # --------------------------------------------------------------------------- the file
@@ -233,12 +234,22 @@ class Delta:
                     "tensors_sha256": tensors_fingerprint(self.tensors)}
         for section in self.SECTIONS:
             metadata[section] = json.dumps(getattr(self, section), default=plain_json, sort_keys=True)
+        metadata[HEADER_DIGEST] = header_digest(metadata)
         return metadata
 
     def save(self, path) -> None:
         """Write atomically: a reader never sees a half-written delta."""
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.tensors.items()}
         write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=self.metadata()))
+
+
+HEADER_DIGEST = "header_sha256"  # over every other header entry, tensors_sha256 included: the whole file
+
+
+def header_digest(metadata: Mapping[str, str]) -> str:
+    """sha256 over a delta header's entries (but its own), in key order."""
+    entries = {key: value for key, value in metadata.items() if key != HEADER_DIGEST}
+    return "sha256:" + hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
 # What readers of a delta look up in its header (CheckpointDeltaWriter writes them all).
@@ -281,12 +292,17 @@ def read_delta(path) -> Delta:
             raise UserError(f"{path}: corrupt delta: header section {section!r} has no {missing_keys[0]!r}")
     if not isinstance(getattr(torch, str(sections["base"]["dtype"]), None), torch.dtype):
         raise UserError(f"{path}: corrupt delta: base dtype {sections['base']['dtype']!r} is not a torch dtype")
+    if HEADER_DIGEST not in metadata:
+        # Deltas written before 2026-12 have none: their header is checked for consistency, not integrity.
+        logger.warning(f"{path}: written without a header checksum (an older delta): its header is checked "
+                       f"for consistency only; python -m fairseq_ext.tools.delta migrate adds one")
+    elif metadata[HEADER_DIGEST] != header_digest(metadata):
+        raise UserError(f"{path}: corrupt delta: its header does not match the header checksum in it "
+                        "(edited or damaged)")
     if metadata.get("tensors_sha256") != tensors_fingerprint(tensors):
         raise UserError(f"{path}: corrupt delta: its tensors do not match the checksum in its header")
     delta = Delta(tensors=tensors, path=path, **sections)
-    missing = sorted(set(delta.selection.get("trained", ())) - set(delta.trained_names()))
-    if missing:
-        raise UserError(f"{path}: corrupt delta: the header lists trained tensors it does not hold: {missing[0]}")
+    validate_delta(delta)
     return delta
 
 
@@ -299,8 +315,9 @@ def check_base_fingerprint(state: Mapping[str, torch.Tensor], delta: Delta, sour
     expected = delta.base["fingerprint"]
     if found == expected:
         return
+    # In full: two fingerprints can share any prefix.
     message = (f"{source} is not the base {delta.path} was trained from: its frozen weights' fingerprint "
-               f"{found[:19]}... differs from the delta's {expected[:19]}...")
+               f"{found} differs from the delta's {expected}")
     if not force:
         raise UserError(message + (f"; pass {force_flag} to merge anyway" if force_flag else ""))
     logger.warning(message + " (--force: merging anyway)")

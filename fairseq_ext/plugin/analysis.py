@@ -11,7 +11,7 @@ from typing import Dict, Mapping
 
 from ..core import bias_change
 from ..core.controls import CONTROLS
-from ..core.delta_file import DELTA_SUFFIX, check_base_fingerprint, read_delta
+from ..core.delta_file import DELTA_SUFFIX, check_base_fingerprint, check_delta_fits, read_delta
 from ..core.errors import UserError
 from ..core.files import write_atomically, write_text_atomically
 from .checkpoints import load_checkpoint_file
@@ -43,8 +43,11 @@ def delta_bias_change(base_checkpoint: dict, delta_path, source: str, base_sourc
         raise UserError(f"{source}: a random-subset control ({delta.selection['terms']}) trains weight entries, "
                         "not bias terms: there is no bias change to show")
     check_base_model(base_checkpoint, delta, base_source)
-    state = shared_model(delta, base_checkpoint["model"], base_source, "cpu").state_dict()
+    model = shared_model(delta, base_checkpoint["model"], base_source, "cpu")
+    state = model.state_dict()
     check_base_fingerprint(state, delta, base_source, force_flag=None)
+    # Shapes as the base's (read_delta checked the delta against itself); float32 like the model.
+    check_delta_fits(model, {name: tensor.float() for name, tensor in delta.body_tensors(state).items()}, source)
     table = bias_change.bias_changes(state, delta.body_tensors())
     if not table:
         raise UserError(f"{source}: trains no layer bias term (selection {delta.selection.get('terms')!r})")

@@ -51,6 +51,7 @@ from fairseq.data.data_utils import collate_tokens
 from fairseq.modules import MultiheadAttention
 from torch import nn
 
+from ..core.delta_checks import validate_delta
 from ..core.delta_file import Delta, check_base_fingerprint, check_delta_fits, dictionary_identity, read_delta
 from ..core.errors import UserError
 from ..core.glue_tasks import TASK_NAMES, get_task_spec
@@ -137,15 +138,12 @@ class MultiTaskPredictor:
         """Add a task from its delta file; the delta must come from a run on this base."""
         if name in self._tasks:
             raise UserError(f"task {name!r} is added twice")
-        if not isinstance(delta, Delta):
+        if isinstance(delta, Delta):
+            validate_delta(delta)  # read_delta checks what it reads; one made in memory is checked here
+        else:
             delta = read_delta(delta)
         source = f"--delta {name}={delta.path}"
-        if delta.is_seq2seq:
-            raise UserError(f"{source}: {delta.describe_kind()}: it generates sequences, it has no labels to "
-                            "predict; generate with python -m fairseq_ext.tools.generate")
-        check_task_name(name, delta)
-        if delta.head_name not in delta.head_names():
-            raise UserError(f"{source}: holds no classification head {delta.head_name!r}")
+        check_task_delta(name, delta)
         if self.model is None:
             self._build(delta, source)
         else:
@@ -159,9 +157,16 @@ class MultiTaskPredictor:
         body = {tensor_name: tensor.float() for tensor_name, tensor in delta.body_tensors(base).items()}
         check_delta_fits(self.model, body, source)
         head_key = f"task{len(self._tasks)}"
-        register_head(self.model, head_key, delta.head_tensors(delta.head_name))
+        head_tensors = delta.head_tensors(delta.head_name)
+        register_head(self.model, head_key, head_tensors)
+        try:  # the head must read the model's features: refused in one line, the model left as it was
+            check_delta_fits(self.model, {f"classification_heads.{head_key}.{tensor_name}": tensor.float()
+                                          for tensor_name, tensor in head_tensors.items()}, source)
+        except UserError:
+            del self.model.classification_heads[head_key]
+            raise
         head = self.model.classification_heads[head_key].to(self.device).eval()
-        head.load_state_dict(delta.head_tensors(delta.head_name), strict=True)
+        head.load_state_dict(head_tensors, strict=True)
         glue_task = delta.glue_task
         pair = get_task_spec(glue_task).is_pair if glue_task else None
         body = {tensor_name: tensor.to(self.device) for tensor_name, tensor in body.items()}
@@ -228,8 +233,13 @@ class MultiTaskPredictor:
                 ids = torch.cat([ids.new_tensor([prefix]), ids])
             segments.append(ids)
         tokens = torch.cat(segments)
-        truncate_to = task.delta.task.get("truncate_to") or cfg.get("max_positions")
+        truncate_to = self.max_tokens(task.name)
         return tokens[:truncate_to] if truncate_to else tokens
+
+    def max_tokens(self, name: str) -> Optional[int]:
+        """The length task ``name``'s examples are truncated to (its training's), None: not truncated."""
+        delta = self._task(name).delta
+        return delta.task.get("truncate_to") or delta.task_cfg.get("max_positions")
 
     def batches(self, tokens: Sequence[torch.Tensor]) -> Iterator[Tuple[List[int], torch.Tensor]]:
         """(example indices, right-padded src_tokens) batches of similar length, longest first."""
@@ -272,19 +282,23 @@ class MultiTaskPredictor:
         where its task trains fewer terms than another), and each task's head runs on
         its rows.  The model's in-place task (``use``) is left as it was.
         """
-        if not items:
-            return []
-        task_names = list(self._tasks)
-        task_of, tokens = [], []
+        encoded = []
         for item in items:
             if isinstance(item, str) or len(item) != 2 or not isinstance(item[0], str):
                 raise UserError(f"an item is (task, sentence or pair of sentences), not {item!r}")
-            name, example = item
-            task = self._task(name)
-            task_of.append(task_names.index(name))
-            tokens.append(self._encode(task, example))
+            encoded.append((item[0], self._encode(self._task(item[0]), item[1])))
+        return self.logits_mixed_encoded(encoded)
+
+    @torch.no_grad()
+    def logits_mixed_encoded(self, encoded: Sequence[Tuple[str, torch.Tensor]]) -> List[torch.Tensor]:
+        """``logits_mixed`` of ``(task, token ids from encode)`` items: a server tokenizes on
+        another thread than the one running the model."""
+        if not encoded:
+            return []
+        task_names = list(self._tasks)
+        task_of = torch.tensor([task_names.index(self._task(name).name) for name, _ in encoded], dtype=torch.long)
+        tokens = [ids for _, ids in encoded]
         mixed = self.prepare_mixed()
-        task_of = torch.tensor(task_of, dtype=torch.long)
         rows: List[Optional[torch.Tensor]] = [None] * len(tokens)
         for indices, src_tokens in self.batches(tokens):
             src_tokens, task_index = src_tokens.to(self.device), task_of[indices].to(self.device)
@@ -301,8 +315,11 @@ class MultiTaskPredictor:
 
     def predict_mixed(self, items: Sequence[Item]) -> List[Prediction]:
         """``predict`` for ``(task, example)`` items in any order and mix, in one pass per batch."""
-        return [_prediction(self._tasks[item[0]].delta, row.float())
-                for item, row in zip(items, self.logits_mixed(items))]
+        return [self.prediction(item[0], row) for item, row in zip(items, self.logits_mixed(items))]
+
+    def prediction(self, name: str, logits: torch.Tensor) -> Prediction:
+        """Task ``name``'s Prediction from one example's head output."""
+        return _prediction(self._task(name).delta, logits.float())
 
     def prepare_mixed(self) -> "PerExampleBiases":
         """The bias tables of the tasks added so far (made once after each add_task); a UserError
@@ -450,6 +467,18 @@ def parse_delta_options(values: Sequence[str]) -> Dict[str, str]:
             raise UserError("--delta: a task name is given twice")
         deltas[name.strip()] = path
     return deltas
+
+
+def check_task_delta(name: str, delta: Delta) -> None:
+    """What the predictors need of a delta served as task ``name``, checked before any model or input is
+    read: a classification delta, with its head, of the GLUE task ``name`` names (if it names one)."""
+    source = f"--delta {name}={delta.path}"
+    if delta.is_seq2seq:
+        raise UserError(f"{source}: {delta.describe_kind()}: it generates sequences, it has no labels to "
+                        "predict; generate with python -m fairseq_ext.tools.generate")
+    check_task_name(name, delta)
+    if delta.head_name not in delta.head_names():
+        raise UserError(f"{source}: holds no classification head {delta.head_name!r}")
 
 
 def check_task_name(name: str, delta: Delta) -> None:

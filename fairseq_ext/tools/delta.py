@@ -2,6 +2,11 @@
 
     python -m fairseq_ext.tools.delta info D.delta.safetensors [--json]
     python -m fairseq_ext.tools.delta apply --base BASE.pt --delta D.delta.safetensors --out MERGED.pt
+    python -m fairseq_ext.tools.delta migrate OLD.delta.safetensors --out NEW.delta.safetensors
+
+Every command reads the delta with ``read_delta``, which refuses a corrupt or inconsistent
+one in one line (``fairseq_ext.core.delta_checks``).  ``migrate`` rewrites a delta written
+before deltas had a header checksum with one, once it passes those checks.
 
 The file format is ``fairseq_ext.core.delta_file``; ``apply`` is
 ``fairseq_ext.plugin.deltas.apply_delta``.
@@ -9,10 +14,12 @@ The file format is ``fairseq_ext.core.delta_file``; ``apply`` is
 import argparse
 import json
 import os
+from pathlib import Path
 
 from ..core.bitfit import role_lines, tally_by_role
 from ..core.delta_file import FORMAT_VERSION, Delta, plain_json, read_delta
 from ..core.errors import exit_on_user_error, quiet_cli_logging
+from ..core.files import check_output_file
 from ..plugin.checkpoints import add_trust_checkpoint_argument
 from ..plugin.deltas import apply_delta, model_options
 
@@ -72,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--out", required=True, help="the merged checkpoint to write")
     apply.add_argument("--force", action="store_true", help="merge even if the base's fingerprint differs")
     add_trust_checkpoint_argument(apply)
+    migrate = commands.add_parser("migrate", help="rewrite an older delta with a header checksum")
+    migrate.add_argument("delta", help="a .delta.safetensors file")
+    migrate.add_argument("--out", required=True, help="the delta to write (may be the same file)")
     return parser
 
 
@@ -88,6 +98,12 @@ def main(argv=None) -> None:
             print(json.dumps(sections, indent=2, default=plain_json))
         else:
             print(describe(delta))
+        return
+    if args.command == "migrate":
+        check_output_file(Path(args.out), "--out")
+        delta = read_delta(args.delta)  # checked as every reader checks it; the note says it had no checksum
+        delta.save(args.out)
+        print(f"wrote {args.out}: {args.delta} with a header checksum")
         return
     out = apply_delta(args.base, args.delta, args.out, force=args.force, trust_checkpoint=args.trust_checkpoint)
     print(f"wrote {out} ({os.path.getsize(out):,} bytes)")

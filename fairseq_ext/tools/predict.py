@@ -20,8 +20,8 @@ from ..core.delta_file import read_delta
 from ..core.errors import UserError, exit_on_user_error, quiet_cli_logging
 from ..core.files import check_output_file, write_text_atomically
 from ..core.glue_files import read_tsv, write_leaderboard_tsv
-from ..plugin.predictor import (MultiTaskPredictor, Prediction, add_predictor_arguments, glue_spec_for,
-                                parse_delta_options, usable_device)
+from ..plugin.predictor import (MultiTaskPredictor, Prediction, add_predictor_arguments, check_task_delta,
+                                glue_spec_for, parse_delta_options, usable_device)
 
 
 def read_glue_tsv(spec, path: Path) -> Tuple[List[str], List[Tuple[str, ...]]]:
@@ -111,6 +111,8 @@ def main(argv=None) -> None:
     check_output_file(output_path, "--output")
     usable_device(args.device)
     loaded = {name: read_delta(path) for name, path in deltas.items()}
+    for name, delta in loaded.items():  # a mislabelled delta is the delta's fault, not the input's: say so first
+        check_task_delta(name, delta)
 
     # Read (and check) the input before the model is loaded: bad input fails fast.
     spec = glue_spec_for(args.task, loaded[args.task])
