@@ -51,7 +51,7 @@ command+="bash $(printf '%q' "$0")"
 for arg in "$@"; do command+=" $(printf '%q' "$arg")"; done
 export GLUE_BITFIT_COMMAND="${GLUE_BITFIT_COMMAND:-${command}}"  # a script that calls this one may name itself
 args=(
-  --glue-dir "${GLUE_DIR:-glue_data}" --tasks "${TASKS:-}" --mode "${MODE:-bitfit}"
+  --glue-dir "${GLUE_DIR:-}" --tasks "${TASKS:-}" --mode "${MODE:-bitfit}"
   --bitfit-terms "${BITFIT_TERMS:-ofa}" --model "${MODEL:-}" --output-dir "${OUTPUT_DIR:-outputs/glue}"
   --seeds "${SEEDS:-1}" --lrs "${LRS:-}" --max-seq-len "${MAX_SEQ_LEN:-128}"
   --nproc "${NPROC:-1}" --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}"

@@ -37,3 +37,23 @@ def test_a_stop_closes_without_a_final_line():
     progress.update(5, rate=1.0)
     progress.close(final_line=False)
     assert lines_of(stream) == ["  run: 2/10 updates (20%), 1.00 updates/s, ETA 8s"]
+
+
+def test_the_end_is_printed_once_even_when_the_detail_changed_after_it():
+    """The GLUE runner refreshes the job ETA after a run's last update: the end stays one line."""
+    stream = io.StringIO()
+    progress = ConsoleProgress("CoLA run", 7, interval_s=0, stream=stream, bar=False)
+    progress.update(7, rate=2.0, detail="job ETA 3s")  # an interval line at the last update
+    progress.interval_s = 3600
+    progress.update(7, rate=2.0, detail="job ETA 1s")  # the runner's next poll, before the next interval
+    progress.close()
+    assert [line for line in lines_of(stream) if "7/7" in line] == [
+        "  CoLA run: 7/7 updates (100%), 2.00 updates/s, ETA 0s, job ETA 3s"]
+
+
+def test_a_terminal_bar_has_no_space_before_its_details():
+    stream = io.StringIO()
+    progress = ConsoleProgress("run", 1150, stream=stream, bar=True)
+    progress.update(44, rate=2.42)
+    progress.close()
+    assert "44/1150, 2.42 updates/s" in stream.getvalue() and "44/1150 ," not in stream.getvalue()

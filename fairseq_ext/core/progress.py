@@ -46,14 +46,14 @@ class ConsoleProgress:
         self._start = time.monotonic()
         self._start_done: Optional[int] = None
         self._last_line = self._start
-        self._printed: Optional[str] = None  # the last progress line written, if any
+        self._printed_done: Optional[int] = None  # how far the last progress line written said, if any
         use_bar = self.stream.isatty() if bar is None else bar
         self._bar = None
         if use_bar:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=label, unit=f" {unit}", file=self.stream, dynamic_ncols=True,
-                             leave=False, bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix}")
+                             leave=False, bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}")  # postfix: ", ..."
 
     def update(self, done: int, rate: Optional[float] = None, detail: str = "") -> None:
         """Now ``done`` units; ``rate`` (units/s) if the worker measures it, else it is measured here."""
@@ -68,7 +68,7 @@ class ConsoleProgress:
             self._bar.n = done
             self._bar.set_postfix_str(self._summary(), refresh=False)
             self._bar.refresh()
-        elif now - self._last_line >= self.interval_s or (self._printed is None and self.rate):
+        elif now - self._last_line >= self.interval_s or (self._printed_done is None and self.rate):
             self._print_line()  # the first line as soon as the speed is known, then one per interval
 
     def eta(self) -> Optional[float]:
@@ -85,8 +85,8 @@ class ConsoleProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif final_line and self.done and self._line() != self._printed:
-            self._print_line()  # where the work ended, unless the last line already says so
+        elif final_line and self.done and self.done != self._printed_done:
+            self._print_line()  # where the work ended, unless the last line already said how far it got
 
     def _summary(self) -> str:
         parts = []
@@ -103,8 +103,8 @@ class ConsoleProgress:
         return f"  {self.label}: {self.done:,}{total} {self.unit}{share}, {self._summary()}"
 
     def _print_line(self) -> None:
-        self._printed = self._line()
-        self._write_line(self._printed)
+        self._printed_done = self.done
+        self._write_line(self._line())
         self._last_line = time.monotonic()
 
     def _write_line(self, line: str) -> None:

@@ -53,8 +53,9 @@ def mode_flags(label: str) -> List[str]:
         return ["--bitfit", "--bitfit-terms", label]
     if label.startswith(BITFIT_PREFIX) and label != BITFIT_PREFIX:
         return ["--bitfit", "--bitfit-terms", label[len(BITFIT_PREFIX):]]
-    raise UserError(f"unknown mode {label!r}; modes: {FULL}, {HEAD_ONLY}, {BITFIT_PREFIX}<terms> "
-                    f"(e.g. {BITFIT_PREFIX}ofa) or a control ({', '.join(bitfit.CONTROL_TERMS)})")
+    raise UserError(f"unknown mode {label!r}; modes: {FULL}, {HEAD_ONLY}, bitfit (with BITFIT_TERMS, default ofa), "
+                    f"{BITFIT_PREFIX}<terms> (e.g. {BITFIT_PREFIX}all) or a control "
+                    f"({', '.join(bitfit.CONTROL_TERMS)})")
 
 
 @dataclass

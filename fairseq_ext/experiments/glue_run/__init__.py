@@ -57,12 +57,14 @@ from ...training.glue_recipe import (Recipe, check_passthrough, default_recipe, 
                                     without_bookkeeping)
 from ...training.options import BITFIT_PREFIX, TRAIN_COMMAND, TRAIN_MODULE, mode_flags, mode_label
 from .results import Ledger, collect_predictions, write_bias_change_of_best_runs, write_results
-from .runs import JobProgress, JobStage, LocalTraining, StartTraining, SubmititTraining, say, train_timed
+from .runs import (JobProgress, JobStage, LocalTraining, StartTraining, SubmititTraining, finished_line, saved_updates,
+                   say, train_timed)
 
 logger = logging.getLogger("fairseq_ext.experiments.glue_run")  # also when run as __main__
 
 
 DEFAULT_SAVE_MINUTES = 5.0
+DEFAULT_GLUE_DIR = "glue_data"
 PROG = "glue_bitfit"  # run_scripts/glue_bitfit.sh: what its one-line errors and its stop line are headed with
 
 
@@ -88,7 +90,7 @@ def run_summary(record: dict, spec) -> dict:
     parameters = record.get("parameters") or {}
     updates = max([int(entry["values"].get("num_updates", 0)) for entry in record["stats"]] + [0])
     return {"epochs": dict(sorted(epochs.items())), "trainable": parameters.get("trainable"),
-            "total": parameters.get("total"), "updates": updates}
+            "total": parameters.get("total"), "updates": updates, "early_stop": record.get("early_stop")}
 
 
 def best_epoch(epochs: Dict[int, dict], primary: str) -> Optional[int]:
@@ -198,6 +200,7 @@ class PlannedRun:
     train_subset: Optional[int] = None  # TRAIN_SUBSET or the TRAIN_SUBSETS size; None: every row
     curve: bool = False  # one size of a TRAIN_SUBSETS training-size curve
     recorded: Optional[dict] = None  # its row in results.json, trained with these settings
+    updates_done: int = 0  # an interrupted run: the updates in the checkpoint it resumes from
 
     @property
     def label(self) -> str:
@@ -229,7 +232,7 @@ def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, m
     recorded = row if row is not None and row.get("settings") is not None and \
         settings_change(row["settings"], settings, manifest) is None else None
     return PlannedRun(spec, mode, lr, seed, prepared, run_dir, train_args, settings, train_rows, planned,
-                      str(model.checkpoint), recipe, train_subset, curve, recorded)
+                      str(model.checkpoint), recipe, train_subset, curve, recorded, saved_updates(run_dir))
 
 
 def one_run(run: PlannedRun, args, job: JobProgress, stage: "JobStage", start: StartTraining = LocalTraining) -> dict:
@@ -267,6 +270,7 @@ def _train_and_read(run: PlannedRun, args, job: JobProgress, stage: "JobStage", 
                                              job.interval_s, job.bar, stage.check_stop))
     write_text_atomically(run.result_file, json.dumps(row, indent=1) + "\n")
     job.finished(run, parsed["updates"], wall)
+    say(f"  {run.label}: {finished_line(row, parsed['early_stop'])}")
     return row
 
 
@@ -305,7 +309,7 @@ def predict_test_sets(spec, prepared: Path, run_dir: Path, base_checkpoint: str,
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Fine-tune on GLUE with BitFit, full fine-tuning or head-only.")
-    parser.add_argument("--glue-dir", default="glue_data", help="GLUE's glue_data folder (default: ./glue_data)")
+    parser.add_argument("--glue-dir", default="", help=f"GLUE's glue_data folder (default: ./{DEFAULT_GLUE_DIR})")
     parser.add_argument("--tasks", default="", help="space-separated tasks (default: every task present)")
     parser.add_argument("--mode", default="bitfit",
                         help="space-separated run modes: full, head, bitfit (with --bitfit-terms) or "
@@ -388,6 +392,17 @@ def _check_settings(args, passthrough: List[str]) -> None:
     check_passthrough(passthrough)
 
 
+def _glue_dir(given: str) -> Path:
+    """GLUE_DIR, or ./glue_data when it is not set; errors name the variable the run script's users set."""
+    if not given and not Path(DEFAULT_GLUE_DIR).is_dir():
+        raise UserError(f"GLUE_DIR is not set and its default, {DEFAULT_GLUE_DIR}, is not a directory in "
+                        f"{Path.cwd()}: set GLUE_DIR to GLUE's glue_data folder. {GLUE_SOURCE_HINT}")
+    try:
+        return check_glue_dir(given or DEFAULT_GLUE_DIR)
+    except UserError as error:
+        raise UserError(str(error).replace("--glue-dir", "GLUE_DIR")) from None
+
+
 @exit_on_user_error(prog=PROG)
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
@@ -397,10 +412,7 @@ def main(argv=None) -> None:
     for noisy in ("fairseq", "matplotlib"):  # train.py keeps fairseq's full log in each run's train.log
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    try:
-        glue_dir = check_glue_dir(args.glue_dir)
-    except UserError as error:  # name the variable the run script's users set
-        raise UserError(str(error).replace("--glue-dir", "GLUE_DIR")) from None
+    glue_dir = _glue_dir(args.glue_dir)
     tasks = args.tasks.split() or present_tasks(glue_dir)
     if not tasks:
         raise UserError(f"GLUE_DIR {glue_dir}: no task folder with a train.tsv; expected "
@@ -621,7 +633,7 @@ def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_
     write_bias_change_of_best_runs(output_dir, all_rows, model.checkpoint)
     print(f"\n{(output_dir / 'results.md').read_text().split('## Every run')[0].strip()}\n", flush=True)
     written = [output_dir / name for name in ("results.json", "results.md", "results.tex", "curves.png",
-                                               "size_curves.png", "bias_change/bias_change.png")]
+                                               "size_curves.png", "bias_change/bias_change.png", "predictions")]
     print("results: " + ", ".join(str(path) for path in written if path.exists()))
 
 

@@ -35,8 +35,10 @@ class RecordEcho:
         self.path = path
         record = read_run_record(path) if path.exists() else {"launches": [], "stats": []}
         self.launches, self.stats = len(record["launches"]), len(record["stats"])  # what earlier launches left
+        self.launches_before = self.launches
+        self.early_stop = record.get("early_stop")
         self.version = None
-        self.progress: Optional[dict] = None
+        self.progress: Optional[dict] = None  # the launch this echo watches, once it has begun training
 
     def poll(self) -> List[str]:
         """The lines to show for what was added since the last poll."""
@@ -53,18 +55,32 @@ class RecordEcho:
         if len(record["launches"]) > self.launches and record.get("parameters"):
             resumed = record["launches"][-1]["resumed_from"]
             if resumed:
-                lines.append(f"resuming the interrupted run from {resumed}")
+                saved = (record.get("progress") or {}).get("last_saved_updates")
+                at = f" at update {saved:,}" if saved is not None else ""
+                lines.append(f"resuming the interrupted run{at} from {resumed}")
             lines.append(format_trainable(record["parameters"]["trainable"], record["parameters"]["total"]))
             self.launches = len(record["launches"])
-        if len(record["launches"]) == self.launches:
-            self.progress = record.get("progress")  # this launch's, once it has begun
+            self.progress = None  # an earlier launch's progress is not this one's
+        elif len(record["launches"]) == self.launches and self.launches > self.launches_before:
+            self.progress = record.get("progress")  # the launch this echo started with, once it has begun
         for entry in record["stats"][self.stats:]:
             if entry["tag"] != "train":
                 shown = ", ".join(f"{key} {value}" for key, value in entry["values"].items()
                                   if not key.endswith(self.SKIPPED))
                 lines.append(f"epoch {entry['epoch']} {entry['tag']}: {shown}")
         self.stats = len(record["stats"])
+        stop = record.get("early_stop")
+        if stop and stop != self.early_stop:
+            lines.append(early_stop_line(stop))
+        self.early_stop = stop
         return lines
+
+
+def early_stop_line(stop: dict) -> str:
+    """The console's line for a run that --patience ended (the run record's ``early_stop``)."""
+    best = f" on {stop['best']:g}" if stop.get("best") is not None else ""
+    return (f"early stop after epoch {stop['epoch']} ({stop['updates']:,} updates): {stop['metric']} has not "
+            f"improved{best} for {stop['patience']} validation{'s' if stop['patience'] != 1 else ''} (--patience)")
 
 
 class JobProgress:
@@ -72,22 +88,21 @@ class JobProgress:
 
     A task's speed is the wall time per update of its finished runs in this job (validation,
     start-up and test prediction included); until one has finished, it is the running run's time
-    per update since it began training, plus its start-up time for every run not begun (counting
-    start-up against the first few updates overstated a job threefold).  A task not run yet is
+    per update since this launch began training (a resumed run's earlier updates are not this
+    launch's), plus its start-up time for every run not launched yet.  A task not run yet is
     assumed as fast as the one running.  With runs trained at once (``concurrency`` > 1) every
     running run reports its own progress, and the work left is shared by as many runs as may train
     at once.
     """
 
-    FIRST_ESTIMATE_AFTER_S = 20.0
-
     def __init__(self, runs: List["PlannedRun"], interval_s: float, concurrency: int = 1):
         self.runs, self.interval_s, self.concurrency = runs, interval_s, concurrency
-        self.updates_left = {run.run_dir: 0 if run.finished else run.planned_updates for run in runs}
+        self.updates_left = {run.run_dir: 0 if run.finished else max(0, run.planned_updates - run.updates_done)
+                             for run in runs}
         self.seconds_per_update: Dict[str, float] = {}  # by task: finished runs', all in
         self.live_seconds_per_update: Dict[str, float] = {}  # by task: a running run's, training alone
         self.startup_s: Dict[str, float] = {}  # by task: a run's seconds from launch to its first update
-        self.estimated = False
+        self.launched: set = set()  # run folders launched by this job
         self._lock = threading.Lock()  # runs trained at once report from their own threads
 
     @property
@@ -101,12 +116,19 @@ class JobProgress:
 
     def plan_lines(self) -> List[str]:
         todo = [run for run in self.runs if not run.finished]
+        left = sum(self.updates_left.values())
+        to_train = f"{left:,} updates to train (runs with --patience may stop sooner)" if left else "nothing left to train"
         lines = [f"plan: {len(self.runs)} run{'s' if len(self.runs) != 1 else ''} "
-                 f"({len(self.runs) - len(todo)} done earlier), "
-                 f"{sum(self.updates_left.values()):,} updates to train (runs with --patience may stop sooner)"]
+                 f"({len(self.runs) - len(todo)} done earlier), {to_train}"]
         for run in self.runs:
             rows = f"{run.train_rows:,} rows"
-            what = "done earlier" if run.finished else f"{run.planned_updates:,} updates"
+            if run.finished:
+                what = "done earlier"
+            elif run.updates_done:
+                what = (f"{run.updates_done:,} of {run.planned_updates:,} updates done, "
+                        f"{self.updates_left[run.run_dir]:,} left")
+            else:
+                what = f"{run.planned_updates:,} updates"
             lines.append(f"  {run.label:<40} {rows:>12}  {what}")
         return lines
 
@@ -118,21 +140,17 @@ class JobProgress:
         total = progress.get("total_updates") or run.planned_updates
         trained, training_s = done - updates_at_start, seconds - started_s
         with self._lock:
+            self.launched.add(run.run_dir)
             self.updates_left[run.run_dir] = max(0, total - done)
             if trained <= 0 or training_s <= 0:
                 return None
             self.live_seconds_per_update[run.spec.name] = training_s / trained
             self.startup_s[run.spec.name] = started_s
-            eta = self.eta(run.spec.name)
-            first_estimate = not self.estimated and training_s >= self.FIRST_ESTIMATE_AFTER_S
-            self.estimated = self.estimated or first_estimate
-        if first_estimate:
-            say(f"  estimate: {format_duration(eta)} for the whole job ({trained / training_s:.2f} updates/s on "
-                f"{run.spec.name} so far; other tasks' speed is measured when they run)")
-        return eta
+            return self.eta(run.spec.name)
 
     def finished(self, run: "PlannedRun", updates: int, seconds: float) -> None:
         with self._lock:
+            self.launched.add(run.run_dir)
             self.updates_left[run.run_dir] = 0
             if updates > 0 and seconds > 0:
                 self.seconds_per_update[run.spec.name] = seconds / updates
@@ -151,9 +169,28 @@ class JobProgress:
             if task in self.seconds_per_update:
                 return updates_left * self.seconds_per_update[task]
             if task in self.live_seconds_per_update:
-                not_begun = updates_left >= run.planned_updates
-                return updates_left * self.live_seconds_per_update[task] + (self.startup_s[task] if not_begun else 0.0)
+                startup = 0.0 if run.run_dir in self.launched else self.startup_s[task]
+                return updates_left * self.live_seconds_per_update[task] + startup
         raise KeyError(running_task)  # eta() checks that the running task is measured
+
+
+def saved_updates(run_dir: Path) -> int:
+    """The updates in the checkpoint_last.pt an interrupted run resumes from (0: none to resume)."""
+    record = run_dir / RECORD_NAME
+    if not (run_dir / "checkpoint_last.pt").is_file() or not record.is_file():
+        return 0
+    return int((read_run_record(record).get("progress") or {}).get("last_saved_updates") or 0)
+
+
+def finished_line(row: dict, early_stop: Optional[dict]) -> str:
+    """A finished run's line: its best dev score and epoch, updates, wall time, and why it ended."""
+    metric = row["primary_metric"]
+    value = row.get("dev", {}).get(metric)
+    epochs = len(row.get("curve") or {})
+    best = (f"{metric} {value:.4g} at epoch {row['best_epoch']} of {epochs}" if value is not None
+            else f"no {metric} on dev")
+    ended = f", stopped early by --patience {early_stop['patience']}" if early_stop else ""
+    return f"done: {best}, {row.get('updates', 0):,} updates, {format_duration(row['wall_time_s'])}{ended}"
 
 
 def say(line: str) -> None:
@@ -284,7 +321,7 @@ def run_training(command: List[str], run: "PlannedRun", job: JobProgress, stage:
             if progress and progress.get("updates") is not None:
                 if updates_at_start is None:
                     updates_at_start, started_s = int(progress["updates"]), time.monotonic() - start_time
-                    display.total = progress.get("total_updates") or run.planned_updates
+                display.total = progress.get("total_updates") or run.planned_updates  # an early stop ends it sooner
                 job_eta = job.observe(run, progress, time.monotonic() - start_time, updates_at_start, started_s)
                 display.update(int(progress["updates"]), rate=progress.get("updates_per_s"),
                                detail=_progress_detail(progress, job_eta))
@@ -389,8 +426,16 @@ class JobStage:
             self._changed.wait_for(lambda: not self._running)
 
     def describe(self) -> str:
+        """Which runs the stop interrupted, and where each continues (call it once they have stopped)."""
         runs = [run for run in self._started if run.run_dir in self._stopped or run.run_dir in self._running]
         if not runs:
             return "while preparing the job"
-        return "during " + ", ".join(f"{run.label} ({run.run_dir})" for run in runs)
+        return "during " + ", ".join(f"{run.label} ({run.run_dir}; {_continues(run)})" for run in runs)
+
+
+def _continues(run: "PlannedRun") -> str:
+    if (run.run_dir / "result.json").exists():
+        return "finished"
+    updates = saved_updates(run.run_dir)
+    return f"continues from update {updates:,}" if updates else "starts over: it saved no checkpoint yet"
 
