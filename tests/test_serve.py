@@ -113,7 +113,7 @@ def test_concurrent_requests_for_different_tasks_get_predict_s_answers(server, t
     ({"task": "ofa", "inputs": []}, 422, "inputs: empty"),
     ({"task": "ofa", "inputs": [["a", "b", "c"]]}, 422, "at most 2 items"),
     ({"task": "cola", "inputs": [["a premise", "a hypothesis"]]}, 422, "takes single sentences"),
-    ({"task": "ofa", "inputs": ["good"] * 51}, 422, "51 given, at most 50"),
+    ({"task": "ofa", "inputs": ["good"] * 51}, 413, "51 given, at most 50"),
     ({"task": "ofa"}, 422, "Field required"),
 ])
 def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, body, status, needle):

@@ -1,0 +1,4 @@
+"""python -m fairseq_ext.tools.serve"""
+from . import main
+
+main()
