@@ -25,25 +25,12 @@ from fairseq_ext.plugin.data import glue_prepare
 from fairseq_ext.plugin.data.glue_prepare import load_manifest, prepare_task, read_test_indices
 from fairseq_ext.tools import glue_data as glue_data_cli
 import tiny
+from synthetic_glue import synthetic_sentence, write_synthetic_task
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE = tiny.REAL_GLUE
 needs_real_glue = pytest.mark.skipif(not (GLUE / "CoLA").is_dir(),
                                      reason="no real GLUE files (FAIRSEQ_EXT_TEST_GLUE, default ../shared/glue)")
-
-WORDS = (
-    "the a an this that some every no man woman dog cat city story film movie question answer sentence "
-    "is was will can did has saw bought read wrote liked hated told asked know think believe "
-    "big small good bad old new happy sad quickly slowly very not and or but because if why how what "
-    "who where when to of in on at by with for from about john mary bill sue house car book "
-    "paraphrase duplicate entailment contradiction neutral".split()
-)
-
-
-def synthetic_sentence(rng, min_words=3, max_words=12):
-    words = rng.choice(WORDS, size=rng.integers(min_words, max_words + 1))
-    return " ".join(words).capitalize() + rng.choice([".", "?", "!", " ."])
-
 
 class WordPieceBPE:
     """A fairseq-BPE-like object: ``encode(text)`` returns space-joined subword tokens."""
@@ -69,7 +56,7 @@ def make_tiny_tokenizer(directory: Path) -> TinyTokenizer:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     rng = np.random.default_rng(0)
-    corpus = [synthetic_sentence(rng) for _ in range(400)]
+    corpus = [synthetic_sentence(rng, cue=i % 3) for i in range(400)]
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -116,76 +103,6 @@ def prepare(tiny, task, glue_dir, out, workers=1, **options):
 
 
 # ------------------------------------------------------------------ GLUE files in their exact formats
-
-
-def write_tsv(path: Path, header, rows, bom=False):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = (["\t".join(header)] if header else []) + ["\t".join(map(str, row)) for row in rows]
-    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + ("\n".join(lines) + "\n").encode())
-
-
-MNLI_TRAIN_HEADER = (
-    "index promptID pairID genre sentence1_binary_parse sentence2_binary_parse sentence1_parse "
-    "sentence2_parse sentence1 sentence2 label1 gold_label"
-).split()
-MNLI_DEV_HEADER = MNLI_TRAIN_HEADER[:-1] + "label2 label3 label4 label5 gold_label".split()
-MNLI_TEST_HEADER = MNLI_TRAIN_HEADER[:10]
-
-
-def write_synthetic_task(glue_dir: Path, task: str, rows_per_split=12, seed=0) -> dict:
-    """Write <glue_dir>/<task>/*.tsv as download_glue_data.py does; returns {file name: data rows}."""
-    rng = np.random.default_rng(seed)
-    spec = TASKS[task]
-    directory = glue_dir / task
-    written = {}
-
-    def pair():
-        return synthetic_sentence(rng), synthetic_sentence(rng)
-
-    def label():
-        return spec.labels[int(rng.integers(len(spec.labels)))]
-
-    n = rows_per_split
-    if task == "MRPC":  # msr_paraphrase based: train/dev keep the source file's BOM header
-        header = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
-        for name in ("train.tsv", "dev.tsv"):
-            rows = [(label(), 700000 + i, 800000 + i, *pair()) for i in range(n)]
-            write_tsv(directory / name, ["\ufeff" + header[0]] + header[1:], rows)
-            written[name] = n
-        write_tsv(directory / "test.tsv", ["index"] + header[1:], [(i, 1000 + i, 2000 + i, *pair()) for i in range(n)])
-        written["test.tsv"] = n
-    elif task == "QQP":  # question text with a newline splits a row in two: both lines are malformed
-        header = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
-        for name in ("train.tsv", "dev.tsv"):
-            rows = [(i, 2 * i + 1, 2 * i + 2, *pair(), label()) for i in range(n)]
-            if name == "train.tsv":
-                rows[5:5] = [(99, 199, 200, "Why is the sky blue?"), ("Because of the air?", 0)]
-            write_tsv(directory / name, header, rows)
-            written[name] = len(rows)
-        write_tsv(directory / "test.tsv", ["id", "question1", "question2"], [(i, *pair()) for i in range(n)])
-        written["test.tsv"] = n
-    elif task == "MNLI":
-        def parse(text):
-            return "( " + text + " )"
-
-        def mnli_row(i, labelled_columns):
-            s1, s2 = pair()
-            return (i, 31193 + i, f"{31193 + i}n", "government", parse(s1), parse(s2), parse(s1), parse(s2), s1, s2,
-                    *labelled_columns)
-
-        write_tsv(directory / "train.tsv", MNLI_TRAIN_HEADER, [mnli_row(i, [l, l]) for i in range(n) for l in [label()]])
-        for name in ("dev_matched.tsv", "dev_mismatched.tsv"):
-            write_tsv(directory / name, MNLI_DEV_HEADER, [mnli_row(i, [l] * 6) for i in range(n) for l in [label()]])
-        for name in ("test_matched.tsv", "test_mismatched.tsv"):
-            write_tsv(directory / name, MNLI_TEST_HEADER, [mnli_row(i, []) for i in range(n)])
-        written = {s.file_name: n for s in spec.splits}
-    else:  # QNLI, RTE, WNLI: index, two text columns, label
-        text_columns = list(spec.text_columns)
-        for name in ("train.tsv", "dev.tsv"):
-            write_tsv(directory / name, ["index"] + text_columns + ["label"], [(i, *pair(), label()) for i in range(n)])
-        write_tsv(directory / "test.tsv", ["index"] + text_columns, [(i, *pair()) for i in range(n)])
-        written = {s.file_name: n for s in spec.splits}
-    return written
 
 
 def load_split(out, key, split, dictionary_path):

@@ -13,8 +13,6 @@ from test_glue_run import SCRIPT, glue_script, small_glue_dir
 
 from fairseq_ext.experiments import glue_run
 
-needs_glue = pytest.mark.skipif(not tiny.REAL_GLUE.is_dir(),
-                                reason="no real GLUE files (FAIRSEQ_EXT_TEST_GLUE, default ../shared/glue)")
 
 # Three runs of two updates each: with PARALLEL=2 the third waits for a free slot.
 GRID = {"TASKS": "CoLA", "SEEDS": "1 2 3"}
@@ -45,7 +43,6 @@ def comparable(out):
     return rows, table, predictions
 
 
-@needs_glue
 def test_parallel_runs_give_the_sequential_results_bit_for_bit(small_glue, sequential, tmp_path):
     out = tmp_path / "parallel"
     result = glue_script(dict(GRID, GLUE_DIR=str(small_glue), OUTPUT_DIR=str(out), PARALLEL="2"), *GRID_ARGS)
@@ -60,7 +57,6 @@ def test_parallel_runs_give_the_sequential_results_bit_for_bit(small_glue, seque
                if " updates (" in line or "valid: loss" in line or "trainable params" in line)
 
 
-@needs_glue
 def test_submitit_local_jobs_give_the_sequential_results(small_glue, sequential, tmp_path):
     """Two of the grid's three runs, each a job of submitit's local executor: the same rows."""
     pytest.importorskip("submitit")
@@ -85,7 +81,6 @@ def _train_py_processes(out):
     return found
 
 
-@needs_glue
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_stop_reaches_every_run_at_once_and_prints_one_resume_line(small_glue, tmp_path):
     """SIGINT to the runner alone (not to its process group): each running train.py gets it, saves and ends;
@@ -162,7 +157,8 @@ def test_on_cpu_runs_at_once_share_the_cores_unless_omp_num_threads_is_set(monke
 
 def test_the_job_eta_shares_the_work_left_among_the_runs_at_once():
     spec = argparse.Namespace(name="CoLA")
-    runs = [argparse.Namespace(run_dir=f"r{i}", spec=spec, planned_updates=100, finished=False) for i in range(4)]
+    runs = [argparse.Namespace(run_dir=f"r{i}", spec=spec, planned_updates=100, finished=False,
+                                 updates_done=0) for i in range(4)]
     for concurrency in (1, 2, 8):
         job = glue_run.JobProgress(runs, 60.0, concurrency)
         eta = job.observe(runs[0], {"updates": 10, "total_updates": 100}, 10.0, 0)  # 1 s an update
@@ -171,9 +167,23 @@ def test_the_job_eta_shares_the_work_left_among_the_runs_at_once():
 
 def test_the_job_eta_counts_start_up_once_a_run_not_against_its_first_updates():
     spec = argparse.Namespace(name="CoLA")
-    runs = [argparse.Namespace(run_dir=f"r{i}", spec=spec, planned_updates=100, finished=False) for i in range(3)]
+    runs = [argparse.Namespace(run_dir=f"r{i}", spec=spec, planned_updates=100, finished=False,
+                                 updates_done=0) for i in range(3)]
     job = glue_run.JobProgress(runs, 60.0, 1)
     # 30 s of start-up, then 10 updates in 10 s: 1 s an update, and 30 s for each run not begun
     assert job.observe(runs[0], {"updates": 10, "total_updates": 100}, 40.0, 0, 30.0) == pytest.approx(90 + 2 * 130)
     job.finished(runs[0], 100, 300.0)  # a finished run's all-in time per update (3 s) is used from then on
     assert job.observe(runs[1], {"updates": 10, "total_updates": 100}, 40.0, 0, 30.0) == pytest.approx(3 * (90 + 100))
+
+
+def test_after_a_resume_the_plan_and_eta_count_only_what_is_left():
+    """A run stopped at update 60 of 100 plans 40 updates; its speed is this launch's own (from update 60 on),
+    and it is charged no start-up once launched, while a run not begun is."""
+    spec = argparse.Namespace(name="CoLA")
+    runs = [argparse.Namespace(run_dir=f"r{i}", spec=spec, planned_updates=100, finished=False, updates_done=done,
+                               label=f"CoLA run {i}", train_rows=800) for i, done in enumerate((60, 0))]
+    job = glue_run.JobProgress(runs, 60.0, 1)
+    assert job.plan_lines()[0].startswith("plan: 2 runs (0 done earlier), 140 updates to train")
+    assert "60 of 100 updates done, 40 left" in job.plan_lines()[1]
+    # 20 s of start-up, then updates 60 -> 70 in 10 s: 1 s an update; the run not begun adds its start-up.
+    assert job.observe(runs[0], {"updates": 70, "total_updates": 100}, 30.0, 60, 20.0) == pytest.approx(30 + 100 + 20)

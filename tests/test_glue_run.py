@@ -1,18 +1,22 @@
-"""run_scripts/glue_bitfit.sh end to end on the real GLUE files and the embedded MiniLM."""
+"""run_scripts/glue_bitfit.sh end to end on the embedded MiniLM: on GLUE folders the tests write
+(synthetic_glue: every clone runs these), and on the real GLUE files where they exist (an extra layer)."""
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 
 import pytest
 
 import tiny
-
-pytestmark = pytest.mark.skipif(not tiny.REAL_GLUE.is_dir(), reason="no real GLUE files (FAIRSEQ_EXT_TEST_GLUE, default ../shared/glue)")
+from synthetic_glue import make_glue_dir
 
 SCRIPT = tiny.REPO / "run_scripts" / "glue_bitfit.sh"
+needs_real_glue = pytest.mark.skipif(not tiny.REAL_GLUE.is_dir(),
+                                     reason="no real GLUE files (FAIRSEQ_EXT_TEST_GLUE, default ../shared/glue)")
+TRAIN_ROWS, ROWS = 400, 40  # a synthetic task's training rows, and its dev and test rows
 
 
 def glue_script(env, *args, check=True):
@@ -24,9 +28,15 @@ def glue_script(env, *args, check=True):
 
 
 @pytest.fixture(scope="module")
-def glue_output(tmp_path_factory):
+def glue(tmp_path_factory):
+    """CoLA, SST-2, STS-B, MRPC and RTE in GLUE's layout, written here."""
+    return make_glue_dir(tmp_path_factory.mktemp("glue"), rows_per_split=ROWS, train_rows=TRAIN_ROWS)
+
+
+@pytest.fixture(scope="module")
+def glue_output(glue, tmp_path_factory):
     out = tmp_path_factory.mktemp("glue_out")
-    env = {"GLUE_DIR": str(tiny.REAL_GLUE), "OUTPUT_DIR": str(out)}
+    env = {"GLUE_DIR": str(glue), "OUTPUT_DIR": str(out)}
     first = glue_script(dict(env, TASKS="CoLA STS-B"), "--max-update", "4")
     full = glue_script(dict(env, TASKS="CoLA", MODE="full"), "--max-update", "4")
     again = glue_script(dict(env, TASKS="CoLA"), "--max-update", "4")
@@ -41,10 +51,9 @@ def test_results_have_the_official_metrics_for_every_mode(glue_output):
     assert set(by_key["CoLA", "bitfit-ofa"]["dev"]) >= {"mcc", "accuracy"}
     assert set(by_key["STS-B", "bitfit-ofa"]["dev"]) >= {"pearson", "spearman"}
     # Every training row is accounted for.
-    assert by_key["CoLA", "bitfit-ofa"]["train_rows"] == 8551
-    assert by_key["STS-B", "bitfit-ofa"]["train_rows"] == 5749
+    assert by_key["CoLA", "bitfit-ofa"]["train_rows"] == by_key["STS-B", "bitfit-ofa"]["train_rows"] == TRAIN_ROWS
     manifest = json.loads((out / "data" / "CoLA" / "manifest.json").read_text())
-    assert manifest["splits"]["train"]["rows_read"] == manifest["splits"]["train"]["rows_written"] == 8551
+    assert manifest["splits"]["train"]["rows_read"] == manifest["splits"]["train"]["rows_written"] == TRAIN_ROWS
     bitfit, full = by_key["CoLA", "bitfit-ofa"], by_key["CoLA", "full"]
     assert bitfit["trainable"] < 0.01 * bitfit["total"] and full["trainable"] == full["total"]
     assert bitfit["updates"] == full["updates"] == 4
@@ -52,6 +61,8 @@ def test_results_have_the_official_metrics_for_every_mode(glue_output):
     # Live progress comes from each run's record: its parameter counts and dev metrics.
     assert "trainable params: 164,738 || all params: 22,862,594" in first.stdout
     assert "epoch 1 valid: loss " in first.stdout and " mcc " in first.stdout
+    assert "CoLA bitfit-ofa lr 0.001 seed 1: done: mcc " in first.stdout and ", 4 updates, " in first.stdout
+    assert first.stdout.strip().splitlines()[-1].endswith(f"{out / 'predictions'}")
 
 
 def test_markdown_table_compares_modes_and_plot_is_a_png(glue_output):
@@ -74,28 +85,46 @@ def test_markdown_table_compares_modes_and_plot_is_a_png(glue_output):
 def test_leaderboard_predictions_cover_the_test_set(glue_output):
     out, *_ = glue_output
     lines = (out / "predictions" / "bitfit-ofa" / "CoLA.tsv").read_text().splitlines()
-    assert lines[0] == "index\tprediction" and len(lines) == 1 + 1063
+    assert lines[0] == "index\tprediction" and len(lines) == 1 + ROWS
     assert {line.split("\t")[1] for line in lines[1:]} <= {"0", "1"}
     sts = (out / "predictions" / "bitfit-ofa" / "STS-B.tsv").read_text().splitlines()
-    assert len(sts) == 1 + 1379 and all(0.0 <= float(line.split("\t")[1]) <= 5.0 for line in sts[1:])
+    assert len(sts) == 1 + ROWS and all(0.0 <= float(line.split("\t")[1]) <= 5.0 for line in sts[1:])
 
 
 def test_finished_runs_are_not_repeated(glue_output):
     *_, again = glue_output
     assert "done earlier" in again.stdout and ": training (" not in again.stdout
+    assert "nothing left to train" in again.stdout
+
+
+@needs_real_glue
+def test_the_real_glue_files_end_to_end(tmp_path):
+    """The extra layer: the real CoLA and STS-B, every row accounted for, leaderboard files of the real test sets."""
+    out = tmp_path / "out"
+    glue_script({"GLUE_DIR": str(tiny.REAL_GLUE), "OUTPUT_DIR": str(out), "TASKS": "CoLA STS-B"}, "--max-update", "2")
+    runs = {r["task"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert runs["CoLA"]["train_rows"] == 8551 and runs["STS-B"]["train_rows"] == 5749
+    assert set(runs["CoLA"]["dev"]) >= {"mcc", "accuracy"} and set(runs["STS-B"]["dev"]) >= {"pearson", "spearman"}
+    manifest = json.loads((out / "data" / "CoLA" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["rows_read"] == manifest["splits"]["train"]["rows_written"] == 8551
+    assert len((out / "predictions" / "bitfit-ofa" / "CoLA.tsv").read_text().splitlines()) == 1 + 1063
+    assert len((out / "predictions" / "bitfit-ofa" / "STS-B.tsv").read_text().splitlines()) == 1 + 1379
 
 
 @pytest.mark.parametrize(
     "env, needle",
     [
-        ({"GLUE_DIR": "/nonexistent/glue_data"}, "no such directory"),
-        ({"GLUE_DIR": str(tiny.REAL_GLUE / "SOURCES.md")}, "is a file"),
-        ({"GLUE_DIR": str(tiny.REAL_GLUE), "TASKS": "CoLB"}, "CoLB"),
-        ({"GLUE_DIR": str(tiny.REAL_GLUE), "TASKS": "MRPC"}, "download_glue_data.py"),
+        ({"GLUE_DIR": "/nonexistent/glue_data"}, "GLUE_DIR /nonexistent/glue_data: no such directory"),
+        ({}, "GLUE_DIR is not set and its default, glue_data, is not a directory"),
+        ({"GLUE_DIR": "{glue}/CoLA/train.tsv"}, "is a file"),
+        ({"GLUE_DIR": "{glue}", "TASKS": "CoLB"}, "CoLB"),
+        ({"GLUE_DIR": "{glue}", "TASKS": "QNLI"}, "download_glue_data.py"),
+        ({"GLUE_DIR": "{glue}", "MODE": "full rand_gauss"}, "modes: full, head, bitfit (with BITFIT_TERMS"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(tmp_path, env, needle):
+def test_bad_input_is_one_line_and_exit_2(glue, tmp_path, env, needle):
     out = tmp_path / "out"
+    env = {name: value.format(glue=glue) for name, value in env.items()}
     result = glue_script(dict(env, OUTPUT_DIR=str(out)), check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
@@ -103,20 +132,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, env, needle):
     assert not out.exists()  # a failed start leaves no empty OUTPUT_DIR behind
 
 
-def test_an_output_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path):
+def test_an_output_dir_that_is_a_file_is_one_line_and_exit_2(glue, tmp_path):
     taken = tmp_path / "results"
     taken.write_text("not a folder")
-    result = glue_script({"GLUE_DIR": str(tiny.REAL_GLUE), "TASKS": "CoLA", "OUTPUT_DIR": str(taken)}, check=False)
+    result = glue_script({"GLUE_DIR": str(glue), "TASKS": "CoLA", "OUTPUT_DIR": str(taken)}, check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"OUTPUT_DIR {taken}: is a file" in lines[0], result.stderr
 
 
-def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes_mid_epoch(tmp_path):
+def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes_mid_epoch(glue, tmp_path):
     """SIGINT to the runner: train.py gets it, leaves whole checkpoints; the job ends with exit 130 and one
     line naming the run and the command that resumes it; that command finishes the run from its last save."""
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLUE_DIR=str(tiny.REAL_GLUE), TASKS="CoLA", OUTPUT_DIR=str(out),
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLUE_DIR=str(glue), TASKS="CoLA", OUTPUT_DIR=str(out),
                TRAIN_SUBSET="400", SAVE_MINUTES="0.01", PROGRESS_SECONDS="1")
     args = ["--batch-size", "8", "--max-update", "40"]  # 50 updates an epoch
     job = subprocess.Popen(["bash", str(SCRIPT), *args], env=env, cwd=tiny.REPO, stdout=subprocess.PIPE,
@@ -145,15 +174,16 @@ def read_last_launch(record):
 
 
 def small_glue_dir(root, rows=40, edit=None):
-    """CoLA and STS-B with the first ``rows`` lines of each real file; ``edit(task, split, lines)``
-    may spoil one of them (lines are bytes)."""
+    """CoLA and STS-B of ``rows`` rows a file, written as GLUE's; ``edit(task, split, lines)`` may spoil one of
+    them (lines are bytes, the header first where the file has one)."""
+    make_glue_dir(root, ("CoLA", "STS-B"), rows_per_split=rows)
     for task in ("CoLA", "STS-B"):
-        (root / task).mkdir(parents=True)
         for split in ("train", "dev", "test"):
-            lines = (tiny.REAL_GLUE / task / f"{split}.tsv").read_bytes().split(b"\n")[:rows]
+            path = root / task / f"{split}.tsv"
+            lines = path.read_bytes().rstrip(b"\n").split(b"\n")
             if edit:
                 edit(task, split, lines)
-            (root / task / f"{split}.tsv").write_bytes(b"\n".join(lines) + b"\n")
+            path.write_bytes(b"\n".join(lines) + b"\n")
     return root
 
 
@@ -164,7 +194,7 @@ def _bad_score(task, split, lines):
 
 def _latin1(task, split, lines):
     if (task, split) == ("STS-B", "train"):
-        lines[2] = lines[2].replace(b"A ", "\u00e9 ".encode("latin-1"), 1)
+        lines[2] = lines[2].replace(b"\t", "\t\u00e9 ".encode("latin-1"), 1)
 
 
 @pytest.mark.parametrize("edit, needle", [(_bad_score, "STS-B/train.tsv:5:"),
@@ -180,7 +210,7 @@ def test_a_bad_file_in_a_later_task_stops_before_any_training(tmp_path, edit, ne
 
 
 @pytest.mark.parametrize("env, args, needle", [
-    ({"TRAIN_SUBSETS": "200 9000"}, [], "TRAIN_SUBSETS 9000: CoLA has 8,551 training rows"),
+    ({"TRAIN_SUBSETS": "200 9000"}, [], f"TRAIN_SUBSETS 9000: CoLA has {TRAIN_ROWS} training rows"),
     ({"TRAIN_SUBSETS": "200 many"}, [], "TRAIN_SUBSETS '200 many'"),
     ({"MODE": "full rand_gauss"}, [], "MODE rand_gauss"),
     ({"BITFIT_TERMS": "foo"}, [], "BITFIT_TERMS foo: unknown term 'foo'"),
@@ -191,9 +221,9 @@ def test_a_bad_file_in_a_later_task_stops_before_any_training(tmp_path, edit, ne
     ({}, ["--max-update", "abc"], "--max-update 'abc'"),
     ({}, ["--update-freq", "0"], "--update-freq '0'"),
 ])
-def test_bad_settings_are_one_line_before_anything_is_written(tmp_path, env, args, needle):
+def test_bad_settings_are_one_line_before_anything_is_written(glue, tmp_path, env, args, needle):
     out = tmp_path / "out"
-    result = glue_script(dict(env, GLUE_DIR=str(tiny.REAL_GLUE), TASKS="CoLA", OUTPUT_DIR=str(out)), *args,
+    result = glue_script(dict(env, GLUE_DIR=str(glue), TASKS="CoLA", OUTPUT_DIR=str(out)), *args,
                          check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
@@ -214,18 +244,18 @@ def test_schedule_follows_the_batch_size_update_freq_epochs_and_workers_train_py
     assert schedule_updates(["--batch-size", "8", "--max-update", "7"], 32, 2, rows, 1) == 7
 
 
-SUBSET_ENV = {"GLUE_DIR": str(tiny.REAL_GLUE), "TASKS": "CoLA", "TRAIN_SUBSET": "48", "EPOCHS": "1"}
+SUBSET_ENV = {"TASKS": "CoLA", "TRAIN_SUBSET": "48", "EPOCHS": "1"}
 SUBSET_ARGS = ("--batch-size", "8", "--log-interval", "1")
 
 
 @pytest.fixture(scope="module")
-def cola_subset_run(tmp_path_factory):
+def cola_subset_run(glue, tmp_path_factory):
     """One epoch of 48 CoLA rows at batch 8 given after the script: 6 updates."""
     out = tmp_path_factory.mktemp("cola_subset")
     run_dir = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1"
     run_dir.mkdir(parents=True)
     (run_dir / "elapsed.json").write_text('{"seconds": 1000.0}')  # as an interrupted first launch leaves it
-    glue_script(dict(SUBSET_ENV, OUTPUT_DIR=str(out)), *SUBSET_ARGS)
+    glue_script(dict(SUBSET_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(out)), *SUBSET_ARGS)
     return out
 
 
@@ -243,8 +273,8 @@ def test_learning_rate_decays_over_the_updates_actually_run(cola_subset_run):
     assert len(lrs) == 6 and all(lr > 0 for lr in lrs[:-1])
 
 
-def test_a_run_folder_is_reused_only_with_the_same_settings(cola_subset_run):
-    env = dict(SUBSET_ENV, OUTPUT_DIR=str(cola_subset_run))
+def test_a_run_folder_is_reused_only_with_the_same_settings(glue, cola_subset_run):
+    env = dict(SUBSET_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(cola_subset_run))
     for changed_env, args, needle in (({"TRAIN_SUBSET": "40"}, SUBSET_ARGS, "the training data"),
                                       ({}, ("--batch-size", "4", "--log-interval", "1"), "--batch-size 8 -> 4")):
         result = glue_script(dict(env, **changed_env), *args, check=False)
@@ -254,14 +284,14 @@ def test_a_run_folder_is_reused_only_with_the_same_settings(cola_subset_run):
     assert "done earlier" in glue_script(env, *SUBSET_ARGS).stdout
 
 
-def test_a_run_whose_folder_was_deleted_is_done_by_its_row_in_results_json(cola_subset_run, tmp_path):
+def test_a_run_whose_folder_was_deleted_is_done_by_its_row_in_results_json(glue, cola_subset_run, tmp_path):
     """results.json keeps the settings each run was trained with: with the run folders deleted (their
     checkpoints are what takes the disk) the same command trains nothing and writes the same results,
     and a row trained with other settings is refused in one line."""
     out = tmp_path / "out"
     shutil.copytree(cola_subset_run / "data", out / "data")
     shutil.copy(cola_subset_run / "results.json", out / "results.json")
-    env = dict(SUBSET_ENV, OUTPUT_DIR=str(out))
+    env = dict(SUBSET_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(out))
     again = glue_script(env, *SUBSET_ARGS)
     assert "done earlier (its row in results.json)" in again.stdout and ": training (" not in again.stdout
     assert not (out / "runs").exists()
@@ -279,25 +309,25 @@ def test_a_run_whose_folder_was_deleted_is_done_by_its_row_in_results_json(cola_
     assert len(errors) == 1 and "results.json holds a row" in errors[0] and "--batch-size 16 -> 8" in errors[0]
 
 
-def test_delta_only_runs_still_write_the_leaderboard_files(cola_subset_run, tmp_path):
+def test_delta_only_runs_still_write_the_leaderboard_files(glue, cola_subset_run, tmp_path):
     """With --bitfit-delta-only there is no checkpoint_best.pt: the best delta merged into the
     base predicts exactly what the full best checkpoint of the same run predicts."""
     out = tmp_path / "delta"
-    glue_script(dict(SUBSET_ENV, OUTPUT_DIR=str(out)), *SUBSET_ARGS, "--bitfit-delta-only")
+    glue_script(dict(SUBSET_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(out)), *SUBSET_ARGS, "--bitfit-delta-only")
     run = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1"
     assert not (run / "checkpoint_best.pt").exists() and (run / "checkpoint_best.delta.safetensors").exists()
     assert [p for p in run.iterdir() if p.is_dir()] == []  # the merged model was temporary
     predictions = [(folder / "predictions" / "bitfit-ofa" / "CoLA.tsv").read_text()
                    for folder in (cola_subset_run, out)]
-    assert predictions[0] == predictions[1] and len(predictions[0].splitlines()) == 1 + 1063
+    assert predictions[0] == predictions[1] and len(predictions[0].splitlines()) == 1 + ROWS
 
 
-def test_bad_input_under_torchrun_is_still_one_line_and_exit_2(tmp_path):
+def test_bad_input_under_torchrun_is_still_one_line_and_exit_2(glue, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     # A selection only train.py can judge (it trains nothing once the heads are frozen), in each worker.
-    result = glue_script({"GLUE_DIR": str(tiny.REAL_GLUE), "TASKS": "CoLA", "TRAIN_SUBSET": "16", "NPROC": "2",
+    result = glue_script({"GLUE_DIR": str(glue), "TASKS": "CoLA", "TRAIN_SUBSET": "16", "NPROC": "2",
                           "MASTER_PORT": port, "OUTPUT_DIR": str(tmp_path / "out")},
                          "--max-update", "1", "--bitfit-terms", "none", "--bitfit-freeze-heads", check=False)
     assert result.returncode == 2, result.stdout + result.stderr
@@ -305,10 +335,10 @@ def test_bad_input_under_torchrun_is_still_one_line_and_exit_2(tmp_path):
     assert len(errors) == 1 and "train.py" in errors[0] and "trains no parameter" in errors[0], result.stderr
 
 
-def test_size_curves_and_controls_in_one_job(tmp_path):
+def test_size_curves_and_controls_in_one_job(glue, tmp_path):
     """TRAIN_SUBSETS trains every mode at every size; a random-subset control is a mode like the others."""
     out = tmp_path / "out"
-    result = glue_script({"GLUE_DIR": str(tiny.REAL_GLUE), "TASKS": "CoLA", "OUTPUT_DIR": str(out),
+    result = glue_script({"GLUE_DIR": str(glue), "TASKS": "CoLA", "OUTPUT_DIR": str(out),
                           "MODE": "bitfit-all rand_uniform", "TRAIN_SUBSETS": "16 24"},
                          "--batch-size", "8", "--max-update", "2")
     runs = json.loads((out / "results.json").read_text())["runs"]
@@ -322,3 +352,76 @@ def test_size_curves_and_controls_in_one_job(tmp_path):
     assert "## Training-size curves" in table and "| CoLA | rand_uniform |" in table and "24 rows" in table
     assert (out / "size_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "CoLA 16 rows rand_uniform lr 0.001 seed 1: training" in result.stdout
+
+
+# Early stopping that decides a run: maximizing the dev loss, every validation after the first fails to
+# improve while training lowers it, so --patience 2 ends each run after epoch 3 of 6.
+PATIENCE_ENV = {"TASKS": "CoLA", "TRAIN_SUBSET": "96", "EPOCHS": "6", "SAVE_MINUTES": "0.01", "PROGRESS_SECONDS": "1"}
+PATIENCE_ARGS = ("--batch-size", "16", "--patience", "2", "--best-checkpoint-metric", "loss",
+                 "--maximize-best-checkpoint-metric")
+
+
+def comparable_rows(out):
+    """results.json's rows without wall-clock times, paths relative to the job's folder."""
+    rows = json.loads((out / "results.json").read_text().replace(str(out), "OUTPUT_DIR"))["runs"]
+    return [{key: value for key, value in row.items() if key != "wall_time_s"} for row in rows]
+
+
+def test_a_job_stopped_after_a_validation_that_did_not_improve_resumes_to_the_same_results(glue, tmp_path):
+    """Ctrl-C once epoch 2's validation (no better than epoch 1's) is in the run record and saved, then the same
+    command: the run stops early after epoch 3 as an uninterrupted job's does, and results.json and
+    results.md say the same (wall times aside). The console shows the early stop, each finished run's
+    line, where the stopped run continues and, on resuming, the plan's partly trained run."""
+    straight = tmp_path / "straight"
+    uninterrupted = glue_script(dict(PATIENCE_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(straight)), *PATIENCE_ARGS)
+    assert "early stop after epoch 3 (18 updates): loss has not improved" in uninterrupted.stdout
+    assert "stopped early by --patience 2" in uninterrupted.stdout
+
+    out = tmp_path / "stopped"
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLUE_DIR=str(glue), OUTPUT_DIR=str(out), **PATIENCE_ENV)
+    job = subprocess.Popen(["bash", str(SCRIPT), *PATIENCE_ARGS], env=env, cwd=tiny.REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    record = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1" / "run_record.json"
+
+    def epoch_2_validated_and_saved():
+        stats = json.loads(record.read_text())["stats"] if record.exists() else []
+        validated = any(entry["tag"] == "valid" and entry["epoch"] == 2 for entry in stats)
+        return validated and (tiny.last_saved_updates(record) or 0) >= 12
+
+    _, stderr = tiny.interrupt_when(job, epoch_2_validated_and_saved)
+    stop = stderr.strip().splitlines()[-1]
+    assert "continues from update " in stop, stderr
+    resumed_at = int(re.search(r"continues from update (\d+)", stop).group(1))
+    assert 12 <= resumed_at < 18  # epoch 2's end or a timed save after it, before the early stop
+
+    again = glue_script(dict(PATIENCE_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(out)), *PATIENCE_ARGS)
+    assert f"{resumed_at} of 36 updates done, {36 - resumed_at} left" in again.stdout
+    assert f"resuming the interrupted run at update {resumed_at}" in again.stdout
+    assert "early stop after epoch 3 (18 updates)" in again.stdout
+    assert comparable_rows(out) == comparable_rows(straight)
+    tables = [(folder / "results.md").read_text().split("## Every run")[0] for folder in (straight, out)]
+    assert tables[0] == tables[1]
+
+
+def test_line_endings_are_not_a_change_of_data_but_an_edited_row_is(glue, tmp_path):
+    """The same rows with CRLF line ends and a byte-order mark: the finished run is done, the prepared data
+    is kept. A row edited: the job stops with the 'trained with other settings' line."""
+    copy = tmp_path / "glue"
+    shutil.copytree(glue / "CoLA", copy / "CoLA")
+    out = tmp_path / "out"
+    env = {"GLUE_DIR": str(copy), "OUTPUT_DIR": str(out), "TASKS": "CoLA", "TRAIN_SUBSET": "16"}
+    glue_script(env, "--batch-size", "8", "--max-update", "1")
+    manifest = (out / "data" / "CoLA" / "manifest.json").read_text()
+    for split in ("train", "dev", "test"):
+        path = copy / "CoLA" / f"{split}.tsv"
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    again = glue_script(env, "--batch-size", "8", "--max-update", "1")
+    assert "done earlier" in again.stdout and ": training (" not in again.stdout
+    assert (out / "data" / "CoLA" / "manifest.json").read_text() == manifest  # not prepared again
+
+    train = copy / "CoLA" / "train.tsv"
+    train.write_bytes(train.read_bytes().replace(b"\t1\t\t", b"\t0\t*\t", 1))  # one row's label
+    changed = glue_script(env, "--batch-size", "8", "--max-update", "1", check=False)
+    assert changed.returncode == 2, changed.stdout + changed.stderr
+    errors = [line for line in changed.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "trained with other settings: the training data" in errors[0], changed.stderr
