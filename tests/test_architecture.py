@@ -171,3 +171,20 @@ def test_torch_threads_sleep_when_idle_unless_the_user_says_otherwise():
         pytest.skip("torch here does not run on GNU OpenMP (libgomp)")
     assert by_default == {"0"}
     assert "0" not in spin_counts(OMP_WAIT_POLICY="ACTIVE")
+
+
+def test_docs_architecture_lists_every_module():
+    """docs/architecture.md's module table names every module of the package that defines something
+    (``__main__`` entry points and ``__init__`` files that only import are left out), and no other."""
+    listed = set(re.findall(r"^\| `([a-z0-9_/]+\.py)` \|", (tiny.REPO / "docs" / "architecture.md").read_text(), re.M))
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        defines = any(isinstance(node, (ast.FunctionDef, ast.ClassDef)) for node in tree.body)
+        if path.name == "__main__.py" or (path.name == "__init__.py" and not defines):
+            continue
+        if path.relative_to(PACKAGE).as_posix() not in listed:
+            missing.append(path.relative_to(PACKAGE).as_posix())
+    assert not missing, f"docs/architecture.md lacks a line for: {', '.join(missing)}"
+    gone = sorted(name for name in listed if not (PACKAGE / name).exists())
+    assert not gone, f"docs/architecture.md lists modules that do not exist: {', '.join(gone)}"

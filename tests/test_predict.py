@@ -353,21 +353,13 @@ def test_minilm_rejects_wrong_columns_and_foreign_deltas(minilm_cola, tiny_runs,
     assert not out.exists()
 
 
-def regression_not_glue(delta):
-    """``tiny.as_regression`` of a GLUE delta, no longer claiming its GLUE task: a CoLA delta with a
-    regression head is refused as inconsistent when it loads."""
-    regression = tiny.as_regression(delta)
-    return dataclasses.replace(regression, task={**regression.task,
-                                                 "cfg": {**regression.task_cfg, "glue_task": None}})
-
-
 def test_minilm_mixed_task_batches_equal_one_task_batches(minilm_cola):
     """Three MiniLM tasks in one stream: OFA's biases, every bias, and a regression head."""
     model, root = minilm_cola
     predictor = MultiTaskPredictor(model.path, batch_size=16)
     predictor.add_task("cola", root / "run" / BEST_DELTA)
     predictor.add_task("cola_all", root / "run_all" / BEST_DELTA)
-    predictor.add_task("score", regression_not_glue(deltas.read_delta(root / "run" / BEST_DELTA)))
+    predictor.add_task("score", tiny.as_regression(deltas.read_delta(root / "run" / BEST_DELTA)))
     sentences = [line.split("\t")[1] for line in (root / "glue" / "CoLA" / "test.tsv").read_text().splitlines()[1:]]
     items = [(predictor.tasks[index % 3], sentence) for index, sentence in enumerate(sentences)]
     assert_mixed_equals_one_task_batches(predictor, items)

@@ -48,8 +48,8 @@ def as_regression(delta):
     for name in out_proj:
         bias = name[:-len("weight")] + "bias"
         tensors[name], tensors[bias] = delta.tensors[name][:1].clone(), delta.tensors[bias][:1].clone()
-    task = {**delta.task, "cfg": {**delta.task_cfg, "num_classes": 1, "regression_target": True},
-            "label_symbols": None}
+    task = {**delta.task, "cfg": {**delta.task_cfg, "num_classes": 1, "regression_target": True, "glue_task": None},
+            "label_symbols": None}  # no longer a GLUE classification task's delta
     return dataclasses.replace(delta, tensors=tensors, task=task, path=f"{delta.path}#regression")
 
 
