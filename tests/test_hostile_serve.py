@@ -8,17 +8,13 @@ cause one any more.
 import asyncio
 import http.client
 import json
-import os
 import socket
-import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-import tiny
-from test_serve import BEST_DELTA, free_port, request, serve_command
+from test_serve import BEST_DELTA, free_port, request, running_server, serve_command
 
 pytest.importorskip("fastapi")
 from fairseq_ext.plugin.predictor import MultiTaskPredictor  # noqa: E402
@@ -59,28 +55,11 @@ def server(tiny_runs, tiny_pretrained, tiny_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hostile_serve")
     task_deltas = {"ofa": tiny_runs / "ofa" / BEST_DELTA, "all": tiny_runs / "all" / BEST_DELTA}
     command = serve_command(tiny_pretrained, dictionary, task_deltas, port) + ["--header-timeout-s", "1"]
-    with open(folder / "server.log", "w") as log:
-        process = subprocess.Popen(command, cwd=tiny.REPO, stdout=subprocess.DEVNULL, stderr=log,
-                                   env=dict(os.environ, PYTHONPATH=str(tiny.REPO), OMP_NUM_THREADS="1"))
-    try:
-        for _ in range(240):
-            if process.poll() is not None:
-                raise AssertionError(f"the server exited {process.returncode}: "
-                                     f"{(folder / 'server.log').read_text()[-3000:]}")
-            try:
-                if request(port, "/health")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("the server did not answer /health within 2 minutes")
+    with running_server(command, port, folder / "server.log"):
         predictor = MultiTaskPredictor(tiny_pretrained, dictionary=dictionary)
         for name, path in task_deltas.items():
             predictor.add_task(name, path)
         yield port, predictor, folder / "server.log"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def good_answer_is_right(predictor, task, inputs, answer):

@@ -1,4 +1,5 @@
 """The HTTP server (python -m fairseq_ext.tools.serve) on localhost, driven by a real HTTP client."""
+import contextlib
 import dataclasses
 import json
 import os
@@ -47,6 +48,29 @@ def serve_command(base, dictionary, deltas_by_task, port):
             "--port", str(port), "--max-batch", "8", "--wait-ms", "20", "--max-inputs", "50"]
 
 
+@contextlib.contextmanager
+def running_server(command, port, log_path):
+    """The server started with ``command`` on ``port``, once /health answers; stopped after the block."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=tiny.REPO, stdout=subprocess.DEVNULL, stderr=log,
+                                   env=dict(os.environ, PYTHONPATH=str(tiny.REPO), OMP_NUM_THREADS="1"))
+    try:
+        for _ in range(240):
+            if process.poll() is not None:
+                raise AssertionError(f"the server exited {process.returncode}: {log_path.read_text()[-3000:]}")
+            try:
+                if request(port, "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the server did not answer /health within 2 minutes")
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_runs, tiny_pretrained, tiny_data, tmp_path_factory):
     port = free_port()
@@ -57,29 +81,11 @@ def server(tiny_runs, tiny_pretrained, tiny_data, tmp_path_factory):
     dataclasses.replace(ofa, task={**ofa.task, "cfg": {**ofa.task_cfg, "glue_task": "CoLA"}}).save(folder / "cola.delta")
     task_deltas = {"ofa": tiny_runs / "ofa" / BEST_DELTA, "all": tiny_runs / "all" / BEST_DELTA,
                    "cola": folder / "cola.delta"}
-    with open(folder / "server.log", "w") as log:
-        process = subprocess.Popen(serve_command(tiny_pretrained, dictionary, task_deltas, port), cwd=tiny.REPO,
-                                   env=dict(os.environ, PYTHONPATH=str(tiny.REPO), OMP_NUM_THREADS="1"),
-                                   stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        for _ in range(240):
-            if process.poll() is not None:
-                raise AssertionError(f"the server exited {process.returncode}: "
-                                     f"{(folder / 'server.log').read_text()[-3000:]}")
-            try:
-                if request(port, "/health")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("the server did not answer /health within 2 minutes")
+    with running_server(serve_command(tiny_pretrained, dictionary, task_deltas, port), port, folder / "server.log"):
         predictor = MultiTaskPredictor(tiny_pretrained, dictionary=dictionary)
         for name, path in task_deltas.items():
             predictor.add_task(name, path)
         yield port, predictor
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_health_lists_the_tasks(server):
