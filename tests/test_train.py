@@ -1,6 +1,8 @@
 """train.py end to end: the RoBERTa GLUE recipe with --bitfit, resume, and parity with fairseq-train."""
 import json
+import os
 import re
+import shutil
 import signal
 import time
 
@@ -251,6 +253,41 @@ def test_broken_checkpoints_and_changed_optimizer_are_one_line_errors(tiny_data,
     last.write_bytes(last.read_bytes()[:5000])
     one_line_error(tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, run, updates=4, extra=["--bitfit"]),
                             check=False), f"resuming from {last}: not a whole PyTorch checkpoint")
+
+
+class RunsCode:
+    """Unpickling this runs a command: what a hostile checkpoint carries."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_the_safe_loader_refuses_is_one_line_and_nothing_is_written(tiny_data, tiny_pretrained, tmp_path):
+    """A checkpoint holding code to run, as --restore-file or as the save dir's checkpoint_last.pt: train.py
+    names it in one line with exit 2, never runs it, and writes nothing into --save-dir."""
+    marker, hostile = tmp_path / "it-ran", tmp_path / "hostile.pt"
+    state = load(tiny_pretrained)
+    state["extra_state"]["payload"] = RunsCode(marker)
+    torch.save(state, hostile)
+
+    fresh = tmp_path / "fresh"
+    result = tiny.run(tiny.glue_recipe(tiny_data, hostile, fresh, updates=2, extra=["--bitfit"]), check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"train.py: error: --restore-file {hostile}: holds Python objects outside the allow-list of fairseq "
+        "checkpoint types, which could run code when unpickled; train.py does not load it"], result.stderr[-2000:]
+    assert not fresh.exists()
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(hostile, resumed / "checkpoint_last.pt")
+    result = tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, resumed, updates=2, extra=["--bitfit"]), check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert f"resuming from {resumed / 'checkpoint_last.pt'}: holds Python objects" in result.stderr
+    assert [path.name for path in resumed.iterdir()] == ["checkpoint_last.pt"]
+    assert not marker.exists()
 
 
 def test_patience_survives_a_stop_after_a_validation_that_did_not_improve(tiny_data, tiny_pretrained, tmp_path):

@@ -44,6 +44,20 @@ def check_checkpoint_container(path: str, what: str) -> None:
     raise UserError(f"{what} {path}: not a whole PyTorch checkpoint (truncated or corrupt?)")
 
 
+def check_loads_safely(path: str, what: str) -> None:
+    """Refuse, in one line, a checkpoint torch's safe loader would stop on: not a whole PyTorch file, or
+    holding Python objects outside the allow-list (which could run code when unpickled).  Its tensors are
+    memory-mapped, not read, so checking even a large file costs little."""
+    check_checkpoint_container(path, what)
+    try:
+        _load_mapped(path)
+    except pickle.UnpicklingError:
+        raise UserError(f"{what} {path}: holds Python objects outside the allow-list of fairseq checkpoint "
+                        "types, which could run code when unpickled; train.py does not load it") from None
+    except (RuntimeError, OSError, EOFError) as error:
+        raise UserError(f"{what} {path}: cannot read the checkpoint (truncated or corrupt?): {one_line(error)}") from None
+
+
 def add_trust_checkpoint_argument(parser, flag: str = "--base") -> None:
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help=f"unpickle {flag} without torch's weights_only safety (only for files you trust)")
@@ -70,13 +84,18 @@ def load_checkpoint_file(path, trust_checkpoint: bool = False, flag: str = "--ba
     return state
 
 
+def _load_mapped(path):
+    """torch.load with the safe loader, tensors memory-mapped (not read until used); its errors as they are."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # files from torch < 1.6 cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _mapped_checkpoint(path):
     """A checkpoint's contents with its tensors memory-mapped (not read until used)."""
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # files from torch < 1.6 cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return _load_mapped(path)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as error:
         raise UserError(f"{path}: cannot read the checkpoint: {one_line(error)}") from None
 

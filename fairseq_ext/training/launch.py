@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ..core.errors import UserError
-from ..plugin.checkpoints import check_checkpoint_container
+from ..plugin.checkpoints import check_loads_safely
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def resolve_restore_file(args) -> Optional[str]:
     if args.restore_file == DEFAULT_RESTORE_FILE:
         if not os.path.isfile(last):
             return None
-        check_checkpoint_container(last, "resuming from")
+        check_loads_safely(last, "resuming from")
         return last
     if os.path.isfile(last) and os.path.abspath(last) != os.path.abspath(args.restore_file):
         logger.info(f"resuming the interrupted run from {last}; --restore-file {args.restore_file} "
@@ -102,9 +102,9 @@ def resolve_restore_file(args) -> Optional[str]:
         args.restore_file = DEFAULT_RESTORE_FILE
         args.reset_optimizer = args.reset_lr_scheduler = False
         args.reset_meters = args.reset_dataloader = False
-        check_checkpoint_container(last, "resuming from")
+        check_loads_safely(last, "resuming from")
         return last
     if not os.path.isfile(args.restore_file):
         raise UserError(f"--restore-file {args.restore_file}: no such file")
-    check_checkpoint_container(args.restore_file, "--restore-file")
+    check_loads_safely(args.restore_file, "--restore-file")
     return last if os.path.abspath(last) == os.path.abspath(args.restore_file) else None
