@@ -55,8 +55,8 @@ with quiet_fairseq_import():
     from fairseq.logging import progress_bar
     from fairseq.models import BaseFairseqModel, FairseqEncoder
 
-from ..core import interrupts
-from .checkpoints import FAIRSEQ_CHECKPOINT_TYPES
+from ...core import interrupts
+from ..checkpoints import FAIRSEQ_CHECKPOINT_TYPES
 
 CHECKED_AGAINST = "ve-fairseq 0.12.3"
 
