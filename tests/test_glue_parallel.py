@@ -12,6 +12,7 @@ import tiny
 from test_glue_run import SCRIPT, glue_script, small_glue_dir
 
 from fairseq_ext.experiments import glue_run
+from fairseq_ext.experiments.glue_run import settings
 
 
 # Three runs of two updates each: with PARALLEL=2 the third waits for a free slot.
@@ -102,7 +103,7 @@ def test_a_stop_reaches_every_run_at_once_and_prints_one_resume_line(small_glue,
 
 
 def parsed(*argv):
-    return glue_run.build_parser().parse_args(list(argv))
+    return settings.parse(list(argv), glue_run.PROG)
 
 
 @pytest.mark.parametrize("argv, needle", [

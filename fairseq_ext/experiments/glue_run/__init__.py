@@ -20,7 +20,6 @@ the settings it was trained with) matches.
 This module plans and drives the job; ``runs`` launches one train.py run and shows
 its progress; ``results`` turns the runs' rows into results.json, results.md, results.tex and plots.
 """
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -30,7 +29,6 @@ import json
 import logging
 import os
 import queue
-import shlex
 import signal
 import sys
 import tempfile
@@ -56,6 +54,7 @@ from ...plugin.predictor import predict_prepared_split
 from ...training.glue_recipe import (Recipe, check_passthrough, default_recipe, schedule_updates, train_command,
                                     without_bookkeeping)
 from ...training.options import BITFIT_PREFIX, TRAIN_COMMAND, TRAIN_MODULE, mode_flags, mode_label
+from . import settings
 from .results import Ledger, collect_predictions, write_bias_change_of_best_runs, write_results
 from .runs import (JobProgress, JobStage, LocalTraining, StartTraining, SubmititTraining, finished_line, saved_updates,
                    say, train_timed)
@@ -63,7 +62,6 @@ from .runs import (JobProgress, JobStage, LocalTraining, StartTraining, Submitit
 logger = logging.getLogger("fairseq_ext.experiments.glue_run")  # also when run as __main__
 
 
-DEFAULT_SAVE_MINUTES = 5.0
 DEFAULT_GLUE_DIR = "glue_data"
 PROG = "glue_bitfit"  # run_scripts/glue_bitfit.sh: what its one-line errors and its stop line are headed with
 
@@ -306,86 +304,12 @@ def predict_test_sets(spec, prepared: Path, run_dir: Path, base_checkpoint: str,
     return written
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Fine-tune on GLUE with BitFit, full fine-tuning or head-only.")
-    parser.add_argument("--glue-dir", default="", help=f"GLUE's glue_data folder (default: ./{DEFAULT_GLUE_DIR})")
-    parser.add_argument("--tasks", default="", help="space-separated tasks (default: every task present)")
-    parser.add_argument("--mode", default="bitfit",
-                        help="space-separated run modes: full, head, bitfit (with --bitfit-terms) or "
-                             "bitfit-<terms>, e.g. 'full bitfit-all head'")
-    parser.add_argument("--bitfit-terms", default="ofa", help="--bitfit-terms of train.py for the mode 'bitfit'")
-    parser.add_argument("--model", default="", help="model folder (default: the embedded all-MiniLM-L6-v2)")
-    parser.add_argument("--output-dir", default="outputs/glue")
-    parser.add_argument("--seeds", default="1")
-    parser.add_argument("--lrs", default="", help="space-separated learning rates: each is trained, the best on dev reported")
-    parser.add_argument("--epochs", type=int, default=None, help="max epochs (default: by mode, model and task size)")
-    parser.add_argument("--max-seq-len", type=int, default=128)
-    parser.add_argument("--train-subset", type=int, default=None, help="train on a seeded random sample of N training rows")
-    parser.add_argument("--train-subsets", default="",
-                        help="space-separated training sizes: train every mode at every size (a seeded sample of "
-                             "N rows each) and plot size_curves.png")
-    parser.add_argument("--nproc", type=int, default=1, help="processes per node (torchrun when > 1)")
-    parser.add_argument("--nnodes", type=int, default=1)
-    parser.add_argument("--node-rank", type=int, default=0)
-    parser.add_argument("--master-addr", default="127.0.0.1")
-    parser.add_argument("--master-port", type=int, default=29500)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-    parser.add_argument("--save-minutes", type=float, default=DEFAULT_SAVE_MINUTES,
-                        help="train.py --save-interval-minutes: checkpoint_last.pt at least this often (0: epoch ends only)")
-    parser.add_argument("--progress-interval", type=float, default=DEFAULT_INTERVAL_S,
-                        help="seconds between progress lines when the output is not a terminal")
-    parser.add_argument("--parallel", default="1",
-                        help="runs trained at once on this machine (joblib threads, one train.py each; "
-                             "one GPU each where there are GPUs, else a share of the cores)")
-    parser.add_argument("--launcher", default="local",
-                        help="local: on this machine; submitit: each run a SLURM job; submitit_local: "
-                             "submitit's local executor (the SLURM path without SLURM)")
-    parser.add_argument("--slurm-partition", default="", help="with --launcher submitit (default: the cluster's)")
-    parser.add_argument("--slurm-time-min", default="720", help="a run's SLURM time limit in minutes")
-    parser.add_argument("--slurm-gpus-per-run", default="1")
-    parser.add_argument("--slurm-cpus-per-run", default="8")
-    parser.add_argument("--slurm-mem-gb", default="32")
-    return parser
-
-
-def _numbers(text: str, kind, flag: str) -> list:
-    try:
-        return [kind(v) for v in text.split()]
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected space-separated numbers") from None
-
-
-def _integer(text: str, name: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        expected = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
-        raise UserError(f"{name} {text!r}: expected {expected}")
-    return value
-
-
 def _check_settings(args, passthrough: List[str]) -> None:
-    """Numbers the run script's users set, checked before anything runs."""
-    args.parallel = _integer(args.parallel, "PARALLEL", 1)
-    if args.launcher not in LAUNCHERS:
-        raise UserError(f"LAUNCHER {args.launcher!r}: expected local, submitit or submitit_local")
-    for name, minimum in (("slurm_time_min", 1), ("slurm_gpus_per_run", 0), ("slurm_cpus_per_run", 1),
-                          ("slurm_mem_gb", 1)):
-        setattr(args, name, _integer(getattr(args, name), name.upper(), minimum))
+    """What no single setting's own check can tell, checked before anything runs."""
     if (args.parallel > 1 or args.launcher != "local") and (args.nproc > 1 or args.nnodes > 1):
         # Runs at once would share torchrun's master port, and a node's runs must follow the plan's order.
         raise UserError(f"NPROC {args.nproc}, NNODES {args.nnodes}: torchrun runs are trained one at a time; "
                         "use PARALLEL=1 and LAUNCHER=local with NPROC or NNODES above 1")
-    for value, name in ((args.nproc, "NPROC"), (args.nnodes, "NNODES"), (args.epochs, "EPOCHS"),
-                        (args.max_seq_len, "MAX_SEQ_LEN"), (args.train_subset, "TRAIN_SUBSET")):
-        if value is not None and value < 1:
-            raise UserError(f"{name} {value}: expected a positive integer")
-    for value, name in ((args.save_minutes, "SAVE_MINUTES"), (args.progress_interval, "PROGRESS_SECONDS")):
-        if not value >= 0:
-            raise UserError(f"{name} {value:g}: expected a number of at least 0")
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"OUTPUT_DIR {output_dir}: is a file, not a folder")
@@ -407,7 +331,10 @@ def _glue_dir(given: str) -> Path:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if passthrough in (["--help"], ["-h"]):
+        print(settings.help_text())
+        return
+    args = settings.parse(argv[: argv.index("--")] if "--" in argv else argv, PROG)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", force=True)
     for noisy in ("fairseq", "matplotlib"):  # train.py keeps fairseq's full log in each run's train.log
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -419,28 +346,20 @@ def main(argv=None) -> None:
                         f"{glue_dir}/<TASK>/{{train,dev,test}}.tsv. {GLUE_SOURCE_HINT}")
     specs = [get_task_spec(task) for task in tasks]
     modes = run_modes(args.mode, args.bitfit_terms)
-    seeds = _numbers(args.seeds, int, "SEEDS")
-    args.train_subsets = sorted(set(_numbers(args.train_subsets, int, "TRAIN_SUBSETS")))
-    if any(size < 1 for size in args.train_subsets):
-        raise UserError(f"TRAIN_SUBSETS {' '.join(map(str, args.train_subsets))}: sizes must be positive integers")
-    lrs = _numbers(args.lrs, float, "LRS")
+    args.train_subsets = sorted(set(args.train_subsets))
     _check_settings(args, passthrough)
     dispatch = Dispatch(args, passthrough)
     output_dir = Path(args.output_dir)
     stage = JobStage()
     try:
         with interrupts.handled(), _removed_if_left_empty(output_dir):
-            run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir, output_dir, stage, dispatch)
+            run_job(args, specs, modes, args.seeds, args.lrs, passthrough, glue_dir, output_dir, stage, dispatch)
     except interrupts.Interrupted as stop:
-        resume = os.environ.get(RESUME_COMMAND_VARIABLE) or shlex.join(
-            [sys.executable, "-m", "fairseq_ext.experiments.glue_run", *argv])
         print(f"\n{PROG}: {stop.signal_name}: stopped {stage.describe()}. Finished runs and each run's last "
-              f"checkpoint are kept; to resume, run the same command: {resume}", file=sys.stderr, flush=True)
+              f"checkpoint are kept; to resume, run the same command: "
+              f"{settings.resume_command(argv, args.from_env)}", file=sys.stderr, flush=True)
         sys.exit(stop.exit_status)
 
-
-# run_scripts/glue_bitfit.sh puts the command it was started with here, for the line that says how to resume.
-RESUME_COMMAND_VARIABLE = "GLUE_BITFIT_COMMAND"
 
 @contextlib.contextmanager
 def _removed_if_left_empty(folder: Path):
@@ -459,7 +378,6 @@ def _removed_if_left_empty(folder: Path):
         raise
 
 
-LAUNCHERS = ("local", "submitit", "submitit_local")
 SUBMITIT_HINT = "pip install submitit (or the project's extra: pip install -e .[sweep])"
 
 
@@ -607,7 +525,8 @@ def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_
         for size in sizes:
             folder = f"{spec.name}-{size}rows" if curve else spec.name  # TRAIN_SUBSET keeps the task's folder
             data_dir = output_dir / "data" / folder
-            manifest = prepare_task(spec, glue_dir, model, model.dictionary, data_dir, args.workers, train_subset=size)
+            manifest = prepare_task(spec, glue_dir, model, model.dictionary, data_dir, args.workers or os.cpu_count() or 1,
+                                    train_subset=size)
             train_rows = manifest["splits"]["train"]["rows_written"]
             for mode in modes:
                 recipe = default_recipe(mode, spec.name, train_rows, model_params)
