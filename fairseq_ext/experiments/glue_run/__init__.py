@@ -41,7 +41,7 @@ from ...core.bitfit import SelectionError, parse_terms
 from ...core.errors import UserError, exit_on_user_error
 from ...core.files import write_text_atomically
 from ...core.glue_files import check_glue_dir, read_split, write_leaderboard_tsv
-from ...core.glue_tasks import GLUE_SOURCE_HINT, TASK_NAMES, get_task_spec
+from ...core.glue_tasks import GLUE_SOURCE_HINT, TASK_NAMES, TASKS, get_task_spec
 from ...core.progress import DEFAULT_INTERVAL_S, ConsoleProgress
 from ...core.run_record import RECORD_NAME, epoch_stats, read_run_record
 from ...plugin.checkpoints import checkpoint_parameter_count
@@ -55,7 +55,7 @@ from ...training.glue_recipe import (Recipe, check_passthrough, default_recipe, 
                                     without_bookkeeping)
 from ...training.options import BITFIT_PREFIX, TRAIN_COMMAND, TRAIN_MODULE, mode_flags, mode_label
 from . import settings
-from .results import Ledger, collect_predictions, write_bias_change_of_best_runs, write_results
+from .results import Ledger, collect_predictions, summary_markdown, write_bias_change_of_best_runs, write_results
 from .runs import (JobProgress, JobStage, LocalTraining, StartTraining, SubmititTraining, finished_line, saved_updates,
                    say, train_timed)
 
@@ -550,7 +550,7 @@ def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_
     all_rows = write_results(output_dir, rows)
     collect_predictions(output_dir, all_rows)
     write_bias_change_of_best_runs(output_dir, all_rows, model.checkpoint)
-    print(f"\n{(output_dir / 'results.md').read_text().split('## Every run')[0].strip()}\n", flush=True)
+    print(f"\n{summary_markdown(all_rows, TASKS).strip()}\n", flush=True)
     written = [output_dir / name for name in ("results.json", "results.md", "results.tex", "curves.png",
                                                "size_curves.png", "bias_change/bias_change.png", "predictions")]
     print("results: " + ", ".join(str(path) for path in written if path.exists()))

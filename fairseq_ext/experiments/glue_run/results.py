@@ -164,6 +164,12 @@ def summary(rows: List[dict], specs: dict) -> Summary:
 
 
 def results_markdown(rows: List[dict], specs: dict) -> str:
+    """results.md: the summary (what the job prints at its end), then every run."""
+    return summary_markdown(rows, specs) + "\n" + every_run_markdown(rows)
+
+
+def summary_markdown(rows: List[dict], specs: dict) -> str:
+    """The tables of results.md: each mode's cells, the defaults used, the training-size curves."""
     table = summary(rows, specs)
     tasks, seeds = table.tasks, table.seeds
 
@@ -211,8 +217,12 @@ def results_markdown(rows: List[dict], specs: dict) -> str:
                 cells.append(_fmt_spread(*_spread([r["dev"].get(r["primary_metric"]) for r in runs]))
                              + _seeds_note(len(runs), len(seeds)) if runs else "–")
             lines.append(f"| {task} | {mode} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
+    return "\n".join(lines) + "\n"
+
+
+def every_run_markdown(rows: List[dict]) -> str:
+    """results.md's list of every run, with its settings' outcome and wall time."""
+    lines = [
         "## Every run",
         "",
         "| task | mode | training rows | lr | seed | dev metrics | best epoch | updates | trainable / total | wall (s) |",
