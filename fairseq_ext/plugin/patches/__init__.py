@@ -7,7 +7,11 @@ plugin's registration (``import fairseq_ext`` or ``--user-dir fairseq_ext``).  T
 others are scoped: train.py's Trainer and progress bars while fairseq's training
 loop runs (``fairseq_train_with``), the delta-following checkpoint copies of BitFit
 runs (``route_checkpoint_copies``), the cached module walks of each trained model
-(``cache_module_walks``), and the benchmark's CUDA peak counter.
+(``cache_module_walks``), and the benchmark's CUDA peak counter.  The registry and
+``install()`` live here; each scoped patch lives in a module of its user's
+(``training_loop``, ``checkpoint_copies``, ``module_walks``, ``attention_projections``,
+``cuda_memory``, ``generation``, ``layer_input``), and every name is importable from
+this package as before.
 
 Each patch was checked against ``CHECKED_AGAINST``.  ``tests/test_patches.py``
 checks that every target still exists in the installed fairseq, with the shape
@@ -15,18 +19,13 @@ each patch assumes, so an upgrade fails loudly instead of silently changing what
 a run does.  docs/fairseq_patches.md explains each one for a reader.
 """
 import contextlib
-import functools
 import importlib
 import logging
-import queue
-import threading
-import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
-from torch import nn
 
 
 @contextlib.contextmanager
@@ -48,14 +47,10 @@ def quiet_fairseq_import():
         root.handlers[:] = handlers
 
 
-with quiet_fairseq_import():
-    from fairseq import checkpoint_utils, models
-    from fairseq.data import iterators
+with quiet_fairseq_import():  # the first fairseq import: it loads all of fairseq, the modules below use included
+    from fairseq import models
     from fairseq.distributed import utils as distributed_utils
-    from fairseq.logging import progress_bar
-    from fairseq.models import BaseFairseqModel, FairseqEncoder
 
-from ...core import interrupts
 from ..checkpoints import FAIRSEQ_CHECKPOINT_TYPES
 
 CHECKED_AGAINST = "ve-fairseq 0.12.3"
@@ -263,403 +258,13 @@ def _claim_arch_name(arch: str) -> None:
     models.ARCH_MODEL_INV_REGISTRY["masked_lm"].remove(arch)
 
 
-# --------------------------------------------------------------------------- train.py: fairseq's loop, our Trainer
-
-
-StatsCallback = Callable[[str, Optional[int], Dict[str, object]], None]  # (tag, epoch, stats)
-
-
-class _RecordedProgressBar(progress_bar.BaseProgressBar):
-    """A fairseq progress bar that also hands each printed stats dict to a callback.
-
-    The epoch is the one the bar was made for: fairseq's tensorboard, wandb, aim and
-    azureml wrappers do not carry it themselves.
-    """
-
-    def __init__(self, wrapped_bar, epoch: Optional[int], on_stats: StatsCallback):
-        self.wrapped_bar = wrapped_bar
-        self.epoch = epoch
-        self.on_stats = on_stats
-
-    def __iter__(self):
-        return iter(self.wrapped_bar)
-
-    def __getattr__(self, name):
-        return getattr(self.wrapped_bar, name)
-
-    def log(self, stats, tag=None, step=None):
-        self.wrapped_bar.log(stats, tag=tag, step=step)
-
-    def print(self, stats, tag=None, step=None):
-        self.wrapped_bar.print(stats, tag=tag, step=step)
-        self.on_stats(tag, self.epoch, stats)
-
-    def update_config(self, config):
-        self.wrapped_bar.update_config(config)
-
-
-# after_update(cfg, trainer, epoch_itr, end_of_epoch, should_stop), once per update.
-UpdateHook = Callable[[object, object, object, bool, bool], None]
-# on_saved(trainer, the checkpoint this rank wrote or None), after each checkpoint save.
-SavedHook = Callable[[object, Optional[str]], None]
-
-
-class _WholeCheckpointSaves:
-    """fairseq's checkpoint_utils.save_checkpoint with stop signals held back while it writes, then ``on_saved``.
-
-    fairseq stores the best score as ``save_checkpoint.best`` (read and written through
-    the module's global name), so attributes go to the wrapped function.
-    """
-
-    def __init__(self, save_checkpoint, on_saved: Optional[SavedHook]):
-        object.__setattr__(self, "_save", save_checkpoint)
-        object.__setattr__(self, "_on_saved", on_saved)
-
-    def __call__(self, checkpoint_cfg, trainer, epoch_itr, val_loss):
-        with interrupts.deferred():
-            saved = self._save(checkpoint_cfg, trainer, epoch_itr, val_loss)
-        if self._on_saved is not None:
-            self._on_saved(trainer, saved)
-        return saved
-
-    def __getattr__(self, name):
-        return getattr(self._save, name)
-
-    def __setattr__(self, name, value):
-        setattr(self._save, name, value)
-
-    def __delattr__(self, name):
-        delattr(self._save, name)
-
-
-@contextlib.contextmanager
-def fairseq_train_with(trainer_factory, on_stats: Optional[StatsCallback] = None,
-                       after_update: Optional[UpdateHook] = None, on_saved: Optional[SavedHook] = None,
-                       ended: Optional[Callable[[object], bool]] = None):
-    """While the block runs, fairseq_cli.train.main builds ``trainer_factory(cfg, task, model,
-    criterion, quantizer)`` instead of fairseq's Trainer; (with ``on_stats``) its progress
-    bars hand every stats dict they print to ``on_stats(tag, epoch, stats)``; ``after_update``
-    runs after each update's validate-and-save; checkpoints are written whole whatever signal
-    arrives, and ``on_saved(trainer, path)`` runs after each save on every rank (path: what this
-    rank wrote, or None); once ``ended(cfg)`` holds (a resumed run that had already stopped early), no
-    further epoch trains."""
-    # Imported here, not with the plugin: its import sets up fairseq-train's logging (INFO on stdout).
-    import fairseq_cli.train
-
-    original_trainer, original_bar = fairseq_cli.train.Trainer, progress_bar.progress_bar
-    original_validate_and_save = fairseq_cli.train.validate_and_save
-    original_train_epoch = fairseq_cli.train.train
-    original_save = checkpoint_utils.save_checkpoint
-
-    def recorded_progress_bar(iterator, *args, epoch: Optional[int] = None, **kwargs):
-        return _RecordedProgressBar(original_bar(iterator, *args, epoch=epoch, **kwargs), epoch, on_stats)
-
-    def validate_and_save_then_hook(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch):
-        valid_losses, should_stop = original_validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets,
-                                                               end_of_epoch)
-        after_update(cfg, trainer, epoch_itr, end_of_epoch, should_stop)
-        return valid_losses, should_stop
-
-    def train_epoch_unless_ended(cfg, trainer, task, epoch_itr):
-        if ended(cfg):
-            logger.info(f"the resumed checkpoint was saved after --patience {cfg.checkpoint.patience} had run "
-                        "out: nothing left to train")
-            return [None], True
-        return original_train_epoch(cfg, trainer, task, epoch_itr)
-
-    fairseq_cli.train.Trainer = trainer_factory
-    _mark("bitfit-trainer")
-    if ended is not None:
-        fairseq_cli.train.train = train_epoch_unless_ended
-        _mark("patience-state")
-    checkpoint_utils.save_checkpoint = _WholeCheckpointSaves(original_save, on_saved)
-    _mark("whole-checkpoints")
-    if on_stats is not None:
-        progress_bar.progress_bar = recorded_progress_bar
-        _mark("recorded-progress-bars")
-    if after_update is not None:
-        fairseq_cli.train.validate_and_save = validate_and_save_then_hook
-        _mark("update-hooks")
-    try:
-        yield
-    finally:
-        fairseq_cli.train.Trainer, progress_bar.progress_bar = original_trainer, original_bar
-        fairseq_cli.train.validate_and_save = original_validate_and_save
-        fairseq_cli.train.train = original_train_epoch
-        checkpoint_utils.save_checkpoint = original_save
-        for name in ("bitfit-trainer", "recorded-progress-bars", "update-hooks", "whole-checkpoints", "patience-state"):
-            _mark(name, False)
-
-
-def stop_batch_prefetching(timeout_s: float = 10.0) -> None:
-    """End fairseq's batch-prefetching threads (see PATCHES: stop-batch-prefetching).
-
-    Each stops after the batch it is making: its length limit is set to what it has
-    made, and its queue is emptied until the thread has put its end marker and left.
-    Call it when nothing reads the batches any more.
-    """
-    for thread in threading.enumerate():
-        if not isinstance(thread, iterators.BackgroundConsumer):
-            continue
-        thread._max_len = 0  # checked after each batch it puts
-        deadline = time.monotonic() + timeout_s
-        while thread.is_alive() and time.monotonic() < deadline:
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    thread._queue.get_nowait()
-            thread.join(0.05)
-        if thread.is_alive():
-            logger.warning(f"fairseq's batch-prefetching thread {thread.name} did not stop within {timeout_s:g} s")
-
-
-# --------------------------------------------------------------------------- BitFit runs: deltas follow checkpoint copies
-
-
-CopyHook = Callable[[str, str, bool, Callable[[str, str, bool], bool]], bool]
-_copy_hook: Optional[CopyHook] = None
-
-
-def route_checkpoint_copies(hook: CopyHook) -> None:
-    """fairseq's copies of a saved checkpoint to its other names go through
-    ``hook(src, dst, overwrite, copy_file)``, with fairseq's own copy as ``copy_file``.
-    The latest hook wins: one training run saves at a time in a process."""
-    global _copy_hook
-    _copy_hook = hook
-    if getattr(checkpoint_utils.PathManager, "routes_copies", False):
-        return
-    fairseq_path_manager = checkpoint_utils.PathManager
-
-    class RoutedPathManager(fairseq_path_manager):
-        routes_copies = True
-
-        @staticmethod
-        def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
-            if _copy_hook is None:
-                return fairseq_path_manager.copy(src_path, dst_path, overwrite)
-            return _copy_hook(src_path, dst_path, overwrite, fairseq_path_manager.copy)
-
-    checkpoint_utils.PathManager = RoutedPathManager
-    _mark("delta-following-copies")
-
-
-# --------------------------------------------------------------------------- every train.py model: cached module walks
-
-
-# set_num_updates implementations that only pass the count on to descendants.
-_FORWARDING = {BaseFairseqModel.set_num_updates, FairseqEncoder.set_num_updates}
-# What a model caches about its own tree; never pickled or copied.
-_CACHE_KEYS = ("_walked_mode", "_update_count_receivers")
-
-
-def _update_count_receivers(model: nn.Module) -> List[nn.Module]:
-    """The modules below ``model`` with a set_num_updates of their own (not a forwarding one)."""
-    receivers = []
-    for module in model.modules():
-        if module is model or not hasattr(module, "set_num_updates"):
-            continue
-        if getattr(type(module), "set_num_updates", None) not in _FORWARDING:
-            receivers.append(module)
-    return receivers
-
-
-def _new_instance(cls):
-    return cls.__new__(cls)
-
-
-class CachedModuleWalks:
-    """Mixin for a fairseq model: ``train``/``eval`` and ``set_num_updates`` without redundant walks.
-
-    Every update, fairseq calls ``model.train()`` twice (Trainer.train_step and
-    FairseqTask.train_step) and ``model.set_num_updates(n)``, which BaseFairseqModel
-    calls on every module that has it, and FairseqEncoder's version walks its subtree
-    again: quadratic in nested encoders (RoBERTa's).  The model here walks only when
-    its mode really changes and sends the update count straight to the modules that
-    use it; the result is the same.  A caller that switches a submodule's mode
-    directly (``model.encoder.eval()``) must call ``model.train()``/``eval()`` on the
-    model itself afterwards, as fairseq always does.
-    """
-
-    def train(self, mode: bool = True):
-        if self.__dict__.get("_walked_mode") is mode:
-            return self
-        super().train(mode)
-        # The tree may have grown since the last walk (heads registered by a checkpoint load).
-        self.__dict__["_update_count_receivers"] = _update_count_receivers(self)
-        self.__dict__["_walked_mode"] = mode
-        return self
-
-    def set_num_updates(self, num_updates):
-        receivers = self.__dict__.get("_update_count_receivers")
-        if receivers is None:
-            receivers = self.__dict__["_update_count_receivers"] = _update_count_receivers(self)
-        for module in receivers:
-            module.set_num_updates(num_updates)
-
-    def load_state_dict(self, *args, **kwargs):
-        for key in _CACHE_KEYS:  # a load may add modules: walk again next time
-            self.__dict__.pop(key, None)
-        return super().load_state_dict(*args, **kwargs)
-
-    def __reduce_ex__(self, protocol):
-        # Pickle and deep-copy as the plain fairseq class (the subclass is made at run time
-        # and cannot be found by name); the copy walks as fairseq does.
-        reduced = list(super().__reduce_ex__(protocol))
-        reduced[0], reduced[1] = _new_instance, (_PLAIN_CLASS[type(self)],)
-        reduced[2] = {k: v for k, v in reduced[2].items() if k not in _CACHE_KEYS}
-        return tuple(reduced)
-
-
-_SUBCLASSES: Dict[type, type] = {}  # fairseq model class -> its CachedModuleWalks subclass
-_PLAIN_CLASS: Dict[type, type] = {}  # and back
-
-
-def cache_module_walks(model: nn.Module) -> nn.Module:
-    """Switch a fairseq model (in place) to its CachedModuleWalks subclass; returns it.
-
-    Models that are not BaseFairseqModel are left alone: their set_num_updates
-    semantics are unknown.
-    """
-    cls = type(model)
-    if not isinstance(model, BaseFairseqModel) or isinstance(model, CachedModuleWalks):
-        return model
-    if cls not in _SUBCLASSES:
-        _SUBCLASSES[cls] = type(cls.__name__, (CachedModuleWalks, cls),
-                                {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
-        _PLAIN_CLASS[_SUBCLASSES[cls]] = cls
-    model.__class__ = _SUBCLASSES[cls]
-    _mark("cached-module-walks")
-    return model
-
-
-# --------------------------------------------------------------------------- the predictor: attention through its modules
-
-
-@contextlib.contextmanager
-def attention_through_projections(attention_modules):
-    """While the block runs, each of fairseq's MultiheadAttention modules given computes with its
-    q/k/v/out projection modules, so forward hooks on them see every projection (see PATCHES)."""
-    attention_modules = list(attention_modules)
-    before = [(module.skip_embed_dim_check, module.__dict__.get("forward")) for module in attention_modules]
-    for module in attention_modules:
-        module.skip_embed_dim_check = True  # fairseq's own path, for what the fast one below does not cover
-        module.forward = functools.partial(_attention_through_projections, module, module.forward)
-    try:
-        yield
-    finally:
-        for module, (skip, forward) in zip(attention_modules, before):
-            module.skip_embed_dim_check = skip
-            if forward is None:
-                del module.forward  # back to the class's forward
-            else:
-                module.forward = forward
-
-
-def _attention_through_projections(module, fairseq_forward, query, key=None, value=None, key_padding_mask=None,
-                                   incremental_state=None, need_weights=True, static_kv=False, attn_mask=None,
-                                   before_softmax=False, need_head_weights=False):
-    """Eval-mode attention as torch's multi_head_attention_forward computes it without weights
-    (three projections, scaled_dot_product_attention, the output projection), through the modules."""
-    if (module.training or module.dropout_module.apply_during_inference or incremental_state is not None
-            or static_kv or before_softmax or need_weights or need_head_weights or attn_mask is not None
-            or module.bias_k is not None or module.add_zero_attn or key is None or value is None):
-        return fairseq_forward(query, key, value, key_padding_mask=key_padding_mask,
-                               incremental_state=incremental_state, need_weights=need_weights, static_kv=static_kv,
-                               attn_mask=attn_mask, before_softmax=before_softmax,
-                               need_head_weights=need_head_weights)
-    target_length, batch, embed_dim = query.shape
-
-    def heads(x):  # (T, B, C) -> (B, heads, T, head_dim)
-        return x.view(x.shape[0], batch, module.num_heads, module.head_dim).permute(1, 2, 0, 3)
-
-    mask = None
-    if key_padding_mask is not None:
-        mask = ~key_padding_mask.bool().view(batch, 1, 1, -1)  # True: attend
-    attention = torch.nn.functional.scaled_dot_product_attention(
-        heads(module.q_proj(query)), heads(module.k_proj(key)), heads(module.v_proj(value)), attn_mask=mask)
-    attention = attention.permute(2, 0, 1, 3).reshape(target_length, batch, embed_dim)
-    return module.out_proj(attention), None
-
-
-# --------------------------------------------------------------------------- the benchmark: CUDA peaks fairseq resets
-
-
-class cuda_peak_memory:
-    """The most CUDA memory allocated at any moment inside the block (``.peak``, bytes).
-
-    fairseq's train_step reads and resets the CUDA peak after every update (its
-    gb_free stat): each peak is recorded just before it is reset.  What an earlier
-    run in the same process left allocated for good (cuBLAS's workspace) counts in
-    every run alike, as it does in a fresh process once the first matmul has run.
-    """
-
-    def __enter__(self):
-        self._peaks = []
-        self._reset = torch.cuda.reset_peak_memory_stats
-        self._reset()
-
-        def record_then_reset(*args, **kwargs):
-            self._peaks.append(torch.cuda.max_memory_allocated())
-            self._reset(*args, **kwargs)
-
-        torch.cuda.reset_peak_memory_stats = record_then_reset
-        _mark("cuda-peak-memory")
-        return self
-
-    def __exit__(self, *exc):
-        torch.cuda.reset_peak_memory_stats = self._reset
-        _mark("cuda-peak-memory", False)
-        self.peak = max(self._peaks + [torch.cuda.max_memory_allocated()])
-        return False
-
-
-# --------------------------------------------------------------------------- generation: models already in memory
-
-
-ModelLoader = Callable[[Optional[dict], object], Tuple[list, object]]  # (arg_overrides, task) -> (models, cfg)
-
-
-@contextlib.contextmanager
-def models_in_memory(loaders: Dict[str, ModelLoader]):
-    """While the block runs, fairseq's ``checkpoint_utils.load_model_ensemble`` asked for one path
-    that ``loaders`` names returns ``loaders[path](arg_overrides, task)``, a ``(models, cfg)`` pair
-    built in memory, instead of reading the file (see PATCHES: models-in-memory); any other path
-    loads as fairseq loads it."""
-    fairseq_load = checkpoint_utils.load_model_ensemble
-
-    def load_model_ensemble(filenames, arg_overrides=None, task=None, *args, **kwargs):
-        if len(filenames) == 1 and filenames[0] in loaders:
-            return loaders[filenames[0]](arg_overrides, task)
-        return fairseq_load(filenames, arg_overrides, task, *args, **kwargs)
-
-    checkpoint_utils.load_model_ensemble = load_model_ensemble
-    _mark("models-in-memory")
-    try:
-        yield
-    finally:
-        checkpoint_utils.load_model_ensemble = fairseq_load
-        _mark("models-in-memory", False)
-
-
-# --------------------------------------------------------------------------- BitFit runs: a contiguous first-layer input
-
-
-def contiguous_layer_input(model: nn.Module) -> int:
-    """Give the first layer of every fairseq TransformerEncoder a contiguous input (see PATCHES:
-    contiguous-layer-input); returns how many encoders were changed."""
-    from fairseq.models.transformer import TransformerEncoderBase
-
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, TransformerEncoderBase) and len(module.layers) > 0:
-            first = module.layers[0]
-            if _contiguous_input not in first._forward_pre_hooks.values():
-                first.register_forward_pre_hook(_contiguous_input)
-                changed += 1
-    if changed:
-        _mark("contiguous-layer-input")
-    return changed
-
-
-def _contiguous_input(layer, args):
-    """A forward pre-hook (module-level: models stay picklable): the layer's input x, made contiguous."""
-    return (args[0].contiguous(), *args[1:]) if args and not args[0].is_contiguous() else None
+# The scoped patches, one module per user, re-exported here; imported last: they mark themselves
+# with _mark above.  _new_instance and _contiguous_input keep their old names for pickles made before.
+from .attention_projections import attention_through_projections  # noqa: E402,F401
+from .checkpoint_copies import CopyHook, route_checkpoint_copies  # noqa: E402,F401
+from .cuda_memory import cuda_peak_memory  # noqa: E402,F401
+from .generation import ModelLoader, models_in_memory  # noqa: E402,F401
+from .layer_input import _contiguous_input, contiguous_layer_input  # noqa: E402,F401
+from .module_walks import CachedModuleWalks, _new_instance, cache_module_walks  # noqa: E402,F401
+from .training_loop import (SavedHook, StatsCallback, UpdateHook, fairseq_train_with,  # noqa: E402,F401
+                            stop_batch_prefetching)
