@@ -16,7 +16,8 @@ import fairseq_ext  # noqa: F401  (the glue task, bert model and safe checkpoint
 import tiny
 from fairseq_ext.core import delta_file as deltas
 from fairseq_ext.core.errors import UserError
-from fairseq_ext.plugin.predictor import MultiTaskPredictor, PerExampleBiases
+from fairseq_ext.plugin.mixed_batches import PerExampleBiases
+from fairseq_ext.plugin.predictor import MultiTaskPredictor
 from fairseq_ext.tools import predict as predict_cli
 
 REAL_GLUE = tiny.REAL_GLUE

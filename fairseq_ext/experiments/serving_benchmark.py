@@ -53,7 +53,8 @@ from ..core.errors import UserError, exit_on_user_error
 from ..core.files import write_report
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir
-from ..plugin.predictor import MultiTaskPredictor, parse_delta_options
+from ..plugin.predictor import MultiTaskPredictor
+from ..plugin.predictor_options import parse_delta_options
 from ..training.options import TRAIN_COMMAND, mode_label
 from ..training.synthetic import EMBEDDED_MODEL, model_setup, train_args, write_synthetic_data
 

@@ -16,7 +16,7 @@ and puts back the base values of those another task had changed: no reload.
     # -> [Prediction(label='1', score=0.93, logits=[...], probabilities=[...])]
 
 ``predict_mixed`` serves a batch that mixes tasks in one forward pass: every frozen
-weight is shared and each example gets its own task's bias terms (``PerExampleBiases``)
+weight is shared and each example gets its own task's bias terms (``mixed_batches.PerExampleBiases``)
 and head; its logits equal ``predict``'s within float rounding (1e-6).
 
     predictor.predict_mixed([("cola", "The book was read by Mary."), ("rte", ("A man sleeps.", "A person rests."))])
@@ -30,41 +30,33 @@ examples of similar length.  Logits are bit-identical to the run's full
 checkpoint for the same batches.
 
 The command line (``python -m fairseq_ext.tools.predict``) reads GLUE test files
-and plain text; ``predict_prepared_split`` scores a prepared GLUE split with a
-full checkpoint (the GLUE runner's leaderboard files).
+and plain text; the options it shares with the server are in ``predictor_options``.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
-from fairseq import checkpoint_utils
 from fairseq.data import Dictionary
 from fairseq.data.data_utils import collate_tokens
-from fairseq.modules import MultiheadAttention
-from torch import nn
 
 from ..core.delta_checks import validate_delta
 from ..core.delta_file import Delta, check_base_fingerprint, check_delta_fits, dictionary_identity, read_delta
 from ..core.errors import UserError
-from ..core.glue_tasks import TASK_NAMES, get_task_spec
-from . import patches
-from .checkpoints import add_trust_checkpoint_argument, load_checkpoint_file
+from ..core.glue_tasks import get_task_spec
+from .checkpoints import load_checkpoint_file
 from .deltas import InPlaceDeltas, check_same_model, register_head, shared_model
+from .mixed_batches import PerExampleBiases
 from .models.model_dir import MODEL_INFO, build_bpe, load_model_dir
+from .predictor_options import check_task_delta, usable_device
 
 logger = logging.getLogger(__name__)
 
 Example = Union[str, Sequence[str]]  # a sentence, or a pair of sentences
 Item = Tuple[str, Example]  # (task, example), for a batch that mixes tasks
-_ATTENTION_PROJECTION = re.compile(r"^(.*)\.(q|k|v|out)_proj\.bias$")
 
 
 @dataclass
@@ -82,17 +74,6 @@ class _Task:
     head_key: str  # its head in model.classification_heads
     body: Dict[str, torch.Tensor]  # its trained non-head tensors, float32 on the model's device
     pair: Optional[bool]  # True/False when known (a GLUE task), None: either
-
-
-def usable_device(name: str) -> torch.device:
-    """The torch device ``--device`` names, if this machine has it."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: this torch has no CUDA device; use --device cpu")
-    return device
 
 
 class MultiTaskPredictor:
@@ -336,105 +317,6 @@ class MultiTaskPredictor:
         return self._mixed
 
 
-class PerExampleBiases:
-    """Each example's own bias terms in one forward pass over a batch that mixes tasks.
-
-    A BitFit task changes only additive terms: a Linear's ``x @ W.T + b`` and a LayerNorm's
-    ``norm(x) * g + beta``.  For the pass, each biased module in ``tables`` ({parameter name:
-    [tasks, dim]}) has its bias set to zero and a forward hook adds every example's row of
-    the table, gathered by the example's task index.  fairseq's attention then computes
-    through its projection modules (``patches.attention_through_projections``).  Which
-    dimension of each module's output is the batch (fairseq's encoder layers and a pre-norm
-    encoder's final LayerNorm run time-major, its embedding LayerNorm batch-major) is read
-    off one forward pass of ``probe``, a [2, 3] batch of token ids.
-    """
-
-    def __init__(self, model: nn.Module, tables: Dict[str, torch.Tensor], probe: torch.Tensor):
-        modules = dict(model.named_modules())
-        self.tables = tables
-        self.parameters = dict(model.named_parameters())
-        targets = {}
-        attention = {}
-        for name in tables:
-            module_name, _, kind = name.rpartition(".")
-            module = modules.get(module_name)
-            if kind != "bias" or not _adds_its_bias(module):
-                raise UserError(f"{name}: a mixed-task batch adds per-task bias terms of Linear and LayerNorm "
-                                "modules only; predict tasks that train other tensors one task at a time (predict)")
-            targets[name] = module
-            projection = _ATTENTION_PROJECTION.match(name)
-            if projection and isinstance(modules.get(projection.group(1)), MultiheadAttention):
-                attention[projection.group(1)] = modules[projection.group(1)]
-        self.attention = list(attention.values())
-        self.targets = {}  # parameter name -> (module, the batch dimension of its output)
-        for name, batch_dim in _batch_dims(model, targets, probe, self.attention).items():
-            self.targets[name] = (targets[name], batch_dim)
-        self.zeros = {name: torch.zeros_like(self.parameters[name]) for name in self.targets}
-
-    @contextlib.contextmanager
-    def applied(self, task_index: torch.Tensor):
-        """While the block runs, example i of the model's input gets the biases of task ``task_index[i]``."""
-        saved, handles = {}, []
-        try:
-            for name, (module, batch_dim) in self.targets.items():
-                rows = self.tables[name].index_select(0, task_index).unsqueeze(1 - batch_dim)
-                saved[name] = self.parameters[name].data
-                self.parameters[name].data = self.zeros[name]  # swapped for the pass, not copied
-                handles.append(module.register_forward_hook(functools.partial(_add_rows, rows=rows,
-                                                                              batch_dim=batch_dim)))
-            with patches.attention_through_projections(self.attention):
-                yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            for name, data in saved.items():
-                self.parameters[name].data = data
-
-
-def _adds_its_bias(module) -> bool:
-    """A module whose bias is added to its output last: Linear, and LayerNorms (torch's, apex's)."""
-    return isinstance(module, (nn.Linear, nn.LayerNorm)) or (
-        type(module).__name__.endswith("LayerNorm") and hasattr(module, "normalized_shape"))
-
-
-@torch.no_grad()
-def _batch_dims(model: nn.Module, targets: Dict[str, nn.Module], probe: torch.Tensor,
-                attention: List[nn.Module]) -> Dict[str, int]:
-    """{parameter name: the batch dimension of its module's output} from one forward of ``probe``
-    (batch 2, length 3), with ``attention`` through its projections as in a mixed pass; modules
-    the forward never runs are left out: their bias is never added."""
-    batch, length = probe.shape
-    shapes, handles = {}, []
-
-    def record(module, inputs, output, name):
-        shapes.setdefault(name, tuple(output.shape))  # returns None: the output stays as it is
-
-    try:
-        for name, module in targets.items():
-            handles.append(module.register_forward_hook(functools.partial(record, name=name)))
-        with patches.attention_through_projections(attention):
-            model(probe, features_only=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    dims = {}
-    for name, shape in shapes.items():
-        if shape[:2] == (batch, length):
-            dims[name] = 0
-        elif shape[:2] == (length, batch):
-            dims[name] = 1
-        else:
-            raise UserError(f"{name}: its module's output {shape} has no batch x time layout; a mixed-task batch "
-                            "cannot add per-example biases there")
-    return dims
-
-
-def _add_rows(module, inputs, output, rows, batch_dim):
-    if output.shape[batch_dim] != rows.shape[batch_dim]:
-        raise RuntimeError(f"{type(module).__name__} output {tuple(output.shape)}: batch not in dimension {batch_dim}")
-    output.add_(rows)  # in place: the module's fresh output, no second activation-sized tensor (no grad here)
-
-
 def _prediction(delta: Delta, logits: torch.Tensor) -> Prediction:
     """One example's Prediction from its head output (float32)."""
     if delta.regression:
@@ -443,95 +325,3 @@ def _prediction(delta: Delta, logits: torch.Tensor) -> Prediction:
     labels = delta.label_symbols or [str(i) for i in range(logits.shape[0])]
     best = int(probabilities.argmax())
     return Prediction(labels[best], float(probabilities[best]), logits.tolist(), probabilities.tolist())
-
-
-def add_predictor_arguments(parser, base_help: str) -> None:
-    """The command-line options a MultiTaskPredictor is built from (the predict and serve tools)."""
-    parser.add_argument("--base", required=True, help=base_help)
-    parser.add_argument("--delta", action="append", required=True, metavar="TASK=PATH",
-                        help="a task and its delta (repeatable)")
-    parser.add_argument("--dictionary", help="the base's dict.txt (default: the model folder's, or beside --base)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    add_trust_checkpoint_argument(parser)
-
-
-def parse_delta_options(values: Sequence[str]) -> Dict[str, str]:
-    """{task: delta path} of ``--delta TASK=PATH`` options; a task named twice is an error."""
-    deltas = {}
-    for value in values:
-        name, separator, path = value.partition("=")
-        if not separator or not name.strip() or not path:
-            raise UserError(f"--delta {value!r}: expected TASK=PATH, e.g. "
-                            "--delta cola=runs/cola/checkpoint_best.delta.safetensors")
-        if name.strip() in deltas:
-            raise UserError("--delta: a task name is given twice")
-        deltas[name.strip()] = path
-    return deltas
-
-
-def check_task_delta(name: str, delta: Delta) -> None:
-    """What the predictors need of a delta served as task ``name``, checked before any model or input is
-    read: a classification delta, with its head, of the GLUE task ``name`` names (if it names one)."""
-    source = f"--delta {name}={delta.path}"
-    if delta.is_seq2seq:
-        raise UserError(f"{source}: {delta.describe_kind()}: it generates sequences, it has no labels to "
-                        "predict; generate with python -m fairseq_ext.tools.generate")
-    check_task_name(name, delta)
-    if delta.head_name not in delta.head_names():
-        raise UserError(f"{source}: holds no classification head {delta.head_name!r}")
-
-
-def check_task_name(name: str, delta: Delta) -> None:
-    """A task named like a GLUE task must be the GLUE task its delta was trained on (``--delta MRPC=``
-    with an RTE delta would answer with RTE's labels)."""
-    named = next((t for t in TASK_NAMES if t.lower() == name.lower()), None)
-    if named is not None and delta.glue_task is not None and named != delta.glue_task:
-        raise UserError(f"--delta {name}={delta.path}: that delta was trained on GLUE {delta.glue_task}, not "
-                        f"{named}; name the task after what it predicts, e.g. --delta {delta.glue_task}=...")
-
-
-def glue_spec_for(name: str, delta: Delta):
-    """The GLUE task of a delta (its glue task, or a --task named like a GLUE task), or None."""
-    glue_name = delta.glue_task or next((t for t in TASK_NAMES if t.lower() == name.lower()), None)
-    if glue_name is None:
-        return None
-    spec = get_task_spec(glue_name)
-    labels = None if spec.regression else list(spec.labels)
-    if delta.regression != spec.regression or (labels is not None and delta.label_symbols != labels):
-        def outputs(regression, symbols):
-            return "a regression target" if regression else "classes " + ", ".join(symbols or [])
-
-        raise UserError(f"--task {name}: GLUE {spec.name} has {outputs(spec.regression, labels)}, but {delta.path} "
-                        f"predicts {outputs(delta.regression, delta.label_symbols)}")
-    return spec
-
-
-@torch.no_grad()
-def predict_prepared_split(checkpoint, prepared_dir, split: str, batch_size: int = 64,
-                           progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-    """A full checkpoint's classification logits [N, classes] or regression scores [N] on a split
-    prepared by glue_prepare (the test sets, mostly), in the split's row order.  ``progress(done,
-    total)`` is called after each batch."""
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [str(checkpoint)], arg_overrides={"data": str(Path(prepared_dir))}
-    )
-    model = models[0].eval()
-    task.load_dataset(split)
-    dataset = task.dataset(split)
-    batches = task.get_batch_iterator(
-        dataset, max_sentences=batch_size, max_positions=None, ignore_invalid_inputs=False, seed=1,
-        num_workers=0,
-    ).next_epoch_itr(shuffle=False)
-    outputs = [None] * len(dataset)
-    done = 0
-    for sample in batches:
-        logits, _ = model(
-            **sample["net_input"], features_only=True,
-            classification_head_name=cfg.task.classification_head_name,
-        )
-        for example_id, row in zip(sample["id"].tolist(), logits.float().cpu().numpy()):
-            outputs[example_id] = row
-        done += len(sample["id"])
-        if progress is not None:
-            progress(done, len(dataset))
-    return np.stack(outputs).squeeze(-1) if task.cfg.regression_target else np.stack(outputs)

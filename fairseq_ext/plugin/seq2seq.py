@@ -35,7 +35,7 @@ from ..core.errors import UserError
 from .checkpoints import load_checkpoint_file
 from .deltas import (InPlaceDeltas, check_base_model, check_same_model, check_seq2seq_dictionaries, merged_cfg,
                      seq2seq_task, shared_model)
-from .predictor import usable_device
+from .predictor_options import usable_device
 
 # Keyword options translate() and generate() pass on: fairseq's generation options, and the hub's own.
 GENERATION_OPTIONS = frozenset(name for name in GenerationConfig.__dataclass_fields__ if name != "_name")

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..core.errors import UserError, exit_on_user_error, quiet_cli_logging
 from ..plugin.analysis import BIAS_CHANGE_FILES, bias_change_tables, write_bias_change
 from ..plugin.checkpoints import add_trust_checkpoint_argument
-from ..plugin.predictor import parse_delta_options
+from ..plugin.predictor_options import parse_delta_options
 
 
 def build_parser() -> argparse.ArgumentParser:

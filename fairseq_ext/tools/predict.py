@@ -20,8 +20,9 @@ from ..core.delta_file import read_delta
 from ..core.errors import UserError, exit_on_user_error, quiet_cli_logging
 from ..core.files import check_output_file, write_text_atomically
 from ..core.glue_files import read_tsv, write_leaderboard_tsv
-from ..plugin.predictor import (MultiTaskPredictor, Prediction, add_predictor_arguments, check_task_delta,
-                                glue_spec_for, parse_delta_options, usable_device)
+from ..plugin.predictor import MultiTaskPredictor, Prediction
+from ..plugin.predictor_options import (add_predictor_arguments, check_task_delta, glue_spec_for, parse_delta_options,
+                                        usable_device)
 
 
 def read_glue_tsv(spec, path: Path) -> Tuple[List[str], List[Tuple[str, ...]]]:

@@ -50,7 +50,7 @@ from ...plugin.deltas import apply_delta
 from ...plugin.models import hf_import
 from ...plugin.models.model_dir import load_model_dir
 from ...plugin.models.pretrained import default_model_dir
-from ...plugin.predictor import predict_prepared_split
+from ...plugin.glue_split_predictions import predict_prepared_split
 from ...training.glue_recipe import (Recipe, check_passthrough, default_recipe, schedule_updates, train_command,
                                     without_bookkeeping)
 from ...training.options import BITFIT_PREFIX, TRAIN_COMMAND, TRAIN_MODULE, mode_flags, mode_label

@@ -29,7 +29,8 @@ from typing import Deque, Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 
 from ...core.errors import UserError, exit_on_user_error, one_line, quiet_cli_logging
-from ...plugin.predictor import MultiTaskPredictor, Prediction, add_predictor_arguments, parse_delta_options
+from ...plugin.predictor import MultiTaskPredictor, Prediction
+from ...plugin.predictor_options import add_predictor_arguments, parse_delta_options
 
 try:
     import uvicorn
