@@ -3,12 +3,15 @@
 Raise ``UserError`` for bad input (a flag, a file, a line in a file); every
 command-line entry point catches it through ``exit_on_user_error``, which prints
 ``PROG: error: MESSAGE`` (argparse's own format) on stderr.  A process that runs
-such a command reads that line back with ``user_error_in``.
+such a command learns the error as data: it names a file in ``ERROR_FILE_VARIABLE``,
+where the message is written, and reads it with ``read_error_file``.
 """
 import functools
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 
@@ -20,10 +23,17 @@ def error_line(prog: str, message: str) -> str:
     return f"{prog}: error: {message}"
 
 
-def user_error_in(line: str, prog: str) -> Optional[str]:
-    """The message of ``prog``'s error line (this module's or argparse's), else None."""
-    prefix = error_line(prog, "")
-    return line.strip()[len(prefix):] if line.startswith(prefix) else None
+# A program that runs a command of this package sets this to a file path; the command writes its
+# one-line error there as JSON ({"prog": ..., "error": ...}) besides printing it.
+ERROR_FILE_VARIABLE = "FAIRSEQ_EXT_ERROR_FILE"
+
+
+def read_error_file(path) -> Optional[str]:
+    """The one-line error a command wrote to ``path`` (see ERROR_FILE_VARIABLE), or None."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))["error"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def program_name() -> str:
@@ -46,6 +56,11 @@ def exit_on_user_error(main=None, *, prog: Optional[str] = None):
             return main(*args, **kwargs)
         except UserError as error:
             print(error_line(prog or program_name(), str(error)), file=sys.stderr, flush=True)
+            if os.environ.get(ERROR_FILE_VARIABLE):
+                from .files import write_text_atomically  # files imports this module
+
+                write_text_atomically(os.environ[ERROR_FILE_VARIABLE],
+                                      json.dumps({"prog": prog or program_name(), "error": str(error)}) + "\n")
             sys.exit(2)
 
     return wrapper

@@ -194,6 +194,11 @@ def parse_args(argv: Sequence[str], prog: Optional[str] = None):
         parser.prog = prog
     parser.usage, parser.description = USAGE, HELP_INTRO
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+    def refuse(message: str):  # one line, and a caller learns it as data (core.errors), like every bad input
+        raise UserError(message)
+
+    parser.error = refuse
     add_bitfit_args(parser)
     args = options.parse_args_and_arch(parser, input_args=argv)
     validate_args(args)

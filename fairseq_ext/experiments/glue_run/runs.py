@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 from ...core import interrupts
 from ...core.bitfit import format_trainable
-from ...core.errors import UserError, one_line, user_error_in
+from ...core.errors import ERROR_FILE_VARIABLE, UserError, one_line, read_error_file
 from ...core.files import write_text_atomically
 from ...core.progress import ConsoleProgress, format_duration
 from ...core.run_record import RECORD_NAME, read_run_record
@@ -201,11 +202,10 @@ def say(line: str) -> None:
 
 class TrainLog:
     """Copies a train.py process's output into its train.log as it comes, keeping the last lines
-    and its first one-line error (a thread: the runner polls the run record meanwhile)."""
+    (a thread: the runner polls the run record meanwhile)."""
 
     def __init__(self, stream, log_path: Path):
         self.last_lines: List[str] = []
-        self.user_error: Optional[str] = None
         self._thread = threading.Thread(target=self._copy, args=(stream, log_path), daemon=True)
         self._thread.start()
 
@@ -215,8 +215,6 @@ class TrainLog:
                 log.write(line)
                 log.flush()
                 self.last_lines = (self.last_lines + [line])[-20:]
-                if self.user_error is None:
-                    self.user_error = user_error_in(line, TRAIN_PROG)  # under torchrun a worker's exit 2 becomes 1
 
     def join(self, timeout_s: float = 30.0) -> None:
         self._thread.join(timeout_s)
@@ -228,7 +226,7 @@ CHILD_STOP_TIMEOUT_S = 120.0
 
 @dataclass
 class TrainingOutcome:
-    """How a train.py launch ended: its exit status, its first one-line error, its last lines, its seconds."""
+    """How a train.py launch ended: its exit status, its one-line error (bad input), its last lines, its seconds."""
     code: int
     user_error: Optional[str]
     last_lines: List[str]
@@ -240,9 +238,15 @@ class LocalTraining:
     process's environment (a GPU, a thread count)."""
 
     def __init__(self, command: List[str], log_path: Path, env: Optional[Dict[str, str]] = None):
+        # train.py writes its one-line error here (under torchrun every worker does; a worker's exit 2
+        # becomes torchrun's 1, so the file, not the exit status, says it was bad input).
+        handle, self.error_file = tempfile.mkstemp(prefix="train_error-", suffix=".json")
+        os.close(handle)
+        os.unlink(self.error_file)
         # Unbuffered: the log is whole if the run dies.
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        bufsize=1, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+                                        bufsize=1, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}),
+                                                            **{ERROR_FILE_VARIABLE: self.error_file}))
         self.log = TrainLog(self.process.stdout, log_path)
         self.start = time.monotonic()
 
@@ -255,7 +259,10 @@ class LocalTraining:
     def outcome(self) -> TrainingOutcome:
         code = self.process.wait()
         self.log.join()
-        return TrainingOutcome(code, self.log.user_error, self.log.last_lines, time.monotonic() - self.start)
+        user_error = read_error_file(self.error_file)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.error_file)
+        return TrainingOutcome(code, user_error, self.log.last_lines, time.monotonic() - self.start)
 
 
 def train_in_job(command: List[str], log_path: str, env: Dict[str, str]) -> TrainingOutcome:
@@ -341,8 +348,6 @@ def run_training(command: List[str], run: "PlannedRun", job: JobProgress, stage:
         raise interrupts.Interrupted(abs(code) - 128 if code > 0 else -code)  # train.py alone was stopped
     if code != 0 and outcome.user_error is not None:
         raise UserError(f"{TRAIN_PROG}: {outcome.user_error}")
-    if code == 2:
-        raise UserError(outcome.last_lines[-1].strip() if outcome.last_lines else f"train.py failed; see {log_path}")
     if code != 0:
         raise RuntimeError(f"train.py exited {code}; the end of {log_path}:\n{''.join(outcome.last_lines)}")
     return outcome.seconds
