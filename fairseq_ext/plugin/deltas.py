@@ -17,11 +17,23 @@ from fairseq import tasks, utils
 from fairseq.models import ARCH_MODEL_NAME_REGISTRY, ARCH_MODEL_REGISTRY
 from omegaconf import OmegaConf
 
-from ..core.delta_file import Delta, check_base_fingerprint, check_dictionary, copy_delta_into, read_delta
+from ..core.delta_file import (CLASSIFICATION, Delta, check_base_fingerprint, check_dictionary, copy_delta_into,
+                               read_delta)
 from ..core.errors import UserError, one_line
 from ..core.files import check_output_file, write_atomically
 from .checkpoints import checkpoint_config, load_checkpoint_file, model_only_checkpoint
 from .models.build import SEQ2SEQ_MODEL_OPTIONS, SHARED_MODEL_OPTIONS, build_fairseq_model, placeholder_dictionary
+from .task_families import LANGUAGE_MODEL
+
+# What two decoder-only language-model deltas must agree on to share one model: the decoder's shape,
+# its input and output projections and embeddings (fairseq's transformer_lm options).
+LANGUAGE_MODEL_OPTIONS = (
+    "arch", "decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads",
+    "decoder_normalize_before", "no_decoder_final_norm", "decoder_learned_pos", "decoder_input_dim",
+    "decoder_output_dim", "share_decoder_input_output_embed", "layernorm_embedding", "no_scale_embedding",
+    "no_token_positional_embeddings", "activation_fn", "max_target_positions", "tokens_per_sample",
+    "adaptive_softmax_cutoff", "adaptive_input", "adaptive_input_cutoff", "tie_adaptive_weights",
+    "character_embeddings")
 
 
 def model_args(delta: Delta, overrides: Optional[Mapping[str, object]] = None) -> argparse.Namespace:
@@ -31,6 +43,8 @@ def model_args(delta: Delta, overrides: Optional[Mapping[str, object]] = None) -
 
 def model_options(delta: Delta) -> Sequence[str]:
     """The model options that shape the delta's network (what two deltas on one model must share)."""
+    if delta.kind == LANGUAGE_MODEL:
+        return LANGUAGE_MODEL_OPTIONS
     return SEQ2SEQ_MODEL_OPTIONS if delta.is_seq2seq else SHARED_MODEL_OPTIONS
 
 
@@ -38,18 +52,22 @@ def build_model(delta: Delta, dictionary=None, target_dictionary=None,
                 overrides: Optional[Mapping[str, object]] = None):
     """The delta's fairseq model (no heads), built from its config; weights are random until loaded.
 
-    Without dictionaries, placeholders of the recorded sizes stand in: all building reads.
+    Without dictionaries, placeholders of the recorded sizes stand in: all building reads.  A model
+    that is not a classifier also reads a target dictionary: the recorded one (a seq2seq run's, a
+    language model's separate output dictionary), else the source dictionary (a language model, BART's
+    denoising, a masked LM).
     """
     if delta.arch not in ARCH_MODEL_REGISTRY:
         raise UserError(f"{delta.path}: unknown model arch {delta.arch!r} (a fairseq plugin missing?)")
     if dictionary is None:
         dictionary = placeholder_dictionary(delta.source_dictionary)
-    if delta.is_seq2seq and target_dictionary is None:
-        target_dictionary = placeholder_dictionary(delta.target_dictionary)
+    if target_dictionary is None and delta.kind != CLASSIFICATION:
+        target_dictionary = (placeholder_dictionary(delta.target_dictionary) if delta.target_dictionary is not None
+                             else dictionary)
     model = build_fairseq_model(vars(model_args(delta, overrides)), dictionary, target_dictionary)
-    if not delta.is_seq2seq and not hasattr(model, "register_classification_head"):
-        raise UserError(f"{delta.path}: arch {delta.arch!r} has no classification heads; deltas can be applied "
-                        "to sentence-prediction encoders (BERT, RoBERTa) and to seq2seq models")
+    if delta.kind == CLASSIFICATION and not hasattr(model, "register_classification_head"):
+        raise UserError(f"{delta.path}: arch {delta.arch!r} has no classification heads, but the delta is "
+                        f"{delta.describe_kind()}")
     return model.eval()
 
 
@@ -142,6 +160,28 @@ def check_seq2seq_dictionaries(task, delta: Delta, source: str) -> None:
                      f"the target dictionary {Path(data) / f'dict.{pair[1]}.txt'}", source)
 
 
+def language_model_task(delta: Delta, data):
+    """The delta's language-modelling task, its dictionary read from ``data`` (``dict.txt``) as training did."""
+    task_cfg = OmegaConf.create({**delta.task_cfg, "data": str(data)})
+    try:
+        return tasks.setup_task(task_cfg)
+    except FileNotFoundError as error:
+        raise UserError(f"{data}: no dict.txt of the delta's language model there: {one_line(error)}") from None
+
+
+def check_language_model_dictionaries(task, delta: Delta, source: str) -> None:
+    """A language model's input (and separate output) dictionary must be its run's."""
+    data = Path(getattr(task.args, "data", "") or "")
+    check_dictionary(delta.source_dictionary, task.source_dictionary, f"the dictionary {data / 'dict.txt'}", source)
+    if delta.target_dictionary is not None:
+        check_dictionary(delta.target_dictionary, task.target_dictionary,
+                         f"the output dictionary of {data / 'dict.txt'}", source)
+
+
+def check_language_model_dictionary(folder: Path, delta: Delta, source: str) -> None:
+    check_language_model_dictionaries(language_model_task(delta, folder), delta, source)
+
+
 def apply_delta(base_path, delta_path, out_path, force: bool = False, trust_checkpoint: bool = False) -> Path:
     """Write base + delta as a normal fairseq checkpoint at ``out_path``; returns it.
 
@@ -158,6 +198,8 @@ def apply_delta(base_path, delta_path, out_path, force: bool = False, trust_chec
     source = f"--base {base_path}"
     check_base_model(base, delta, source)
     folder = Path(base_path).parent
+    if delta.kind == LANGUAGE_MODEL and (folder / "dict.txt").is_file():  # fairseq's released LMs keep it there
+        check_language_model_dictionary(folder, delta, source)
     if delta.is_seq2seq and all((folder / f"dict.{lang}.txt").is_file() for lang in (delta.source_lang,
                                                                                        delta.target_lang)):
         check_seq2seq_dictionaries(seq2seq_task(delta, folder), delta, source)

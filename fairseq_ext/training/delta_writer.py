@@ -16,12 +16,12 @@ from omegaconf import OmegaConf
 
 from ..core import controls
 from ..core.bitfit import CLASSIFICATION_HEADS
-from ..core.delta_file import (CLASSIFICATION, MASKED_INDICES, MASKED_VALUES, SEQ2SEQ, Delta, delta_path_for,
-                               dictionary_identity, frozen_base_tensors, tensors_fingerprint)
+from ..core.delta_file import (MASKED_INDICES, MASKED_VALUES, Delta, delta_path_for, dictionary_identity,
+                               frozen_base_tensors, tensors_fingerprint)
 from ..core.errors import UserError
 from ..core.files import write_atomically
 from ..plugin import patches
-from ..plugin.seq2seq import is_seq2seq_task
+from ..plugin.task_families import ENCODER_DECODER_KINDS, LANGUAGE_MODEL, check_trainable, task_config
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +34,15 @@ class CheckpointDeltaWriter:
     carry the delta along (``patches.route_checkpoint_copies``).  With
     ``--bitfit-delta-only`` the only full checkpoint is checkpoint_last.pt, which
     resuming needs; every other name gets its delta alone.
+
+    Constructing it checks that the run's task and model can give a usable delta
+    (``task_families.check_trainable``): one line and exit status 2, not a traceback at the
+    first save.
     """
 
     def __init__(self, trainer):
         self.trainer = trainer
+        self.kind = check_run(trainer.cfg, trainer.task, trainer._model)
         self.delta_only = bool(trainer.cfg.bitfit.get("bitfit_delta_only", False))
         self._run_sections: Optional[dict] = None  # what stays the same for the whole run
         # Checkpoints saved as a delta only (abspath) -> the full resume file written at that save, or None.
@@ -125,10 +130,10 @@ class CheckpointDeltaWriter:
         sections = {
             "selection": {"terms": selection.terms, "train_heads": selection.train_heads, "trained": trained,
                           "unused": list(selection.unused), "delta_only": self.delta_only},
-            "task": _task_section(trainer.task),
+            "task": _task_section(trainer.task, self.kind),
             "model": {"arch": model_args.get("arch") or model_args.get("_name"), "args": model_args,
                       "namespace": namespace},
-            "dictionary": _dictionary_section(trainer.task),
+            "dictionary": _dictionary_section(trainer.task, self.kind),
             "base": {"fingerprint": tensors_fingerprint(frozen), "dtype": _dtype_name(frozen),
                      "tensors": len(frozen), "parameters": _distinct_numel(frozen.values())},
             "training_cfg": {key: value for key, value in plain_cfg.items() if key not in ("model", "task")},
@@ -136,20 +141,31 @@ class CheckpointDeltaWriter:
         return {"names": names, "sections": sections}
 
 
-def _dictionary_section(task) -> dict:
-    """The source dictionary's identity; a seq2seq run's target dictionary's under "target"."""
+def check_run(cfg, task, model) -> str:
+    """The delta kind of a BitFit run (``task_families``); UserError for a task or arch that cannot give one.
+
+    BitFitTrainer calls it before the selection probe runs a loss, so such a run stops before anything
+    trains; the writer calls it again at the first save."""
+    arch = getattr(cfg.model, "arch", None) or getattr(cfg.model, "_name", None) or "?"
+    task_name = getattr(cfg.task, "_name", None) or getattr(cfg.task, "task", None) or "?"
+    return check_trainable(task, model, task_name, arch)
+
+
+def _dictionary_section(task, kind: str) -> dict:
+    """The source dictionary's identity; under "target" the target dictionary's, for an encoder-decoder run
+    and for a language model whose output dictionary is not its input one (--output-dictionary-size)."""
     section = dictionary_identity(task.source_dictionary)
-    if is_seq2seq_task(task):
-        section["target"] = dictionary_identity(task.target_dictionary)
+    target = task.target_dictionary
+    if kind in ENCODER_DECODER_KINDS or (kind == LANGUAGE_MODEL and target is not None
+                                         and target is not task.source_dictionary):
+        section["target"] = dictionary_identity(target)
     return section
 
 
-def _task_section(task) -> dict:
+def _task_section(task, kind: str) -> dict:
     # The task's own config: setup_task resolved it (the glue task fills in --num-classes, --init-token...);
-    # the run's cfg.task keeps the command line's values.
-    task_cfg = task.cfg
-    task_cfg = OmegaConf.to_container(task_cfg, resolve=True, enum_to_str=True) if OmegaConf.is_config(task_cfg) \
-        else dict(vars(task_cfg) if isinstance(task_cfg, argparse.Namespace) else task_cfg)
+    # the run's cfg.task keeps the command line's values.  Legacy tasks keep theirs in task.args.
+    task_cfg = task_config(task)
     labels = getattr(task, "label_dictionary", None)
     num_classes = task_cfg.get("num_classes")
     label_symbols = None
@@ -157,7 +173,7 @@ def _task_section(task) -> dict:
         # sentence_prediction's class i is label symbol nspecial + i.
         label_symbols = list(labels.symbols[labels.nspecial:labels.nspecial + num_classes])
     truncate_to = task.max_positions() if hasattr(task, "max_positions") else None
-    return {"cfg": task_cfg, "kind": SEQ2SEQ if is_seq2seq_task(task) else CLASSIFICATION,
+    return {"cfg": task_cfg, "kind": kind,
             "label_symbols": label_symbols, "truncate_to": truncate_to if isinstance(truncate_to, int) else None}
 
 
