@@ -12,7 +12,7 @@ import tiny
 from test_glue_run import SCRIPT, glue_script, small_glue_dir
 
 from fairseq_ext.experiments import glue_run
-from fairseq_ext.experiments.glue_run import settings
+from fairseq_ext.experiments.glue_run import dispatch, settings
 
 
 # Three runs of two updates each: with PARALLEL=2 the third waits for a free slot.
@@ -134,7 +134,7 @@ def test_submitit_missing_names_the_package_to_install(tmp_path, capsys, monkeyp
 
 
 def _dispatch(monkeypatch, gpus, parallel, passthrough=()):
-    monkeypatch.setattr(glue_run, "visible_gpus", lambda: list(gpus))
+    monkeypatch.setattr(dispatch, "visible_gpus", lambda: list(gpus))
     args = parsed("--parallel", str(parallel))
     glue_run._check_settings(args, list(passthrough))
     return glue_run.Dispatch(args, list(passthrough))
@@ -148,7 +148,7 @@ def test_each_run_at_once_gets_its_own_gpu_and_no_more_runs_than_gpus(monkeypatc
 
 
 def test_on_cpu_runs_at_once_share_the_cores_unless_omp_num_threads_is_set(monkeypatch):
-    monkeypatch.setattr(glue_run, "available_cores", lambda: 8)
+    monkeypatch.setattr(dispatch, "available_cores", lambda: 8)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert _dispatch(monkeypatch, [], 3).slot_envs == [{"OMP_NUM_THREADS": "2"}] * 3
     assert _dispatch(monkeypatch, ["0"], 16, ["--cpu"]).slot_envs == [{"OMP_NUM_THREADS": "1"}] * 16

@@ -9,7 +9,7 @@ from fairseq_ext.core.errors import UserError
 from fairseq_ext.core.glue_tasks import get_task_spec
 from fairseq_ext.core.run_record import RECORD_NAME, RunRecord, epoch_stats, read_run_record
 from fairseq_ext.experiments.glue_run import run_summary
-from fairseq_ext.experiments.glue_run.runs import RecordEcho
+from fairseq_ext.experiments.glue_run.console import RecordEcho
 
 
 def strict_json(path):

@@ -1,5 +1,5 @@
-"""The GLUE runner's results: each run's row, the tables of results.md (and results.tex), the
-curves, and what is gathered from each task's best runs (leaderboard files, the bias-change figure).
+"""The GLUE runner's results: each run's row, the tables of results.md (and results.tex), and what is
+gathered from each task's best runs (leaderboard files, the bias-change figure); ``plots`` draws them.
 
 results.json keeps every run's row, the settings it was trained with included, so it is also
 the job's ledger: a planned run whose row is there with the same settings is done, even when
@@ -302,82 +302,6 @@ def results_latex(rows: List[dict], specs: dict) -> Optional[str]:
     ]) + "\n"
 
 
-def plot_curves(rows: List[dict], specs: dict, path: Path) -> None:
-    """Dev metric per epoch, one panel per task, one line per mode (its best lr): the mean over
-    seeds, with a band of one standard deviation where there are several."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    best = best_rows(main_rows(rows))
-    tasks = [t for t in specs if any(k[0] == t for k in best)]
-    if not tasks:
-        return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        primary = specs[task].primary_metric
-        for (t, mode), runs in sorted(best.items(), key=lambda item: _mode_order(item[0][1])):
-            if t != task:
-                continue
-            epochs = sorted({int(e) for run in runs for e in run["curve"]})
-            spreads = [_spread([run["curve"].get(str(e), {}).get(primary) for run in runs]) for e in epochs]
-            means = [m for m, _ in spreads]
-            line, = ax.plot(epochs, means, marker="o", markersize=3,
-                            label=f"{mode} (lr {runs[0]['lr']:g}, {len(runs)} seed{'s' if len(runs) > 1 else ''})")
-            if len(runs) > 1:
-                low = [m - (sd or 0.0) for m, sd in spreads]
-                high = [m + (sd or 0.0) for m, sd in spreads]
-                ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        _label_panel(ax, task, "epoch", primary)
-    _save_figure(fig, path)
-
-
-def plot_size_curves(rows: List[dict], specs: dict, path: Path) -> None:
-    """Dev metric against training rows (log scale), one panel per task, one line per mode: the
-    mean over seeds with a one-std band."""
-    best = best_rows(curve_rows(rows), by_size=True)
-    tasks = [t for t in specs if any(k[0] == t for k in best)]
-    if not tasks:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        primary = specs[task].primary_metric
-        for mode in sorted({k[1] for k in best if k[0] == task}, key=_mode_order):
-            sizes = sorted(k[2] for k in best if k[:2] == (task, mode))
-            spreads = [_spread([r["dev"].get(primary) for r in best[(task, mode, size)]]) for size in sizes]
-            line, = ax.plot(sizes, [m for m, _ in spreads], marker="o", markersize=3, label=mode)
-            if any(sd is not None for _, sd in spreads):
-                ax.fill_between(sizes, [m - (sd or 0.0) for m, sd in spreads], [m + (sd or 0.0) for m, sd in spreads],
-                                color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.set_xscale("log")
-        _label_panel(ax, task, "training rows", primary)
-    _save_figure(fig, path)
-
-
-def _label_panel(ax, task: str, xlabel: str, primary: str) -> None:
-    ax.set_title(task)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"dev {primary} (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-
-
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-
-
 def write_results(output_dir: Path, new_rows: List[dict]) -> List[dict]:
     path = output_dir / "results.json"
     rows = {run_key(r): r for r in load_results(path)}
@@ -389,8 +313,6 @@ def write_results(output_dir: Path, new_rows: List[dict]) -> List[dict]:
     latex = results_latex(rows, specs)
     if latex is not None:
         write_text_atomically(output_dir / "results.tex", latex)
-    plot_curves(rows, specs, output_dir / "curves.png")
-    plot_size_curves(rows, specs, output_dir / "size_curves.png")
     return rows
 
 

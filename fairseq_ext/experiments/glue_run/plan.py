@@ -1,0 +1,184 @@
+"""Planning a GLUE job: the model, the modes, and each run's train.py arguments, checked against what
+its folder or its row in results.json was trained with before."""
+import hashlib
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from ...core.bitfit import SelectionError, parse_terms
+from ...core.errors import UserError
+from ...core.glue_tasks import TASK_NAMES
+from ...plugin.data.glue_prepare import same_data
+from ...plugin.models import hf_import
+from ...plugin.models.model_dir import load_model_dir
+from ...plugin.models.pretrained import default_model_dir
+from ...training.glue_recipe import Recipe, schedule_updates, train_command, without_bookkeeping
+from ...training.options import BITFIT_PREFIX, mode_flags, mode_label
+from .results import Ledger
+from .console import saved_updates
+
+logger = logging.getLogger("fairseq_ext.experiments.glue_run")
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Tells folders apart by where they are and what they hold (file names, sizes, times)."""
+    listing = [str(folder.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                                         for f in sorted(folder.iterdir()) if f.is_file()]
+    return hashlib.sha256("\n".join(listing).encode()).hexdigest()[:12]
+
+
+def resolve_model(model: Optional[str], output_dir: Path):
+    """The model folder: the embedded default, a converted folder, or a Hugging Face folder to import."""
+    if not model:
+        return load_model_dir(default_model_dir())
+    path = Path(model)
+    if not path.is_dir():
+        raise UserError(f"MODEL {model}: not a directory (a converted model folder or a Hugging Face folder)")
+    if (path / "model.pt").exists():
+        return load_model_dir(path)
+    if (path / "config.json").exists():
+        target = output_dir / "models" / f"{path.resolve().name}-{_folder_fingerprint(path)}"
+        if not (target / "model.pt").exists():
+            logger.info(f"importing the Hugging Face folder {path} into {target}")
+            hf_import.convert(path, target)
+        return load_model_dir(target)
+    raise UserError(f"MODEL {model}: holds neither model.pt (fairseq) nor config.json (Hugging Face)")
+
+
+def present_tasks(glue_dir: Path) -> List[str]:
+    return [name for name in TASK_NAMES if (glue_dir / name / "train.tsv").is_file()]
+
+
+def run_modes(text: str, bitfit_terms: str) -> List[str]:
+    """MODE's run modes as labels (full, head, bitfit-<terms>), each checked."""
+    given = text.split()
+    if not given:
+        raise UserError("MODE is empty; modes: full, head, bitfit, bitfit-<terms>, rand_uniform or rand_row_col")
+    modes = []
+    for mode in given:
+        label = mode_label(mode, bitfit_terms) if mode == "bitfit" else mode
+        setting = f"BITFIT_TERMS {bitfit_terms}" if mode == "bitfit" else f"MODE {mode}"
+        try:
+            mode_flags(label)
+            if label.startswith(BITFIT_PREFIX):
+                parse_terms(label[len(BITFIT_PREFIX):])
+        except (UserError, SelectionError) as error:
+            raise UserError(f"{setting}: {error}") from None
+        modes.append(label)
+    return list(dict.fromkeys(modes))
+
+
+def run_settings(train_args: List[str], prepared: Path, run_dir: Path, manifest: dict) -> dict:
+    """What a run's result depends on: train.py's arguments (folders and bookkeeping aside) and the prepared data."""
+    folders = {str(prepared): "DATA", str(run_dir): "RUN_DIR"}
+    return {"train_args": [folders.get(arg, arg) for arg in without_bookkeeping(train_args)],
+            "data": manifest.get("cache_key") or manifest["splits"]}
+
+
+def _options(train_args: List[str]) -> Dict[str, str]:
+    """{--flag: its value(s), '' for a switch} of a train.py argument list (the last given wins)."""
+    options, flag = {}, "DATA"
+    for arg in train_args:
+        if arg.startswith("--"):
+            flag = arg.split("=", 1)[0]
+            options[flag] = arg.split("=", 1)[1] if "=" in arg else ""
+        else:
+            options[flag] = f"{options.get(flag, '')} {arg}".strip()
+    return options
+
+
+def settings_change(before: dict, settings: dict, manifest: dict) -> Optional[str]:
+    """What differs between the settings a run was trained with and ``settings`` (of data prepared as
+    ``manifest`` says); None if nothing."""
+    before = dict(before, train_args=without_bookkeeping(before["train_args"]))  # written before they were left out
+    if same_data(before["data"], manifest):  # the same rows, perhaps recorded under the data's file key
+        before["data"] = settings["data"]
+    if before == settings:
+        return None
+    if before["data"] != settings["data"]:
+        return "the training data (GLUE files, TRAIN_SUBSET or the model's tokenizer)"
+    old, new = _options(before["train_args"]), _options(settings["train_args"])
+    changed = [f"{flag} {old.get(flag, '(unset)')} -> {new.get(flag, '(unset)')}"
+               for flag in list(new) + [f for f in old if f not in new] if old.get(flag) != new.get(flag)]
+    return "train.py arguments (" + (", ".join(changed[:4]) or "their order") + ")"
+
+
+def check_same_settings(run_dir: Path, settings: dict, manifest: dict, recorded_row: Optional[dict],
+                        results_file: Path) -> None:
+    """Refuse to reuse or resume a run that was trained with other settings: its folder's settings.json,
+    or its row in results.json (rows from before settings were kept in them are not checked)."""
+    recorded = run_dir / "settings.json"
+    if recorded.exists():
+        change = settings_change(json.loads(recorded.read_text()), settings, manifest)
+        if change:
+            raise UserError(f"{run_dir} was trained with other settings: {change} changed; "
+                            "use another OUTPUT_DIR, or delete that run folder to train it again")
+    if recorded_row is not None and recorded_row.get("settings") is not None:
+        change = settings_change(recorded_row["settings"], settings, manifest)
+        if change:
+            raise UserError(f"{results_file} holds a row for {run_dir} trained with other settings: {change} "
+                            "changed; use another OUTPUT_DIR, or delete that run folder and its row in "
+                            "results.json to train it again")
+
+
+@dataclass
+class PlannedRun:
+    spec: object
+    mode: str  # full, head or bitfit-<terms>
+    lr: float
+    seed: int
+    prepared: Path
+    run_dir: Path
+    train_args: List[str]
+    settings: dict
+    train_rows: int
+    planned_updates: int
+    base_checkpoint: str
+    recipe: Recipe
+    train_subset: Optional[int] = None  # TRAIN_SUBSET or the TRAIN_SUBSETS size; None: every row
+    curve: bool = False  # one size of a TRAIN_SUBSETS training-size curve
+    recorded: Optional[dict] = None  # its row in results.json, trained with these settings
+    updates_done: int = 0  # an interrupted run: the updates in the checkpoint it resumes from
+
+    @property
+    def label(self) -> str:
+        rows = f" {self.train_rows:,} rows" if self.curve else ""
+        return f"{self.spec.name}{rows} {self.mode} lr {self.lr:g} seed {self.seed}"
+
+    @property
+    def result_file(self) -> Path:
+        return self.run_dir / "result.json"
+
+    @property
+    def finished(self) -> bool:
+        return self.result_file.exists() or self.recorded is not None
+
+
+def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, mode: str, recipe: Recipe, lr: float,
+             seed: int, passthrough: List[str], bookkeeping: Sequence[str], ledger: Ledger,
+             train_subset: Optional[int] = None, curve: bool = False) -> PlannedRun:
+    """One run's train.py arguments, checked against what its folder, or its row in results.json, was
+    trained with before."""
+    train_rows = manifest["splits"]["train"]["rows_written"]
+    world_size = args.nproc * args.nnodes
+    train_args = train_command(spec, model, prepared, run_dir, mode, recipe, lr, seed, train_rows, world_size,
+                               passthrough, args.max_seq_len, bookkeeping)
+    planned = schedule_updates(passthrough, recipe.batch, recipe.epochs, train_rows, world_size)
+    settings = run_settings(train_args, prepared, run_dir, manifest)
+    row = ledger.row(spec.name, mode, lr, seed, train_subset if curve else None)
+    check_same_settings(run_dir, settings, manifest, row, ledger.path)
+    recorded = row if row is not None and row.get("settings") is not None and \
+        settings_change(row["settings"], settings, manifest) is None else None
+    return PlannedRun(spec, mode, lr, seed, prepared, run_dir, train_args, settings, train_rows, planned,
+                      str(model.checkpoint), recipe, train_subset, curve, recorded, saved_updates(run_dir))
+
+
+def bookkeeping_args(args, tensorboard_dir: Path) -> List[str]:
+    """train.py flags for saving and logging: --save-interval-minutes, and tensorboard logs where it is installed."""
+    flags = ["--save-interval-minutes", f"{args.save_minutes:g}"]
+    if importlib.util.find_spec("tensorboardX") is not None or importlib.util.find_spec("tensorboard") is not None:
+        flags += ["--tensorboard-logdir", str(tensorboard_dir)]
+    return flags
