@@ -9,6 +9,7 @@ run's full one (float32, as fairseq saves).  The predictors (classification:
 same functions and swap their tasks' tensors in place with ``InPlaceDeltas``.
 """
 import argparse
+import contextlib
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
 
@@ -72,10 +73,14 @@ def build_model(delta: Delta, dictionary=None, target_dictionary=None,
 
 
 def shared_model(delta: Delta, base_state: dict, source: str, device, dictionary=None, target_dictionary=None,
-                 overrides: Optional[Mapping[str, object]] = None):
+                 overrides: Optional[Mapping[str, object]] = None, draw_init_as_fairseq: bool = False):
     """The model a predictor serves its tasks' deltas on: built from ``delta``'s config, holding the
-    base weights (``base_state``, left as it is), in float32 on ``device``, in eval mode."""
-    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG be
+    base weights (``base_state``, left as it is), in float32 on ``device``, in eval mode.
+
+    The random init is overwritten, so the caller's RNG is left as it was; ``draw_init_as_fairseq``
+    draws it from the caller's RNG instead, as fairseq's checkpoint loading does, so that a fairseq
+    command sampling with --seed after loading draws the same samples as from a merged checkpoint."""
+    with contextlib.nullcontext() if draw_init_as_fairseq else torch.random.fork_rng(devices=[]):
         model = build_model(delta, dictionary, target_dictionary, overrides)
     # load_base upgrades (renames) keys in the dict it gets: keep the caller's intact.
     load_base(model, dict(base_state), delta, source)

@@ -1,4 +1,4 @@
-"""fairseq-generate (and fairseq-interactive) from a base seq2seq model plus a BitFit delta.
+"""fairseq-generate (and fairseq-interactive) from a base model plus a BitFit delta: seq2seq or language model.
 
     python -m fairseq_ext.tools.generate DATA --path BASE.pt --delta D.delta.safetensors [fairseq-generate options]
     python -m fairseq_ext.tools.generate --interactive DATA --path BASE.pt --delta D.delta.safetensors < input.txt
@@ -8,7 +8,10 @@ This is fairseq's own generation (``fairseq_cli.generate``, or ``fairseq_cli.int
 --gen-subset, --scoring sacrebleu, --results-path, --model-overrides...); its model is built in
 memory from --path (the checkpoint the BitFit run started from) and --delta, with no merged
 checkpoint written (``fairseq_ext.plugin.seq2seq``).  DATA's dictionaries and the languages must
-be the delta's run's.  Without --delta it is fairseq-generate with this package's safe
+be the delta's run's.  A language-model delta (``--task language_modeling``) samples continuations
+of the prompts given to --interactive (or of DATA's --gen-subset) with fairseq's generation options for
+language models (--sampling, --sampling-topk, --sampling-topp, --temperature, --beam 1, --max-len-b...);
+its model is built the same way (``fairseq_ext.plugin.language_models``).  Without --delta it is fairseq-generate with this package's safe
 checkpoint loading (a merged checkpoint from ``fairseq_ext.tools.delta apply``, for instance).
 """
 import ast
@@ -23,7 +26,9 @@ from ..core.delta_file import read_delta
 from ..core.errors import UserError, exit_on_user_error, one_line
 from ..plugin import patches
 from ..plugin.checkpoints import add_trust_checkpoint_argument, check_checkpoint_container
+from ..plugin.language_models import LanguageModelPredictor, check_language_model_task
 from ..plugin.seq2seq import Seq2SeqPredictor, check_generates
+from ..plugin.task_families import LANGUAGE_MODEL
 
 INTERACTIVE = "--interactive"
 
@@ -34,7 +39,7 @@ def build_parser(interactive: bool):
     parser.prog = "python -m fairseq_ext.tools.generate" + (f" {INTERACTIVE}" if interactive else "")
     group = parser.add_argument_group("BitFit delta")
     group.add_argument("--delta", metavar="FILE",
-                       help="a seq2seq BitFit delta (.delta.safetensors) of a run that started from --path: "
+                       help="a seq2seq or language-model BitFit delta (.delta.safetensors) of a run that started from --path: "
                             "generate from --path with the delta's tensors, no merged checkpoint written")
     add_trust_checkpoint_argument(group, flag="--path")
     return parser
@@ -74,11 +79,15 @@ def main(argv=None) -> None:
     if len(paths) != 1:
         raise UserError(f"--path {cfg.common_eval.path}: with --delta, one base checkpoint (no ensemble)")
     delta = read_delta(args.delta)
-    check_generates(delta, f"--delta {args.delta}")
+    if delta.kind != LANGUAGE_MODEL:
+        check_generates(delta, f"--delta {args.delta}")
     try:
         model_overrides = ast.literal_eval(cfg.common_eval.model_overrides)
     except (ValueError, SyntaxError):
         raise UserError(f"--model-overrides {cfg.common_eval.model_overrides}: not a Python dict literal") from None
+    if delta.kind == LANGUAGE_MODEL:
+        sample_language_model(cfg, args, delta, paths[0], model_overrides, fairseq_generation)
+        return
     predictor = Seq2SeqPredictor(paths[0], task=setup_task(cfg), trust_checkpoint=args.trust_checkpoint,
                                  model_overrides=model_overrides, base_flag="--path")
     predictor.add_task(args.delta, delta)
@@ -88,6 +97,24 @@ def main(argv=None) -> None:
     with patches.models_in_memory({paths[0]: lambda overrides, task: ([predictor.model], predictor.cfg)}):
         fairseq_generation.main(cfg)
 
+
+def sample_language_model(cfg, args, delta, path, model_overrides, fairseq_generation) -> None:
+    """fairseq's generation loop on base + a language-model delta.  The model is built where fairseq
+    loads its checkpoint, after it seeded its RNG, drawing the random init as fairseq's loading does:
+    sampling with --seed draws what fairseq draws from the merged checkpoint."""
+    source = f"--delta {args.delta}"
+    check_language_model_task(setup_task(cfg), delta, source)  # bad input stops before fairseq starts
+
+    def load(overrides, task):
+        predictor = LanguageModelPredictor(path, task=task, trust_checkpoint=args.trust_checkpoint,
+                                           model_overrides=model_overrides, base_flag="--path",
+                                           draw_init_as_fairseq=True)
+        predictor.add_task(args.delta, delta)
+        predictor.use(args.delta)
+        return [predictor.model], predictor.cfg
+
+    with patches.models_in_memory({path: load}):
+        fairseq_generation.main(cfg)
 
 if __name__ == "__main__":
     main()
