@@ -165,7 +165,7 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes_mid_epoch(glue,
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming the interrupted run" in again.stdout
-    assert json.loads((run_dir / "result.json").read_text())["updates"] == 40
+    assert json.loads((run_dir / "run.json").read_text())["result"]["updates"] == 40
 
 
 def read_last_launch(record):
@@ -253,7 +253,7 @@ def cola_subset_run(glue, tmp_path_factory):
     out = tmp_path_factory.mktemp("cola_subset")
     run_dir = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1"
     run_dir.mkdir(parents=True)
-    (run_dir / "elapsed.json").write_text('{"seconds": 1000.0}')  # as an interrupted first launch leaves it
+    (run_dir / "elapsed.json").write_text('{"seconds": 1000.0}')  # as an interrupted launch before run.json left it
     glue_script(dict(SUBSET_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(out)), *SUBSET_ARGS)
     return out
 
@@ -265,6 +265,9 @@ def test_learning_rate_decays_over_the_updates_actually_run(cola_subset_run):
     run = json.loads((out / "results.json").read_text())["runs"][0]
     assert run["updates"] == 6
     assert 1000 < run["wall_time_s"] < 2000  # every launch of the run counts
+    run_dir = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1"
+    assert not (run_dir / "elapsed.json").exists()  # migrated into run.json
+    assert json.loads((run_dir / "run.json").read_text())["seconds"] == run["wall_time_s"]
     log = (out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1" / "train.log").read_text()
     assert re.findall(r"'total_num_update': (\d+)", log)[0] == "6"
     lrs = [float(json.loads(line.split("| train_inner | ", 1)[1])["lr"]) for line in log.splitlines()

@@ -2,7 +2,6 @@
 reused when it finished before, else trained and its row collected (dev results from its run record,
 leaderboard files from its best checkpoint)."""
 import functools
-import json
 import os
 import queue
 import signal
@@ -13,7 +12,6 @@ from typing import Callable, Dict, List, Optional
 
 from ...core import interrupts
 from ...core.errors import UserError
-from ...core.files import write_text_atomically
 from ...core.glue_files import write_leaderboard_tsv
 from ...core.progress import DEFAULT_INTERVAL_S, ConsoleProgress
 from ...core.run_record import RECORD_NAME, epoch_stats, read_run_record
@@ -22,6 +20,7 @@ from ...plugin.deltas import apply_delta
 from ...plugin.glue_split_predictions import predict_prepared_split
 from ...training.options import TRAIN_COMMAND, TRAIN_MODULE
 from .plan import PlannedRun
+from .run_file import RUN_FILE, RunFile
 from .console import JobProgress, finished_line, say
 from .runs import JobStage, LocalTraining, StartTraining, SubmititTraining, launch_train_py
 
@@ -54,9 +53,9 @@ def best_epoch(epochs: Dict[int, dict], primary: str) -> Optional[int]:
 
 
 def train_or_reuse(run: PlannedRun, args, job: JobProgress, stage: "JobStage", start: StartTraining = LocalTraining) -> dict:
-    if run.result_file.exists():
-        say(f"  {run.label}: done earlier ({run.result_file})")
-        return json.loads(run.result_file.read_text())
+    if run.result is not None:
+        say(f"  {run.label}: done earlier ({run.run_dir / RUN_FILE})")
+        return run.result
     if run.recorded is not None:  # its folder is gone, its row is kept
         say(f"  {run.label}: done earlier (its row in results.json)")
         return run.recorded
@@ -68,7 +67,9 @@ def _train_and_collect(run: PlannedRun, args, job: JobProgress, stage: "JobStage
     spec, run_dir = run.spec, run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.node_rank == 0:
-        write_text_atomically(run_dir / "settings.json", json.dumps(run.settings, indent=1) + "\n")
+        run_file = RunFile.read(run_dir)
+        run_file.settings = run.settings
+        run_file.write(run_dir)
     command = launch_command(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port) + run.train_args
     say(f"  {run.label}: training ({run_dir}; log: {run_dir / 'train.log'})")
     wall = launch_train_py(command, run, job, stage, start)
@@ -86,7 +87,9 @@ def _train_and_collect(run: PlannedRun, args, job: JobProgress, stage: "JobStage
                trainable=parsed["trainable"], total=parsed["total"], updates=parsed["updates"],
                predictions=predict_test_sets(spec, run.prepared, run_dir, run.base_checkpoint, run.label,
                                              job.interval_s, job.bar, stage.check_stop))
-    write_text_atomically(run.result_file, json.dumps(row, indent=1) + "\n")
+    run_file = RunFile.read(run_dir)
+    run_file.result = row
+    run_file.write(run_dir)
     job.finished(run, parsed["updates"], wall)
     say(f"  {run.label}: {finished_line(row, parsed['early_stop'])}")
     return row

@@ -2,7 +2,6 @@
 its folder or its row in results.json was trained with before."""
 import hashlib
 import importlib.util
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ...core.bitfit import SelectionError, parse_terms
 from ...core.errors import UserError
-from ...core.glue_tasks import TASK_NAMES
+from ...core.glue_tasks import TASK_NAMES, GlueTaskSpec
 from ...plugin.data.glue_prepare import same_data
 from ...plugin.models import hf_import
 from ...plugin.models.model_dir import load_model_dir
@@ -19,6 +18,7 @@ from ...training.glue_recipe import Recipe, schedule_updates, train_command, wit
 from ...training.options import BITFIT_PREFIX, mode_flags, mode_label
 from .results import Ledger
 from .console import saved_updates
+from .run_file import RunFile, finished_result
 
 logger = logging.getLogger("fairseq_ext.experiments.glue_run")
 
@@ -108,11 +108,11 @@ def settings_change(before: dict, settings: dict, manifest: dict) -> Optional[st
 
 def check_same_settings(run_dir: Path, settings: dict, manifest: dict, recorded_row: Optional[dict],
                         results_file: Path) -> None:
-    """Refuse to reuse or resume a run that was trained with other settings: its folder's settings.json,
-    or its row in results.json (rows from before settings were kept in them are not checked)."""
-    recorded = run_dir / "settings.json"
-    if recorded.exists():
-        change = settings_change(json.loads(recorded.read_text()), settings, manifest)
+    """Refuse to reuse or resume a run that was trained with other settings: its folder's run file, or its
+    row in results.json (rows from before settings were kept in them are not checked)."""
+    recorded = RunFile.read(run_dir).settings if run_dir.is_dir() else None
+    if recorded is not None:
+        change = settings_change(recorded, settings, manifest)
         if change:
             raise UserError(f"{run_dir} was trained with other settings: {change} changed; "
                             "use another OUTPUT_DIR, or delete that run folder to train it again")
@@ -124,9 +124,11 @@ def check_same_settings(run_dir: Path, settings: dict, manifest: dict, recorded_
                             "results.json to train it again")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PlannedRun:
-    spec: object
+    """One run of the job, as planned: what it trains, where, with which train.py arguments and settings."""
+
+    spec: GlueTaskSpec
     mode: str  # full, head or bitfit-<terms>
     lr: float
     seed: int
@@ -141,6 +143,7 @@ class PlannedRun:
     train_subset: Optional[int] = None  # TRAIN_SUBSET or the TRAIN_SUBSETS size; None: every row
     curve: bool = False  # one size of a TRAIN_SUBSETS training-size curve
     recorded: Optional[dict] = None  # its row in results.json, trained with these settings
+    result: Optional[dict] = None  # its results row, if it finished (its run file's)
     updates_done: int = 0  # an interrupted run: the updates in the checkpoint it resumes from
 
     @property
@@ -149,12 +152,8 @@ class PlannedRun:
         return f"{self.spec.name}{rows} {self.mode} lr {self.lr:g} seed {self.seed}"
 
     @property
-    def result_file(self) -> Path:
-        return self.run_dir / "result.json"
-
-    @property
     def finished(self) -> bool:
-        return self.result_file.exists() or self.recorded is not None
+        return self.result is not None or self.recorded is not None
 
 
 def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, mode: str, recipe: Recipe, lr: float,
@@ -172,8 +171,10 @@ def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, m
     check_same_settings(run_dir, settings, manifest, row, ledger.path)
     recorded = row if row is not None and row.get("settings") is not None and \
         settings_change(row["settings"], settings, manifest) is None else None
-    return PlannedRun(spec, mode, lr, seed, prepared, run_dir, train_args, settings, train_rows, planned,
-                      str(model.checkpoint), recipe, train_subset, curve, recorded, saved_updates(run_dir))
+    return PlannedRun(spec=spec, mode=mode, lr=lr, seed=seed, prepared=prepared, run_dir=run_dir, train_args=train_args,
+                      settings=settings, train_rows=train_rows, planned_updates=planned,
+                      base_checkpoint=str(model.checkpoint), recipe=recipe, train_subset=train_subset, curve=curve,
+                      recorded=recorded, result=finished_result(run_dir), updates_done=saved_updates(run_dir))
 
 
 def bookkeeping_args(args, tensorboard_dir: Path) -> List[str]:

@@ -2,7 +2,6 @@
 into the run folder, its progress shown (``console``), and a stop passed on so that train.py saves
 before it ends."""
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -15,12 +14,12 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 from ...core import interrupts
 from ...core.errors import ERROR_FILE_VARIABLE, UserError, one_line, read_error_file
-from ...core.files import write_text_atomically
 from ...core.progress import ConsoleProgress, format_duration
 from ...core.run_record import RECORD_NAME
 from ...training.options import TRAIN_PROG
 
 from .console import JobProgress, RecordEcho, saved_updates
+from .run_file import RunFile, finished_result
 
 if TYPE_CHECKING:
     from .plan import PlannedRun
@@ -206,15 +205,15 @@ def launch_train_py(command: List[str], run: "PlannedRun", job: JobProgress, sta
                 start: StartTraining = LocalTraining) -> float:
     """Launch train.py once (``start``) for ``run`` and watch it to its end (``_watch_launch``); the seconds
     this run has trained over all its launches (resumes included)."""
-    elapsed = run.run_dir / "elapsed.json"
-    earlier = json.loads(elapsed.read_text())["seconds"] if elapsed.exists() else 0.0
+    earlier = RunFile.read(run.run_dir).seconds
     start_time, trained = time.time(), None
     try:
         trained = _watch_launch(command, run, job, stage, start)
     finally:  # an interrupted launch counts too; a queued SLURM job's wait does not, once its time is known
-        total = earlier + (trained if trained is not None else time.time() - start_time)
-        write_text_atomically(elapsed, json.dumps({"seconds": round(total, 1)}) + "\n")
-    return total
+        run_file = RunFile.read(run.run_dir)
+        run_file.seconds = round(earlier + (trained if trained is not None else time.time() - start_time), 1)
+        run_file.write(run.run_dir)
+    return run_file.seconds
 
 
 class JobStage:
@@ -265,7 +264,7 @@ class JobStage:
 
 
 def _continues(run: "PlannedRun") -> str:
-    if (run.run_dir / "result.json").exists():
+    if finished_result(run.run_dir) is not None:
         return "finished"
     updates = saved_updates(run.run_dir)
     return f"continues from update {updates:,}" if updates else "starts over: it saved no checkpoint yet"
