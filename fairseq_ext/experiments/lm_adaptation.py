@@ -107,13 +107,13 @@ def train(argv: list, log: Path) -> float:
 
 def perplexity(data: Path, path: Path, args, delta: Path = None) -> float:
     """Dev perplexity with tools.eval_lm (base plus delta, or a checkpoint), blocks of --tokens-per-sample."""
-    from ..tools import eval_lm
+    from ..plugin.eval_lm import eval_lm
 
     argv = [str(data), "--path", str(path), "--gen-subset", "valid", "--cpu", "--tokens-per-sample",
             str(args.tokens_per_sample), "--max-tokens", "8192", "--num-workers", "0", "--log-format", "none"]
     if delta is not None:
         argv += ["--delta", str(delta)]
-    return float(eval_lm.main(argv)["perplexity"])
+    return float(eval_lm(argv)["perplexity"])
 
 
 def run(args) -> dict:
