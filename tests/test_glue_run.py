@@ -217,7 +217,7 @@ def test_a_bad_file_in_a_later_task_stops_before_any_training(tmp_path, edit, ne
     ({"EPOCHS": "0"}, [], "EPOCHS '0'"),
     ({"MAX_SEQ_LEN": "0"}, [], "MAX_SEQ_LEN '0'"),
     ({"LRS": "abc"}, [], "LRS 'abc'"),
-    ({}, ["--max-update", "abc"], "--max-update 'abc'"),
+    ({}, ["--max-update", "abc"], "argument --max-update: invalid int value: 'abc'"),
     ({}, ["--update-freq", "0"], "--update-freq '0'"),
 ])
 def test_bad_settings_are_one_line_before_anything_is_written(glue, tmp_path, env, args, needle):
@@ -231,16 +231,27 @@ def test_bad_settings_are_one_line_before_anything_is_written(glue, tmp_path, en
 
 
 def test_schedule_follows_the_batch_size_update_freq_epochs_and_workers_train_py_will_use():
+    """The schedule is computed from the options as train.py's own parser reads them: the last of a flag
+    given twice wins, whatever its spelling."""
+    from fairseq_ext.plugin import patches
     from fairseq_ext.training.glue_recipe import schedule_updates
+    from fairseq_ext.training.options import parse_options
 
+    patches.install()
     rows = 8551  # CoLA's training rows
-    assert schedule_updates([], 32, 2, rows, 1) == 2 * 268
-    assert schedule_updates(["--batch-size", "8"], 32, 2, rows, 1) == 2 * 1069
-    assert schedule_updates(["--batch-size", "16", "--max-sentences=8"], 32, 2, rows, 1) == 2 * 1069  # the last wins
-    assert schedule_updates(["--batch-size", "8", "--update-freq", "4"], 32, 2, rows, 1) == 2 * 268
-    assert schedule_updates(["--batch-size", "8", "--update-freq", "2,4"], 32, 3, rows, 1) == 535 + 268 + 268
-    assert schedule_updates(["--batch-size", "8", "--max-epoch", "1"], 32, 2, rows, 2) == 535
-    assert schedule_updates(["--batch-size", "8", "--max-update", "7"], 32, 2, rows, 1) == 7
+
+    def schedule(*args, epochs=2, world_size=1):
+        options = parse_options(["DATA", "--task", "glue", "--glue-task", "CoLA", "--arch", "roberta",
+                                 "--batch-size", "32", "--max-epoch", str(epochs), *args])
+        return schedule_updates(options, rows, world_size)
+
+    assert schedule() == 2 * 268
+    assert schedule("--batch-size", "8") == 2 * 1069
+    assert schedule("--batch-size", "16", "--max-sentences=8") == 2 * 1069  # the last wins
+    assert schedule("--batch-size", "8", "--update-freq", "4") == 2 * 268
+    assert schedule("--batch-size", "8", "--update-freq", "2,4", epochs=3) == 535 + 268 + 268
+    assert schedule("--batch-size", "8", "--max-epoch", "1", world_size=2) == 535
+    assert schedule("--batch-size", "8", "--max-update", "7") == 7
 
 
 SUBSET_ENV = {"TASKS": "CoLA", "TRAIN_SUBSET": "48", "EPOCHS": "1"}

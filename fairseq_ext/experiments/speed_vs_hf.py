@@ -65,7 +65,7 @@ def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe:
             return super().begin_epoch(epoch)
 
     save_dir = workdir / f"{mode}-{'grouped' if grouped else 'random'}"
-    argv = train_command(spec, model, data_dir, save_dir, mode, recipe, recipe.lrs[0], 1, train_rows, 1, [], 128)
+    argv = train_command(spec, model, data_dir, save_dir, mode, recipe, recipe.lrs[0], 1, train_rows, 1, [], 128).args
     if not grouped:
         argv[argv.index("--group-by-length") + 1] = "0"
     cli_main(argv + ["--no-save", "--log-interval", "1000"], trainer_class=EpochTimedTrainer)

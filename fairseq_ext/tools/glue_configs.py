@@ -44,7 +44,7 @@ def recipe_command(task: str, mode: str) -> List[str]:
     spec, rows = TASKS[task], GLUE_TRAIN_ROWS[task]
     recipe = glue_recipe.default_recipe(mode, task, rows, ROBERTA_PARAMS)
     return glue_recipe.train_command(spec, ROBERTA_BASE, Path(REQUIRED), Path("checkpoints"), mode, recipe,
-                                     recipe.lrs[0], 1, rows, 1, [], MAX_SEQ_LEN)
+                                     recipe.lrs[0], 1, rows, 1, [], MAX_SEQ_LEN).args
 
 
 def render(task: str, mode: str) -> str:

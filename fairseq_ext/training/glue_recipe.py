@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from ..core.errors import UserError
-from .options import FULL, mode_flags
+from .options import FULL, mode_flags, parse_known_options, parse_options
 
 # fairseq's RoBERTa GLUE recipe (examples/roberta/README.glue.md): lr and batch size per task.
 FULL_FT_LR = {"MNLI": 1e-5, "QNLI": 1e-5, "QQP": 1e-5, "RTE": 2e-5, "SST-2": 1e-5,
@@ -84,58 +84,57 @@ SMALL_MODEL = {FULL: _small_full, "bias": _small_bias}
 # -- train.py arguments -------------------------------------------------------------
 
 
-def passthrough_value(passthrough: Sequence[str], *flags: str) -> Optional[str]:
-    """The value train.py will see for one of ``flags`` among extra arguments (the last given)."""
-    found = None
-    for i, arg in enumerate(passthrough):
-        for flag in flags:
-            if arg == flag and i + 1 < len(passthrough):
-                found = passthrough[i + 1]
-            elif arg.startswith(flag + "="):
-                found = arg.split("=", 1)[1]
-    return found
+@dataclass(frozen=True)
+class TrainCommand:
+    """One run's train.py command line, what of it decides the result, and its schedule's length."""
+
+    args: List[str]  # train.py's arguments
+    settings_args: List[str]  # the same without the flags that only log and save (``bookkeeping``)
+    total_updates: int  # the updates the learning-rate schedule decays over (the run's planned length)
 
 
-def passthrough_ints(passthrough: Sequence[str], *flags: str) -> Optional[List[int]]:
-    """A positive integer (or fairseq's comma list of them, as --update-freq takes) given after the script."""
-    value = passthrough_value(passthrough, *flags)
-    if value is None:
-        return None
-    try:
-        numbers = [int(v) for v in value.split(",")]
-    except ValueError:
-        numbers = []
-    if not numbers or min(numbers) < 1:
-        raise UserError(f"{flags[0]} {value!r} (after the script): expected a positive integer")
-    return numbers
+# The options train.py's schedule depends on, each checked to be a positive count (0: unset, where allowed).
+SCHEDULE_COUNTS = (("max_update", "--max-update", True), ("max_epoch", "--max-epoch", True),
+                   ("batch_size", "--batch-size", False))
 
 
-def check_passthrough(passthrough: Sequence[str]) -> None:
-    for flags in (("--max-update",), ("--max-epoch",), ("--batch-size", "--max-sentences"), ("--update-freq",)):
-        passthrough_ints(passthrough, *flags)
+def check_schedule_counts(options) -> None:
+    """--max-update, --max-epoch, --batch-size and --update-freq as counts a schedule can be made of."""
+    for name, flag, zero_unsets in SCHEDULE_COUNTS:
+        value = getattr(options, name)
+        if value is None or value < (0 if zero_unsets else 1):
+            raise UserError(f"{flag} {value!r}: expected a positive integer")
+    if any(freq < 1 for freq in options.update_freq):
+        raise UserError(f"--update-freq {','.join(map(str, options.update_freq))!r}: expected positive integers")
 
 
-def schedule_updates(passthrough: Sequence[str], batch: int, epochs: int, train_rows: int, world_size: int) -> int:
-    """The updates the polynomial schedule decays over: --max-update if given, else what
-    --max-epoch epochs take at the batch size, update frequency and world size train.py will use."""
-    max_update = passthrough_ints(passthrough, "--max-update")
-    if max_update:
-        return max_update[0]
-    batch = (passthrough_ints(passthrough, "--batch-size", "--max-sentences") or [batch])[0]
-    epochs = (passthrough_ints(passthrough, "--max-epoch") or [epochs])[0]
-    update_freq = passthrough_ints(passthrough, "--update-freq") or [1]
-    batches_per_epoch = max(1, math.ceil(train_rows / (batch * world_size)))
-    return sum(math.ceil(batches_per_epoch / update_freq[min(epoch, len(update_freq) - 1)])
-               for epoch in range(epochs))
+def check_user_arguments(passthrough: Sequence[str]) -> None:
+    """train.py arguments a user adds to the recipe, read by fairseq's parser before anything is written:
+    a value of the wrong type, or a count a schedule cannot be made of, is one line."""
+    check_schedule_counts(parse_known_options(["DATA", "--batch-size", "1", "--max-epoch", "1", *passthrough]))
+
+
+def schedule_updates(options, train_rows: int, world_size: int) -> int:
+    """The updates the polynomial schedule decays over, from train.py's parsed ``options``: --max-update if
+    set, else what --max-epoch epochs take at the batch size, update frequency and world size."""
+    check_schedule_counts(options)
+    if options.max_update:
+        return options.max_update
+    if not options.max_epoch:
+        raise UserError("--max-epoch 0 and --max-update 0: the run would never end; set one of them")
+    batches_per_epoch = max(1, math.ceil(train_rows / (options.batch_size * world_size)))
+    freqs = options.update_freq
+    return sum(math.ceil(batches_per_epoch / freqs[min(epoch, len(freqs) - 1)]) for epoch in range(options.max_epoch))
 
 
 def train_command(spec, model, data_dir: Path, save_dir: Path, mode_label: str, recipe: Recipe, lr: float,
                   seed: int, train_rows: int, world_size: int, passthrough: Sequence[str], max_seq_len: int,
-                  bookkeeping: Sequence[str] = ()) -> List[str]:
-    """The train.py arguments of one run: the RoBERTa GLUE recipe with ``recipe``'s values, then
-    ``bookkeeping`` (flags that do not change what is trained), then the mode's and the user's."""
-    total_updates = schedule_updates(passthrough, recipe.batch, recipe.epochs, train_rows, world_size)
-    args = [
+                  bookkeeping: Sequence[str] = ()) -> TrainCommand:
+    """One run's train.py command: the RoBERTa GLUE recipe with ``recipe``'s values and the schedule its
+    options give (read by fairseq's own parser, so a flag given after the script wins as it does in
+    train.py), then ``bookkeeping`` (flags that do not change what is trained), the mode's flags and the
+    user's (``passthrough``)."""
+    recipe_args = [
         str(data_dir), "--task", "glue", "--glue-task", spec.name, "--criterion", "glue_prediction",
         *model.arch_args(), "--restore-file", model.checkpoint,
         "--reset-optimizer", "--reset-dataloader", "--reset-meters",
@@ -143,38 +142,20 @@ def train_command(spec, model, data_dir: Path, save_dir: Path, mode_label: str, 
         "--group-by-length", str(LENGTH_GROUP_BATCHES * recipe.batch),
         "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--adam-eps", "1e-06",
         "--weight-decay", f"{recipe.weight_decay:g}", "--clip-norm", "0.0",
-        "--lr", str(lr), "--lr-scheduler", "polynomial_decay", "--total-num-update", str(total_updates),
-        "--warmup-updates", str(int(round(0.06 * total_updates))),
+        "--lr", str(lr), "--lr-scheduler", "polynomial_decay",
         "--seed", str(seed), "--save-dir", str(save_dir), "--no-epoch-checkpoints",
         "--best-checkpoint-metric", spec.primary_metric, "--maximize-best-checkpoint-metric",
         "--valid-subset", ",".join(spec.valid_subsets),
         "--log-format", "json", "--log-interval", "50", "--no-progress-bar", "--num-workers", "0",
     ]
     if recipe.patience:
-        args += ["--patience", str(recipe.patience)]
+        recipe_args += ["--patience", str(recipe.patience)]
     if mode_label == FULL and world_size > 1:
-        args.append("--find-unused-parameters")  # RoBERTa's LM head gets no gradient in classification
+        recipe_args.append("--find-unused-parameters")  # RoBERTa's LM head gets no gradient in classification
     if model.pair_separator:
-        args += ["--separator-token", "2"]  # RoBERTa pairs: <s> a </s> </s> b </s>
-    return args + list(bookkeeping) + mode_flags(mode_label) + list(passthrough)
-
-
-# train.py flags that change how a run is logged and saved, not what it trains: left out when
-# a run folder's settings are compared (value-taking flags, then switches).
-BOOKKEEPING_FLAGS = ("--save-interval-minutes", "--tensorboard-logdir", "--log-format", "--log-interval")
-BOOKKEEPING_SWITCHES = ("--no-progress-bar",)
-
-
-def without_bookkeeping(train_args: Sequence[str]) -> List[str]:
-    kept, skip = [], False
-    for arg in train_args:
-        if skip:
-            skip = False
-        elif arg in BOOKKEEPING_SWITCHES:
-            continue
-        elif arg in BOOKKEEPING_FLAGS:
-            skip = True
-        elif not arg.startswith(tuple(f"{flag}=" for flag in BOOKKEEPING_FLAGS)):
-            kept.append(arg)
-    return kept
-
+        recipe_args += ["--separator-token", "2"]  # RoBERTa pairs: <s> a </s> </s> b </s>
+    user_args = mode_flags(mode_label) + list(passthrough)
+    total = schedule_updates(parse_options(recipe_args + user_args), train_rows, world_size)
+    schedule = ["--total-num-update", str(total), "--warmup-updates", str(int(round(0.06 * total)))]
+    return TrainCommand(args=recipe_args + schedule + list(bookkeeping) + user_args,
+                        settings_args=recipe_args + schedule + user_args, total_updates=total)

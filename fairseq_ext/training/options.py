@@ -185,22 +185,40 @@ def validate_bitfit_args(args) -> None:
         )
 
 
-def parse_args(argv: Sequence[str], prog: Optional[str] = None):
-    """fairseq-train's options plus ``--bitfit*``, checked and fitted to this machine."""
-    argv = list(argv)
-    launch.reject_conflicting_precision(argv)
+def _training_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """fairseq-train's parser with ``--bitfit*``; its errors are UserErrors: one line, and a caller learns
+    them as data (core.errors), like every bad input."""
     parser = options.get_training_parser()
     if prog:
         parser.prog = prog
     parser.usage, parser.description = USAGE, HELP_INTRO
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
-    def refuse(message: str):  # one line, and a caller learns it as data (core.errors), like every bad input
+    def refuse(message: str):
         raise UserError(message)
 
     parser.error = refuse
     add_bitfit_args(parser)
-    args = options.parse_args_and_arch(parser, input_args=argv)
+    return parser
+
+
+def parse_options(argv: Sequence[str], prog: Optional[str] = None) -> argparse.Namespace:
+    """fairseq-train's options plus ``--bitfit*`` as fairseq's own parser reads them (the last of a flag
+    given twice wins), unchecked and not fitted to the machine: what a command line means."""
+    return options.parse_args_and_arch(_training_parser(prog), input_args=list(argv))
+
+
+def parse_known_options(argv: Sequence[str]) -> argparse.Namespace:
+    """The options of fairseq-train's own parser among ``argv``, each checked for its type; the options of
+    a model or task not named here are left alone."""
+    return _training_parser().parse_known_args(list(argv))[0]
+
+
+def parse_args(argv: Sequence[str], prog: Optional[str] = None):
+    """fairseq-train's options plus ``--bitfit*``, checked and fitted to this machine."""
+    argv = list(argv)
+    launch.reject_conflicting_precision(argv)
+    args = parse_options(argv, prog)
     validate_args(args)
     launch.configure_precision(args, tpu_requested="--tpu" in argv)
     launch.configure_torchrun(args, world_size_given="--distributed-world-size" in argv)

@@ -36,7 +36,7 @@ from ...core.glue_files import check_glue_dir, read_split
 from ...core.glue_tasks import GLUE_SOURCE_HINT, TASKS, get_task_spec
 from ...plugin.checkpoints import checkpoint_parameter_count
 from ...plugin.data.glue_prepare import prepare_task
-from ...training.glue_recipe import check_passthrough, default_recipe
+from ...training.glue_recipe import check_user_arguments, default_recipe
 from . import settings
 from .dispatch import Dispatch, run_summary
 from .plan import bookkeeping_args, plan_run, present_tasks, resolve_model, run_modes
@@ -65,7 +65,7 @@ def _check_settings(args, passthrough: List[str]) -> None:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"OUTPUT_DIR {output_dir}: is a file, not a folder")
-    check_passthrough(passthrough)
+    check_user_arguments(passthrough)
 
 
 def _glue_dir(given: str) -> Path:

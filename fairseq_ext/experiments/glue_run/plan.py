@@ -14,8 +14,8 @@ from ...plugin.data.glue_prepare import same_data
 from ...plugin.models import hf_import
 from ...plugin.models.model_dir import load_model_dir
 from ...plugin.models.pretrained import default_model_dir
-from ...training.glue_recipe import Recipe, schedule_updates, train_command, without_bookkeeping
-from ...training.options import BITFIT_PREFIX, mode_flags, mode_label
+from ...training.glue_recipe import Recipe, TrainCommand, train_command
+from ...training.options import BITFIT_PREFIX, mode_flags, mode_label, parse_options
 from .results import Ledger
 from .console import saved_updates
 from .run_file import RunFile, finished_result
@@ -71,39 +71,40 @@ def run_modes(text: str, bitfit_terms: str) -> List[str]:
     return list(dict.fromkeys(modes))
 
 
-def run_settings(train_args: List[str], prepared: Path, run_dir: Path, manifest: dict) -> dict:
-    """What a run's result depends on: train.py's arguments (folders and bookkeeping aside) and the prepared data."""
+def run_settings(command: TrainCommand, prepared: Path, run_dir: Path, manifest: dict) -> dict:
+    """What a run's result depends on: train.py's arguments (folders as placeholders, logging and saving
+    flags aside) and the prepared data's key."""
     folders = {str(prepared): "DATA", str(run_dir): "RUN_DIR"}
-    return {"train_args": [folders.get(arg, arg) for arg in without_bookkeeping(train_args)],
+    return {"train_args": [folders.get(arg, arg) for arg in command.settings_args],
             "data": manifest.get("cache_key") or manifest["splits"]}
 
 
-def _options(train_args: List[str]) -> Dict[str, str]:
-    """{--flag: its value(s), '' for a switch} of a train.py argument list (the last given wins)."""
-    options, flag = {}, "DATA"
-    for arg in train_args:
-        if arg.startswith("--"):
-            flag = arg.split("=", 1)[0]
-            options[flag] = arg.split("=", 1)[1] if "=" in arg else ""
-        else:
-            options[flag] = f"{options.get(flag, '')} {arg}".strip()
-    return options
+# train.py options that only log and save: a run trained with other values of them is the same run.
+BOOKKEEPING_OPTIONS = ("save_interval_minutes", "tensorboard_logdir", "log_format", "log_interval", "no_progress_bar")
+
+
+def _trained_options(train_args: List[str]) -> Dict[str, object]:
+    """What train.py's own parser reads from ``train_args``, logging and saving options aside."""
+    return {name: value for name, value in vars(parse_options(train_args)).items() if name not in BOOKKEEPING_OPTIONS}
 
 
 def settings_change(before: dict, settings: dict, manifest: dict) -> Optional[str]:
     """What differs between the settings a run was trained with and ``settings`` (of data prepared as
-    ``manifest`` says); None if nothing."""
-    before = dict(before, train_args=without_bookkeeping(before["train_args"]))  # written before they were left out
-    if same_data(before["data"], manifest):  # the same rows, perhaps recorded under the data's file key
-        before["data"] = settings["data"]
-    if before == settings:
-        return None
-    if before["data"] != settings["data"]:
+    ``manifest`` says); None if nothing.  Arguments are compared as train.py reads them: their order, a
+    flag's spelling and flags given twice do not matter, a changed value does."""
+    recorded_data = settings["data"] if same_data(before["data"], manifest) else before["data"]
+    if recorded_data != settings["data"]:  # the data's key: its rows, or the file key it was recorded under
         return "the training data (GLUE files, TRAIN_SUBSET or the model's tokenizer)"
-    old, new = _options(before["train_args"]), _options(settings["train_args"])
-    changed = [f"{flag} {old.get(flag, '(unset)')} -> {new.get(flag, '(unset)')}"
-               for flag in list(new) + [f for f in old if f not in new] if old.get(flag) != new.get(flag)]
-    return "train.py arguments (" + (", ".join(changed[:4]) or "their order") + ")"
+    if before["train_args"] == settings["train_args"]:
+        return None
+    try:
+        old = _trained_options(before["train_args"])
+    except UserError as error:
+        return f"train.py arguments (the recorded ones no longer parse: {error})"
+    new = _trained_options(settings["train_args"])
+    changed = [f"--{name.replace('_', '-')} {old.get(name, '(unset)')} -> {new.get(name, '(unset)')}"
+               for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+    return "train.py arguments (" + ", ".join(changed[:4]) + ")" if changed else None
 
 
 def check_same_settings(run_dir: Path, settings: dict, manifest: dict, recorded_row: Optional[dict],
@@ -163,16 +164,15 @@ def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, m
     trained with before."""
     train_rows = manifest["splits"]["train"]["rows_written"]
     world_size = args.nproc * args.nnodes
-    train_args = train_command(spec, model, prepared, run_dir, mode, recipe, lr, seed, train_rows, world_size,
-                               passthrough, args.max_seq_len, bookkeeping)
-    planned = schedule_updates(passthrough, recipe.batch, recipe.epochs, train_rows, world_size)
-    settings = run_settings(train_args, prepared, run_dir, manifest)
+    command = train_command(spec, model, prepared, run_dir, mode, recipe, lr, seed, train_rows, world_size,
+                            passthrough, args.max_seq_len, bookkeeping)
+    settings = run_settings(command, prepared, run_dir, manifest)
     row = ledger.row(spec.name, mode, lr, seed, train_subset if curve else None)
     check_same_settings(run_dir, settings, manifest, row, ledger.path)
     recorded = row if row is not None and row.get("settings") is not None and \
         settings_change(row["settings"], settings, manifest) is None else None
-    return PlannedRun(spec=spec, mode=mode, lr=lr, seed=seed, prepared=prepared, run_dir=run_dir, train_args=train_args,
-                      settings=settings, train_rows=train_rows, planned_updates=planned,
+    return PlannedRun(spec=spec, mode=mode, lr=lr, seed=seed, prepared=prepared, run_dir=run_dir, train_args=command.args,
+                      settings=settings, train_rows=train_rows, planned_updates=command.total_updates,
                       base_checkpoint=str(model.checkpoint), recipe=recipe, train_subset=train_subset, curve=curve,
                       recorded=recorded, result=finished_result(run_dir), updates_done=saved_updates(run_dir))
 
