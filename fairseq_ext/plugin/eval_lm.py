@@ -14,7 +14,8 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from ..core.delta_file import read_delta
 from ..core.errors import UserError, one_line
 from .checkpoints import add_trust_checkpoint_argument, check_checkpoint_container
-from .language_models import LanguageModelPredictor, check_language_model, ensemble_in_memory
+from .language_models import LanguageModelPredictor, check_language_model
+from .patches import ensemble_in_memory
 
 
 def build_parser():

@@ -16,14 +16,12 @@ hub interface (``GeneratorHubInterface``: the task's ``SequenceGenerator``, ever
 
 The command lines, fairseq-eval-lm (``python -m fairseq_ext.tools.eval_lm``) and fairseq-generate /
 -interactive (``python -m fairseq_ext.tools.generate``) with ``--delta``, hand fairseq's own loops this
-predictor's model (``ensemble_in_memory``).
+predictor's model (``patches.ensemble_in_memory``).
 """
-import contextlib
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
-from fairseq import checkpoint_utils
 from fairseq.hub_utils import GeneratorHubInterface
 from omegaconf import OmegaConf
 
@@ -35,9 +33,7 @@ from .deltas import (InPlaceDeltas, check_base_model, check_language_model_dicti
 from .predictor import usable_device
 from .seq2seq import GENERATION_OPTIONS, HUB_OPTIONS
 from .task_families import LANGUAGE_MODEL, task_kind
-from . import numpy2_compat
 
-numpy2_compat.install()  # fairseq's LM prompt datasets read numpy.compat.long (see numpy2_compat)
 
 
 def check_language_model(delta: Delta, source: str) -> None:
@@ -52,28 +48,6 @@ def check_language_model_task(task, delta: Delta, source: str) -> None:
         raise UserError(f"{source}: a language-model delta; read it with --task language_modeling "
                         f"(not {type(task).__name__})")
     check_language_model_dictionaries(task, delta, source)
-
-
-@contextlib.contextmanager
-def ensemble_in_memory(path: str, loader: Callable):
-    """While the block runs, fairseq's ``checkpoint_utils.load_model_ensemble_and_task`` asked for exactly
-    ``[path]`` returns ``loader(arg_overrides, task)``, a ``(models, cfg, task)`` triple built in memory.
-
-    fairseq-eval-lm loads through ``load_model_ensemble_and_task`` (fairseq-generate and -interactive
-    through ``load_model_ensemble``, which calls it): this is patches.models_in_memory one level down.
-    """
-    fairseq_load = checkpoint_utils.load_model_ensemble_and_task
-
-    def load_model_ensemble_and_task(filenames, arg_overrides=None, task=None, *args, **kwargs):
-        if list(filenames) == [path]:
-            return loader(arg_overrides, task)
-        return fairseq_load(filenames, arg_overrides, task, *args, **kwargs)
-
-    checkpoint_utils.load_model_ensemble_and_task = load_model_ensemble_and_task
-    try:
-        yield
-    finally:
-        checkpoint_utils.load_model_ensemble_and_task = fairseq_load
 
 
 class LanguageModelPredictor:

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from ..core.bitfit import role_lines, tally_by_role
-from ..core.delta_file import FORMAT_VERSION, Delta, plain_json, read_delta
+from ..core.delta_file import CLASSIFICATION, FORMAT_VERSION, Delta, plain_json, read_delta
 from ..core.errors import exit_on_user_error, quiet_cli_logging
 from ..core.files import check_output_file
 from ..plugin.checkpoints import add_trust_checkpoint_argument
@@ -37,6 +37,10 @@ def describe(delta: Delta) -> str:
                      "python -m fairseq_ext.tools.generate), no task heads")
         dictionary_line = (f"dictionaries: source {_dictionary(delta.source_dictionary)}, "
                            f"target {_dictionary(delta.target_dictionary)}")
+    elif delta.kind != CLASSIFICATION:
+        task_line = (f"task: {delta.task_name} ({delta.kind}: evaluate with python -m fairseq_ext.tools.eval_lm, "
+                     "sample with python -m fairseq_ext.tools.generate), no task heads")
+        dictionary_line = f"dictionary: {_dictionary(delta.source_dictionary)}"
     else:
         task_line = (f"task: {delta.task_name}" + (f" (GLUE {delta.glue_task})" if delta.glue_task else "")
                      + f", head {delta.head_name!r}, "
@@ -50,7 +54,7 @@ def describe(delta: Delta) -> str:
         f"({100.0 * params / max(total, 1):.4f}% of the model's {total:,} values), dtype {base['dtype']}",
         *role_lines(tally),
         f"selection: --bitfit-terms {selection['terms']}"
-        + ("" if delta.is_seq2seq else f", heads {'trained' if selection['train_heads'] else 'frozen'}")
+        + ("" if delta.kind != CLASSIFICATION else f", heads {'trained' if selection['train_heads'] else 'frozen'}")
         + (", delta-only run" if selection.get("delta_only") else ""),
         task_line,
         f"model: arch {delta.arch}, " + ", ".join(

@@ -22,7 +22,7 @@ from ..core.errors import UserError
 from ..core.run_record import RunRecord
 from ..plugin.patches import cache_module_walks, contiguous_layer_input
 from . import stop_rules
-from .delta_writer import CheckpointDeltaWriter
+from .delta_writer import CheckpointDeltaWriter, check_run
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class BitFitTrainer(Trainer):
         self._delta_writer: Optional[CheckpointDeltaWriter] = None
         self._mask_guard: Optional[controls.MaskGuard] = None
         if bitfit_cfg is not None and bitfit_cfg.bitfit:
+            check_run(cfg, task, model)  # a task family BitFit cannot give a delta for stops before anything runs
             self.bitfit_selection = self._apply_bitfit(bitfit_cfg, cfg, task, model, criterion)
             contiguous_layer_input(model)
             if self.bitfit_selection.masks:

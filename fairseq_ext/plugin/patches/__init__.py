@@ -52,6 +52,7 @@ with quiet_fairseq_import():  # the first fairseq import: it loads all of fairse
     from fairseq.distributed import utils as distributed_utils
 
 from ..checkpoints import FAIRSEQ_CHECKPOINT_TYPES
+from . import numpy2
 
 CHECKED_AGAINST = "ve-fairseq 0.12.3"
 
@@ -172,6 +173,15 @@ PATCHES: Tuple[Patch, ...] = (
           "fairseq-generate reads its model from the --path file; generating from a base plus a BitFit delta "
           "without writing a merged checkpoint hands fairseq's own generation the model already built in "
           "memory for that path (any other path, an --lm-path, loads as usual)"),
+    Patch("models-in-memory", "fairseq.checkpoint_utils.load_model_ensemble_and_task", "replaces",
+          "ensemble_in_memory() (python -m fairseq_ext.tools.eval_lm --delta)",
+          "fairseq-eval-lm loads its model with load_model_ensemble_and_task (load_model_ensemble's own call): "
+          "evaluating a base plus a language-model delta hands it the model built in memory for that one path"),
+    Patch("numpy2-compat-long", "fairseq.data.token_block_dataset.TokenBlockDataset.__init__", "relies on",
+          "install()",
+          "fairseq 0.12 reads numpy.compat.long (break_mode eos: language-model prompts, --sample-break-mode eos; "
+          "LanguagePairDataset's num_tokens_vec), which numpy 2 removed; numpy 1's value, int, is put back where "
+          "numpy lacks it"),
     Patch("models-in-memory", "fairseq_cli.generate._main", "relies on",
           "models_in_memory() (python -m fairseq_ext.tools.generate --delta)",
           "fairseq-generate loads its models through the checkpoint_utils module attribute, with the task it set "
@@ -241,6 +251,8 @@ def install() -> None:
     for arch in ("bert_base", "bert_large"):
         _claim_arch_name(arch)
     _mark("bert-arch-names")
+    numpy2.install()
+    _mark("numpy2-compat-long")
 
 
 def _broadcast_object(obj, src_rank, group, dist_device):
@@ -263,7 +275,7 @@ def _claim_arch_name(arch: str) -> None:
 from .attention_projections import attention_through_projections  # noqa: E402,F401
 from .checkpoint_copies import CopyHook, route_checkpoint_copies  # noqa: E402,F401
 from .cuda_memory import cuda_peak_memory  # noqa: E402,F401
-from .generation import ModelLoader, models_in_memory  # noqa: E402,F401
+from .generation import ModelLoader, ensemble_in_memory, models_in_memory  # noqa: E402,F401
 from .layer_input import _contiguous_input, contiguous_layer_input  # noqa: E402,F401
 from .module_walks import CachedModuleWalks, _new_instance, cache_module_walks  # noqa: E402,F401
 from .training_loop import (SavedHook, StatsCallback, UpdateHook, fairseq_train_with,  # noqa: E402,F401

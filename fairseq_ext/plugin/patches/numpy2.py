@@ -6,8 +6,7 @@ and the LM hub encode, and training with ``--sample-break-mode eos``) and ``Lang
 has no attribute 'compat'``.  numpy 1 defined ``numpy.compat.long`` as Python's ``int``; ``install``
 puts back exactly that name, only where numpy lacks it.
 
-This belongs in the PATCHES registry (plugin/patches); until it is registered there, the language-model
-readers (``plugin.language_models``) install it themselves.
+``patches.install()`` applies it (see PATCHES: numpy2-compat-long).
 """
 import types
 
