@@ -42,3 +42,11 @@ def check_output_file(path, flag: str) -> None:
         raise UserError(f"{flag} {path}: is a folder; name the file to write")
     if not path.parent.is_dir():
         raise UserError(f"{flag} {path}: no such folder {path.parent}")
+
+
+def require_file(folder: Path, name: str, why: str) -> Path:
+    """``folder/name``, which must be a file (``why``: what it is, for the one-line error)."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise UserError(f"{folder}: missing {name} ({why})")
+    return path

@@ -29,7 +29,7 @@ from ..core.run_record import RECORD_NAME, RunRecord, read_run_record
 from ..plugin import patches
 from . import hydra_form, options, stop_rules
 from .options import TRAIN_PROG
-from .progress import ProgressPublisher
+from .run_progress import ProgressPublisher
 from .timed_saves import TimedCheckpoints
 from .trainer import BitFitTrainer
 

@@ -35,6 +35,7 @@ from fairseq.models import ARCH_MODEL_INV_REGISTRY
 from safetensors.torch import load_file
 
 from ...core.errors import UserError, one_line
+from ...core.files import require_file
 from ..checkpoints import model_only_checkpoint
 from ..data import wordpiece_bpe
 from .bert import POOLING_CHOICES
@@ -117,13 +118,6 @@ def read_json(path: Path, what: str = "") -> dict:
             return json.load(json_file)
     except (OSError, ValueError) as error:
         raise UserError(f"{path}: cannot read {what or 'JSON'}: {error}") from None
-
-
-def require_file(folder: Path, name: str, why: str) -> Path:
-    path = folder / name
-    if not path.is_file():
-        raise UserError(f"{folder}: missing {name} ({why})")
-    return path
 
 
 def model_family(config: dict, config_path: Path) -> str:

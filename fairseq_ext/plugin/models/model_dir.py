@@ -24,6 +24,7 @@ from fairseq.data import encoders
 from fairseq.models import ARCH_MODEL_NAME_REGISTRY
 
 from ...core.errors import UserError
+from ...core.files import require_file
 from ..checkpoints import read_checkpoint_model_config
 from ..data import wordpiece_bpe  # noqa: F401  (registers --bpe wordpiece)
 from .bert import POOLING_CHOICES
@@ -78,12 +79,12 @@ def load_model_dir(path: Union[str, Path]) -> ModelDir:
         raise UserError(f"{path}: no such model folder")
     info_path = folder / MODEL_INFO
     info = _read_model_info(info_path) if info_path.is_file() else _infer_model_info(folder)
-    checkpoint = _require(folder, info.get("checkpoint", "model.pt"), "the fairseq checkpoint")
-    dictionary = _require(folder, info.get("dictionary", "dict.txt"), "the fairseq dictionary")
+    checkpoint = require_file(folder, info.get("checkpoint", "model.pt"), "the fairseq checkpoint")
+    dictionary = require_file(folder, info.get("dictionary", "dict.txt"), "the fairseq dictionary")
     bpe_args = dict(info["bpe_args"])
     for option in BPE_FILE_OPTIONS:
         if option in bpe_args:
-            bpe_args[option] = str(_require(folder, bpe_args[option], f"--{option.replace('_', '-')}"))
+            bpe_args[option] = str(require_file(folder, bpe_args[option], f"--{option.replace('_', '-')}"))
     return ModelDir(
         path=str(folder),
         checkpoint=str(checkpoint),
@@ -102,13 +103,6 @@ def build_bpe(model_dir: Union[ModelDir, str, Path]):
     if not isinstance(model_dir, ModelDir):
         model_dir = load_model_dir(model_dir)
     return encoders.build_bpe(argparse.Namespace(**model_dir.bpe_args))
-
-
-def _require(folder: Path, name: str, what: str) -> Path:
-    path = folder / name
-    if not path.is_file():
-        raise UserError(f"{folder}: missing {name} ({what})")
-    return path
 
 
 def _read_model_info(path: Path) -> Dict[str, object]:
@@ -145,7 +139,7 @@ def _infer_model_info(folder: Path) -> Dict[str, object]:
     else:
         raise UserError(f"{folder}: missing the tokenizer (encoder.json + vocab.bpe, sentencepiece.bpe.model "
                         f"or vocab.txt) and no {MODEL_INFO}")
-    checkpoint = _require(folder, "model.pt", "the fairseq checkpoint")
+    checkpoint = require_file(folder, "model.pt", "the fairseq checkpoint")
     model_cfg = read_checkpoint_model_config(checkpoint)
     arch = model_cfg.get("_name") or model_cfg.get("arch")
     model = ARCH_MODEL_NAME_REGISTRY.get(arch)
