@@ -168,3 +168,14 @@ def test_bad_input_is_one_line(capsys, lm_data, base, delta, tmp_path):
                                    "translation", "--source-lang", "a", "--target-lang", "b", "--path", str(base),
                                    "--delta", str(delta))
     assert status == 2 and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_classification_predictor_refuses_a_language_model_delta(base, delta):
+    """predict and the server take classification deltas only: a language model's is one line that says
+    where it can be used."""
+    from fairseq_ext.core.errors import UserError
+    from fairseq_ext.plugin.predictor_options import check_task_delta
+
+    with pytest.raises(UserError, match="it models text, it has no labels to predict; sample with python -m "
+                                        "fairseq_ext.tools.generate, score with python -m fairseq_ext.tools.eval_lm"):
+        check_task_delta("lm", read_delta(delta))

@@ -50,10 +50,13 @@ def check_task_delta(name: str, delta: Delta) -> None:
     """What the predictors need of a delta served as task ``name``, checked before any model or input is
     read: a classification delta, with its head, of the GLUE task ``name`` names (if it names one)."""
     source = f"--delta {name}={delta.path}"
+    if delta.is_seq2seq:
+        raise UserError(f"{source}: {delta.describe_kind()}: it generates sequences, it has no labels to "
+                        "predict; generate with python -m fairseq_ext.tools.generate")
     if delta.kind != CLASSIFICATION:
-        raise UserError(f"{source}: {delta.describe_kind()}: it has no labels to predict; generate from it "
-                        "with python -m fairseq_ext.tools.generate"
-                        + ("" if delta.is_seq2seq else " or measure perplexity with python -m fairseq_ext.tools.eval_lm"))
+        raise UserError(f"{source}: {delta.describe_kind()}: it models text, it has no labels to predict; "
+                        "sample with python -m fairseq_ext.tools.generate, score with python -m "
+                        "fairseq_ext.tools.eval_lm")
     check_task_name(name, delta)
     if delta.head_name not in delta.head_names():
         raise UserError(f"{source}: holds no classification head {delta.head_name!r}")
