@@ -19,19 +19,12 @@ The command lines, fairseq-eval-lm (``python -m fairseq_ext.tools.eval_lm``) and
 predictor's model (``patches.ensemble_in_memory``).
 """
 import warnings
-from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import List, Sequence
 
-from fairseq.hub_utils import GeneratorHubInterface
-from omegaconf import OmegaConf
-
-from ..core.delta_file import Delta, check_base_fingerprint, check_delta_fits, read_delta
+from ..core.delta_file import Delta
 from ..core.errors import UserError
-from .checkpoints import load_checkpoint_file
-from .deltas import (InPlaceDeltas, check_base_model, check_language_model_dictionaries, check_same_model,
-                     language_model_task, merged_cfg, shared_model)
-from .predictor import usable_device
-from .seq2seq import GENERATION_OPTIONS, HUB_OPTIONS
+from .deltas import check_language_model_dictionaries, language_model_task
+from .seq2seq import DeltaGenerationPredictor
 from .task_families import LANGUAGE_MODEL, task_kind
 
 
@@ -50,7 +43,7 @@ def check_language_model_task(task, delta: Delta, source: str) -> None:
     check_language_model_dictionaries(task, delta, source)
 
 
-class LanguageModelPredictor:
+class LanguageModelPredictor(DeltaGenerationPredictor):
     """One base decoder-only language model, many deltas; see the module docstring.
 
     ``base`` is the checkpoint the runs started from (``--restore-file``), or a folder holding it as
@@ -60,89 +53,23 @@ class LanguageModelPredictor:
     with --seed draws what it draws from a merged checkpoint).
     """
 
-    def __init__(self, base, data=None, *, task=None, trust_checkpoint: bool = False, device: str = "cpu",
-                 model_overrides: Optional[Mapping[str, object]] = None, base_flag: str = "--base",
-                 draw_init_as_fairseq: bool = False):
-        base = Path(base)
-        if base.is_dir():
-            base = base / "model.pt"  # fairseq's released language models: model.pt, dict.txt beside
-        self.base_source = f"{base_flag} {base}"
-        self.data = Path(data) if data is not None else base.parent
-        self.device = usable_device(device)
-        self._base: Optional[dict] = load_checkpoint_file(base, trust_checkpoint, flag=base_flag)
-        self.task = task
-        self._model_overrides = dict(model_overrides or {})
-        self._draw_init_as_fairseq = draw_init_as_fairseq
-        self.model = None
-        self.cfg = None
-        self._model_delta: Optional[Delta] = None
-        self._in_place: Optional[InPlaceDeltas] = None
-        self._deltas: Dict[str, Delta] = {}
-        self._hub: Optional[GeneratorHubInterface] = None
-
-    @property
-    def tasks(self) -> List[str]:
-        return list(self._deltas)
-
-    def add_task(self, name: str, delta: Union[str, Path, Delta]) -> None:
-        """Add a delta; it must come from a language-model run on this base and dictionary."""
-        if name in self._deltas:
-            raise UserError(f"task {name!r} is added twice")
-        if not isinstance(delta, Delta):
-            delta = read_delta(delta)
-        source = f"--delta {delta.path}"
+    def check_delta_kind(self, delta: Delta, source: str) -> None:
         check_language_model(delta, source)
-        if self.model is None:
-            self._build(delta, source)
-        else:
-            check_same_model(self._model_delta, delta, source)
-            check_language_model_dictionaries(self.task, delta, source)
-        check_base_fingerprint(self._in_place.base_state(), delta, self.base_source, force_flag=None)
-        tensors = {tensor_name: tensor.float().to(self.device) for tensor_name, tensor in delta.tensors.items()}
-        check_delta_fits(self.model, tensors, source)
-        self._in_place.add(name, tensors)
-        self._deltas[name] = delta
 
-    def _build(self, delta: Delta, source: str) -> None:
-        check_base_model(self._base, delta, self.base_source)
-        if self.task is None:
-            self.task = language_model_task(delta, self.data)
-        check_language_model_task(self.task, delta, source)
-        self.model = shared_model(delta, self._base["model"], self.base_source, self.device,
-                                  self.task.source_dictionary, self.task.target_dictionary, self._model_overrides,
-                                  self._draw_init_as_fairseq)
-        self._base = None
-        self._model_delta = delta
-        self._in_place = InPlaceDeltas(self.model)
-        self.cfg = OmegaConf.create(merged_cfg(delta), flags={"allow_objects": True})
+    def new_task(self, delta: Delta):
+        return language_model_task(delta, self.data)
 
-    def use(self, name: str) -> None:
-        """Switch the shared model to delta ``name``: copy its bias tensors in place."""
-        if name not in self._deltas:
-            raise UserError(f"no task {name!r}; added: {', '.join(self._deltas) or 'none'}")
-        self._in_place.use(name)
+    def check_task(self, task, delta: Delta, source: str) -> None:
+        check_language_model_task(task, delta, source)
 
-    @property
-    def hub(self) -> GeneratorHubInterface:
-        if self.model is None:
-            raise UserError("no task added")
-        if self._hub is None:
-            self._hub = GeneratorHubInterface(self.cfg, self.task, [self.model]).to(self.device)
-        return self._hub
-
-    def _check(self, texts: Sequence[str], options: Mapping[str, object]) -> None:
-        unknown = sorted(set(options) - GENERATION_OPTIONS - HUB_OPTIONS)
-        if unknown:
-            raise UserError(f"unknown generation option {unknown[0]!r}; fairseq's are "
-                            f"{', '.join(sorted(GENERATION_OPTIONS))}")
-        if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
-            raise UserError("texts are a list of strings")
+    def check_dictionaries(self, task, delta: Delta, source: str) -> None:
+        check_language_model_dictionaries(task, delta, source)
 
     def sample(self, name: str, prompts: Sequence[str], beam: int = 1, **options) -> List[str]:
         """Each prompt continued, as text (the prompt included, as fairseq's hub returns it); ``options``:
         fairseq's generation options (``sampling``, ``sampling_topk``, ``sampling_topp``, ``temperature``,
         ``max_len_b``, ``no_repeat_ngram_size``, ...)."""
-        self._check(prompts, options)
+        self.check_generation_options(prompts, options)
         self.use(name)
         if not prompts:
             return []
@@ -155,7 +82,7 @@ class LanguageModelPredictor:
     def score(self, name: str, sentences: Sequence[str], **options) -> List[dict]:
         """fairseq's scores of each sentence under delta ``name``: ``tokens``, ``positional_scores``
         (natural-log probability of each token, the end of sentence included) and ``score`` (their mean)."""
-        self._check(sentences, options)
+        self.check_generation_options(sentences, options)
         self.use(name)
         if not sentences:
             return []

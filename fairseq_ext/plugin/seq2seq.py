@@ -54,32 +54,50 @@ def check_generates(delta: Delta, source: str) -> None:
                         "use python -m fairseq_ext.tools.predict")
 
 
-class Seq2SeqPredictor:
-    """One base seq2seq model, many task deltas; see the module docstring.
+class DeltaGenerationPredictor:
+    """One base fairseq model in memory and many BitFit deltas switched in place, for fairseq's hub
+    interface (generation, scoring).  A subclass says which deltas it takes and how it reads their task:
+    ``check_delta_kind``, ``new_task``, ``check_task`` (the first delta's) and ``check_dictionaries`` (the
+    others').
 
-    ``base`` is the checkpoint the runs started from (``--restore-file``), or a folder holding
-    it as ``model.pt``; the dictionaries (``dict.{lang}.txt``) are read from ``data`` (default:
-    the base's folder), or come with ``task``, a fairseq task already set up (fairseq-generate's).
-    ``model_overrides`` change the model's config as fairseq's ``--model-overrides`` does.
+    ``base`` is the checkpoint the runs started from (``--restore-file``), or a folder holding it as
+    ``model.pt``; dictionaries are read from ``data`` (default: the base's folder), or come with ``task``,
+    a fairseq task already set up (fairseq-generate's).  ``model_overrides`` change the model's config as
+    fairseq's ``--model-overrides`` does; ``draw_init_as_fairseq``: see ``deltas.shared_model``.
     """
 
     def __init__(self, base, data=None, *, task=None, trust_checkpoint: bool = False, device: str = "cpu",
-                 model_overrides: Optional[Mapping[str, object]] = None, base_flag: str = "--base"):
+                 model_overrides: Optional[Mapping[str, object]] = None, base_flag: str = "--base",
+                 draw_init_as_fairseq: bool = False):
         base = Path(base)
         if base.is_dir():
-            base = base / "model.pt"  # fairseq's released translation models: model.pt, dict.{lang}.txt beside
+            base = base / "model.pt"  # fairseq's released models: model.pt, the dictionaries beside it
         self.base_source = f"{base_flag} {base}"
         self.data = Path(data) if data is not None else base.parent
         self.device = usable_device(device)
         self._base: Optional[dict] = load_checkpoint_file(base, trust_checkpoint, flag=base_flag)
         self.task = task
         self._model_overrides = dict(model_overrides or {})
-        self.model = None  # built from the first task's model config
-        self.cfg = None  # the first task's run config (fairseq's omegaconf form): generation defaults, batch size
+        self._draw_init_as_fairseq = draw_init_as_fairseq
+        self.model = None  # built from the first delta's model config
+        self.cfg = None  # the first delta's run config (fairseq's omegaconf form): generation defaults
         self._model_delta: Optional[Delta] = None
         self._in_place: Optional[InPlaceDeltas] = None
         self._deltas: Dict[str, Delta] = {}
         self._hub: Optional[GeneratorHubInterface] = None
+
+    # What a subclass says of its deltas.
+    def check_delta_kind(self, delta: Delta, source: str) -> None:
+        raise NotImplementedError
+
+    def new_task(self, delta: Delta):
+        raise NotImplementedError
+
+    def check_task(self, task, delta: Delta, source: str) -> None:
+        raise NotImplementedError
+
+    def check_dictionaries(self, task, delta: Delta, source: str) -> None:
+        raise NotImplementedError
 
     # -- tasks ------------------------------------------------------------------------
 
@@ -97,12 +115,12 @@ class Seq2SeqPredictor:
         if not isinstance(delta, Delta):
             delta = read_delta(delta)
         source = f"--delta {delta.path}"
-        check_generates(delta, source)
+        self.check_delta_kind(delta, source)
         if self.model is None:
             self._build(delta, source)
         else:
             check_same_model(self._model_delta, delta, source)
-            check_seq2seq_dictionaries(self.task, delta, source)
+            self.check_dictionaries(self.task, delta, source)
         check_base_fingerprint(self._in_place.base_state(), delta, self.base_source, force_flag=None)
         # float32 like the model (see _build); bf16/fp16 deltas upcast losslessly.
         tensors = {tensor_name: tensor.float().to(self.device) for tensor_name, tensor in delta.tensors.items()}
@@ -113,10 +131,11 @@ class Seq2SeqPredictor:
     def _build(self, delta: Delta, source: str) -> None:
         check_base_model(self._base, delta, self.base_source)
         if self.task is None:
-            self.task = seq2seq_task(delta, self.data)
-        check_seq2seq_dictionaries(self.task, delta, source)
+            self.task = self.new_task(delta)
+        self.check_task(self.task, delta, source)
         self.model = shared_model(delta, self._base["model"], self.base_source, self.device,
-                                  self.task.source_dictionary, self.task.target_dictionary, self._model_overrides)
+                                  self.task.source_dictionary, self.task.target_dictionary, self._model_overrides,
+                                  self._draw_init_as_fairseq)
         self._base = None  # the model holds the base now
         self._model_delta = delta
         self._in_place = InPlaceDeltas(self.model)
@@ -132,8 +151,6 @@ class Seq2SeqPredictor:
         """Switch the shared model to task ``name``: copy its bias tensors in place."""
         self._in_place.use(self._task_name(name))
 
-    # -- generation: fairseq's hub interface ----------------------------------------------
-
     @property
     def hub(self) -> GeneratorHubInterface:
         """fairseq's generation interface over the shared model (whichever task is in use)."""
@@ -142,6 +159,34 @@ class Seq2SeqPredictor:
         if self._hub is None:
             self._hub = GeneratorHubInterface(self.cfg, self.task, [self.model]).to(self.device)
         return self._hub
+
+    @staticmethod
+    def check_generation_options(texts: Sequence[str], options: Mapping[str, object]) -> None:
+        unknown = sorted(set(options) - GENERATION_OPTIONS - HUB_OPTIONS)
+        if unknown:
+            raise UserError(f"unknown generation option {unknown[0]!r}; fairseq's are "
+                            f"{', '.join(sorted(GENERATION_OPTIONS))}")
+        if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+            raise UserError("sentences are a list of strings")
+
+
+class Seq2SeqPredictor(DeltaGenerationPredictor):
+    """One base seq2seq model, many task deltas; see the module docstring (the dictionaries are
+    ``dict.{lang}.txt`` in ``data``)."""
+
+    def check_delta_kind(self, delta: Delta, source: str) -> None:
+        check_generates(delta, source)
+
+    def new_task(self, delta: Delta):
+        return seq2seq_task(delta, self.data)
+
+    def check_task(self, task, delta: Delta, source: str) -> None:
+        check_seq2seq_dictionaries(task, delta, source)
+
+    def check_dictionaries(self, task, delta: Delta, source: str) -> None:
+        check_seq2seq_dictionaries(task, delta, source)
+
+    # -- generation: fairseq's hub interface ----------------------------------------------
 
     def translate(self, name: str, sentences: Sequence[str], beam: int = 5, **options) -> List[str]:
         """The best hypothesis of each sentence, as text; ``options``: fairseq's generation options
@@ -153,12 +198,7 @@ class Seq2SeqPredictor:
         """fairseq's hypotheses of each sentence (``tokens``, ``score``, ``positional_scores``,
         ``alignment``), best first, in input order: the whole beam, as fairseq's hub gives it, or the
         first ``nbest`` when that option is given (as fairseq-generate prints them)."""
-        unknown = sorted(set(options) - GENERATION_OPTIONS - HUB_OPTIONS)
-        if unknown:
-            raise UserError(f"unknown generation option {unknown[0]!r}; fairseq's are "
-                            f"{', '.join(sorted(GENERATION_OPTIONS))}")
-        if isinstance(sentences, str) or not all(isinstance(sentence, str) for sentence in sentences):
-            raise UserError("sentences are a list of strings")
+        self.check_generation_options(sentences, options)
         self.use(name)
         if not sentences:
             return []
