@@ -155,3 +155,17 @@ def model_only_checkpoint(cfg: dict, model_state: Dict[str, torch.Tensor], num_u
         "extra_state": {"train_iterator": {"epoch": 1, "iterations_in_epoch": 0}, **(extra_state or {})},
         "last_optimizer_state": None,
     }
+
+
+def checked_path_option(path_option: Optional[str], purpose: str) -> str:
+    """fairseq's --path (checkpoints joined by ':'), each a whole checkpoint file; ``purpose``: what it is
+    for, in the one-line error when it is missing."""
+    from fairseq import utils  # by then fairseq is imported (the plugin's quiet import)
+
+    if path_option is None:
+        raise UserError(f"--path: required: {purpose}")
+    for path in utils.split_paths(path_option):
+        if not os.path.isfile(path):
+            raise UserError(f"--path {path}: no such file")
+        check_checkpoint_container(path, "--path")
+    return path_option

@@ -5,7 +5,6 @@
 delta (``plugin.language_models``), no merged checkpoint written.  Experiments call it directly.
 """
 import ast
-import os
 import warnings
 
 from fairseq import options, utils
@@ -13,7 +12,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from ..core.delta_file import read_delta
 from ..core.errors import UserError, one_line
-from .checkpoints import add_trust_checkpoint_argument, check_checkpoint_container
+from .checkpoints import add_trust_checkpoint_argument, checked_path_option
 from .language_models import LanguageModelPredictor, check_language_model
 from .patches import ensemble_in_memory
 
@@ -32,14 +31,7 @@ def build_parser():
 
 def base_path(cfg) -> str:
     """--path, checked: one whole checkpoint file."""
-    if cfg.common_eval.path is None:
-        raise UserError("--path: required: the checkpoint to evaluate (with --delta: its run's base)")
-    paths = utils.split_paths(cfg.common_eval.path)
-    for path in paths:
-        if not os.path.isfile(path):
-            raise UserError(f"--path {path}: no such file")
-        check_checkpoint_container(path, "--path")
-    return cfg.common_eval.path
+    return checked_path_option(cfg.common_eval.path, "the checkpoint to evaluate (with --delta: its run's base)")
 
 
 def model_overrides(cfg) -> dict:

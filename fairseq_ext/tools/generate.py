@@ -15,7 +15,6 @@ its model is built the same way (``fairseq_ext.plugin.language_models``).  Witho
 checkpoint loading (a merged checkpoint from ``fairseq_ext.tools.delta apply``, for instance).
 """
 import ast
-import os
 import sys
 import warnings
 
@@ -25,7 +24,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from ..core.delta_file import read_delta
 from ..core.errors import UserError, exit_on_user_error, one_line
 from ..plugin import patches
-from ..plugin.checkpoints import add_trust_checkpoint_argument, check_checkpoint_container
+from ..plugin.checkpoints import add_trust_checkpoint_argument, checked_path_option
 from ..plugin.language_models import LanguageModelPredictor, check_language_model_task
 from ..plugin.seq2seq import Seq2SeqPredictor, check_generates
 from ..plugin.task_families import LANGUAGE_MODEL
@@ -62,13 +61,8 @@ def main(argv=None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fairseq composes its config through hydra's deprecated APIs
         cfg = convert_namespace_to_omegaconf(args)
-    if cfg.common_eval.path is None:
-        raise UserError("--path: required: the checkpoint to generate from (with --delta: its run's base)")
+    checked_path_option(cfg.common_eval.path, "the checkpoint to generate from (with --delta: its run's base)")
     paths = utils.split_paths(cfg.common_eval.path)
-    for path in paths:
-        if not os.path.isfile(path):
-            raise UserError(f"--path {path}: no such file")
-        check_checkpoint_container(path, "--path")
     if interactive:
         import fairseq_cli.interactive as fairseq_generation
     else:

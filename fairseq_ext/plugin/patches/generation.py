@@ -12,46 +12,40 @@ ModelLoader = Callable[[Optional[dict], object], Tuple[list, object]]  # (arg_ov
 
 
 @contextlib.contextmanager
+def _loaded_from_memory(loader_name: str, is_ours: Callable[[list], bool], loader: Callable):
+    """While the block runs, ``checkpoint_utils.<loader_name>`` asked for filenames ``is_ours`` accepts returns
+    ``loader(filenames, arg_overrides, task)``; any other call loads as fairseq loads."""
+    fairseq_load = getattr(checkpoint_utils, loader_name)
+
+    def load(filenames, arg_overrides=None, task=None, *args, **kwargs):
+        if is_ours(list(filenames)):
+            return loader(list(filenames), arg_overrides, task)
+        return fairseq_load(filenames, arg_overrides, task, *args, **kwargs)
+
+    setattr(checkpoint_utils, loader_name, load)
+    _mark("models-in-memory")
+    try:
+        yield
+    finally:
+        setattr(checkpoint_utils, loader_name, fairseq_load)
+        _mark("models-in-memory", False)
+
+
 def models_in_memory(loaders: Dict[str, ModelLoader]):
     """While the block runs, fairseq's ``checkpoint_utils.load_model_ensemble`` asked for one path
     that ``loaders`` names returns ``loaders[path](arg_overrides, task)``, a ``(models, cfg)`` pair
     built in memory, instead of reading the file (see PATCHES: models-in-memory); any other path
     loads as fairseq loads it."""
-    fairseq_load = checkpoint_utils.load_model_ensemble
-
-    def load_model_ensemble(filenames, arg_overrides=None, task=None, *args, **kwargs):
-        if len(filenames) == 1 and filenames[0] in loaders:
-            return loaders[filenames[0]](arg_overrides, task)
-        return fairseq_load(filenames, arg_overrides, task, *args, **kwargs)
-
-    checkpoint_utils.load_model_ensemble = load_model_ensemble
-    _mark("models-in-memory")
-    try:
-        yield
-    finally:
-        checkpoint_utils.load_model_ensemble = fairseq_load
-        _mark("models-in-memory", False)
+    return _loaded_from_memory("load_model_ensemble", lambda filenames: len(filenames) == 1 and filenames[0] in loaders,
+                               lambda filenames, arg_overrides, task: loaders[filenames[0]](arg_overrides, task))
 
 
-@contextlib.contextmanager
 def ensemble_in_memory(path: str, loader: Callable):
     """While the block runs, fairseq's ``checkpoint_utils.load_model_ensemble_and_task`` asked for exactly
     ``[path]`` returns ``loader(arg_overrides, task)``, a ``(models, cfg, task)`` triple built in memory.
 
     fairseq-eval-lm loads through ``load_model_ensemble_and_task`` (fairseq-generate and -interactive
-    through ``load_model_ensemble``, which calls it): this is patches.models_in_memory one level down.
+    through ``load_model_ensemble``, which calls it): this is models_in_memory one level down.
     """
-    fairseq_load = checkpoint_utils.load_model_ensemble_and_task
-
-    def load_model_ensemble_and_task(filenames, arg_overrides=None, task=None, *args, **kwargs):
-        if list(filenames) == [path]:
-            return loader(arg_overrides, task)
-        return fairseq_load(filenames, arg_overrides, task, *args, **kwargs)
-
-    checkpoint_utils.load_model_ensemble_and_task = load_model_ensemble_and_task
-    _mark("models-in-memory")
-    try:
-        yield
-    finally:
-        checkpoint_utils.load_model_ensemble_and_task = fairseq_load
-        _mark("models-in-memory", False)
+    return _loaded_from_memory("load_model_ensemble_and_task", lambda filenames: filenames == [path],
+                               lambda filenames, arg_overrides, task: loader(arg_overrides, task))
