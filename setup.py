@@ -40,15 +40,18 @@ setup(
         "safetensors>=0.4",
         "matplotlib",
         "tensorboardX",  # --tensorboard-logdir (the GLUE runner writes OUTPUT_DIR/tensorboard)
+        # The way out to transformers (tools.export_hf) and the comparison modes (LoRA and IA3
+        # through PEFT's inject_adapter_in_model); pinned to the minor versions tested here.
+        "transformers>=4.40,<6",
+        "peft>=0.21,<0.22",
     ],
     extras_require={
         # The HTTP server (python -m fairseq_ext.tools.serve).
         "serve": SERVE,
         # Sweeps: train.py -m with hydra/launcher=joblib or submitit_slurm.
         "sweep": SWEEP,
-        # transformers is only the reference implementation in parity tests; the suite runs
-        # on two pytest-xdist workers (tests/pytest.ini), and tests the server too.
-        "test": ["pytest>=7", "pytest-xdist>=3.5", "transformers>=4.40", *SERVE, *SWEEP],
+        # The suite runs on two pytest-xdist workers (tests/pytest.ini), and tests the server too.
+        "test": ["pytest>=7", "pytest-xdist>=3.5", *SERVE, *SWEEP],
     },
     entry_points={"console_scripts": ["fairseq-bitfit-train=fairseq_ext.training.main:cli_main"]},
 )
