@@ -324,12 +324,12 @@ def test_a_run_whose_folder_was_deleted_is_done_by_its_row_in_results_json(glue,
 
 def test_delta_only_runs_still_write_the_leaderboard_files(glue, cola_subset_run, tmp_path):
     """With --bitfit-delta-only there is no checkpoint_best.pt: the best delta merged into the
-    base predicts exactly what the full best checkpoint of the same run predicts."""
+    base in memory predicts exactly what the full best checkpoint of the same run predicts."""
     out = tmp_path / "delta"
     glue_script(dict(SUBSET_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(out)), *SUBSET_ARGS, "--bitfit-delta-only")
     run = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1"
     assert not (run / "checkpoint_best.pt").exists() and (run / "checkpoint_best.delta.safetensors").exists()
-    assert [p for p in run.iterdir() if p.is_dir()] == []  # the merged model was temporary
+    assert [p for p in run.iterdir() if p.is_dir()] == []  # merged in memory: nothing written for it
     predictions = [(folder / "predictions" / "bitfit-ofa" / "CoLA.tsv").read_text()
                    for folder in (cola_subset_run, out)]
     assert predictions[0] == predictions[1] and len(predictions[0].splitlines()) == 1 + ROWS

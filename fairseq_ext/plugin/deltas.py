@@ -11,7 +11,7 @@ same functions and swap their tasks' tensors in place with ``InPlaceDeltas``.
 import argparse
 import contextlib
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from fairseq import tasks, utils
@@ -187,17 +187,13 @@ def check_language_model_dictionary(folder: Path, delta: Delta, source: str) -> 
     check_language_model_dictionaries(language_model_task(delta, folder), delta, source)
 
 
-def apply_delta(base_path, delta_path, out_path, force: bool = False, trust_checkpoint: bool = False) -> Path:
-    """Write base + delta as a normal fairseq checkpoint at ``out_path``; returns it.
+def merged_model(base_path, delta_path, force: bool = False, trust_checkpoint: bool = False
+                 ) -> Tuple[torch.nn.Module, Delta]:
+    """Base + delta as one model in memory, in the run's dtype, with the delta's heads; and the delta.
 
     A seq2seq delta's dictionaries are checked against ``dict.{lang}.txt`` beside the base
     when the base has them (fairseq's released translation models do).
     """
-    out_path = Path(out_path)
-    for flag, other in (("--base", base_path), ("--delta", delta_path)):
-        if out_path.exists() and out_path.resolve() == Path(other).resolve():
-            raise UserError(f"--out {out_path} is the {flag} file; write the merged checkpoint elsewhere")
-    check_output_file(out_path, "--out")
     delta = read_delta(delta_path)
     base = load_checkpoint_file(base_path, trust_checkpoint)
     source = f"--base {base_path}"
@@ -216,6 +212,17 @@ def apply_delta(base_path, delta_path, out_path, force: bool = False, trust_chec
     model.to(delta.dtype)  # what fairseq's --fp16/--bf16 did to the training model before loading the base
     check_base_fingerprint(model.state_dict(), delta, source, force)
     copy_delta_into(model, delta.trained_tensors(model.state_dict()), f"--delta {delta_path}")
+    return model, delta
+
+
+def apply_delta(base_path, delta_path, out_path, force: bool = False, trust_checkpoint: bool = False) -> Path:
+    """Write base + delta (``merged_model``) as a normal fairseq checkpoint at ``out_path``; returns it."""
+    out_path = Path(out_path)
+    for flag, other in (("--base", base_path), ("--delta", delta_path)):
+        if out_path.exists() and out_path.resolve() == Path(other).resolve():
+            raise UserError(f"--out {out_path} is the {flag} file; write the merged checkpoint elsewhere")
+    check_output_file(out_path, "--out")
+    model, delta = merged_model(base_path, delta_path, force, trust_checkpoint)
     checkpoint = merged_checkpoint(delta, model.state_dict())
     write_atomically(out_path, lambda tmp: torch.save(checkpoint, tmp))
     return out_path

@@ -6,7 +6,6 @@ import os
 import queue
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -16,8 +15,7 @@ from ...core.glue_files import write_leaderboard_tsv
 from ...core.progress import DEFAULT_INTERVAL_S, ConsoleProgress
 from ...core.run_record import RECORD_NAME, epoch_stats, read_run_record
 from ...plugin.data.glue_prepare import read_test_indices
-from ...plugin.deltas import apply_delta
-from ...plugin.glue_split_predictions import predict_prepared_split
+from ...plugin.glue_split_predictions import load_base_and_delta, load_checkpoint, predict_prepared_split
 from ...training.options import TRAIN_COMMAND, TRAIN_MODULE
 from .plan import PlannedRun
 from .run_file import RUN_FILE, RunFile
@@ -99,31 +97,32 @@ def predict_test_sets(spec, prepared: Path, run_dir: Path, base_checkpoint: str,
                       interval_s: float = DEFAULT_INTERVAL_S, bar: Optional[bool] = None,
                       check_stop: Callable[[], None] = lambda: None) -> Dict[str, str]:
     """GLUE leaderboard files for the task's test splits, from the best checkpoint (or, with
-    --bitfit-delta-only, from the best delta merged into the base model for the time it takes);
+    --bitfit-delta-only, from the best delta merged into the base model in memory);
     ``check_stop`` is called after each batch (a run's thread ends there when the job stops)."""
     splits = [s for s in spec.test_splits if (prepared / "input0" / f"{s.name}.idx").exists()]
     checkpoint, best_delta = run_dir / "checkpoint_best.pt", run_dir / "checkpoint_best.delta.safetensors"
     if not splits or not (checkpoint.exists() or best_delta.exists()):
         return {}
-    with tempfile.TemporaryDirectory(dir=run_dir) as scratch:
-        if not checkpoint.exists():
-            checkpoint = apply_delta(base_checkpoint, best_delta, Path(scratch) / "checkpoint_best.pt")
-        written = {}
-        for split in splits:
-            indices = read_test_indices(prepared, split.name)
-            display = ConsoleProgress(f"{label}: predicting {split.name}", len(indices), unit="examples",
-                                      interval_s=interval_s, bar=bar)
+    if checkpoint.exists():
+        classifier = load_checkpoint(checkpoint, prepared)
+    else:
+        classifier = load_base_and_delta(base_checkpoint, best_delta, prepared)
+    written = {}
+    for split in splits:
+        indices = read_test_indices(prepared, split.name)
+        display = ConsoleProgress(f"{label}: predicting {split.name}", len(indices), unit="examples",
+                                  interval_s=interval_s, bar=bar)
 
-            def progress(done, total):
-                display.update(done)
-                check_stop()
+        def progress(done, total):
+            display.update(done)
+            check_stop()
 
-            try:
-                predictions = predict_prepared_split(checkpoint, prepared, split.name, progress=progress)
-            finally:
-                display.close()
-            path = write_leaderboard_tsv(spec, indices, predictions, run_dir / split.leaderboard_file)
-            written[split.name] = str(path)
+        try:
+            predictions = predict_prepared_split(classifier, split.name, progress=progress)
+        finally:
+            display.close()
+        path = write_leaderboard_tsv(spec, indices, predictions, run_dir / split.leaderboard_file)
+        written[split.name] = str(path)
     return written
 
 
