@@ -63,7 +63,9 @@ CONTROL_TERMS = controls.CONTROLS
 CLASSIFICATION_HEADS = "classification_heads."
 DEFAULT_HEAD_PREFIXES = (CLASSIFICATION_HEADS,)
 # The report's group order: the paper's symbols, then anything else a regex selects, then the heads.
-ROLE_ORDER = tuple(PAPER_TERMS) + ("other", "masked", "head")
+# A tuner's tensors (core.tuners, the comparison modes) report as their method.
+TUNER_ROLES = ("lora", "ia3", "adapter")
+ROLE_ORDER = tuple(PAPER_TERMS) + ("other", "masked") + TUNER_ROLES + ("head",)
 
 
 class SelectionError(ValueError):
@@ -138,6 +140,7 @@ class Selection:
     # Controls only: weight name -> bool mask of the entries that train, and the seed that drew them.
     masks: Dict[str, torch.Tensor] = field(default_factory=dict)
     seed: Optional[int] = None
+    tuner: Optional[dict] = None  # a comparison method's settings (core.tuners.TunerSpec.header()), trained too
 
     @property
     def names(self) -> List[str]:
@@ -209,8 +212,13 @@ def apply(
     head_prefixes: Sequence[str] = DEFAULT_HEAD_PREFIXES,
     forward_backward: Optional[Callable[[], None]] = None,
     seed: int = 1,
+    added: Optional[Mapping[str, str]] = None,
+    tuner: Optional[dict] = None,
 ) -> Selection:
     """Select, drop the selected parameters that get no gradient, and freeze the rest.
+
+    ``added``: tensors a tuner added ({name: its role}, core.tuners), trained besides the selection;
+    ``tuner`` (its settings) is kept in the selection.
 
     A control (``rand_uniform``, ``rand_row_col``) trains, besides the heads, as many weight
     entries as the ``all`` selection trains bias parameters, drawn with ``seed``: its masks
@@ -221,6 +229,11 @@ def apply(
     without heads, such as a seq2seq model: it freezes everything, the frozen baseline.
     """
     selection = select(model, terms, train_heads, head_prefixes)
+    if added:
+        selection.groups.update(added)
+        parameters = [name for name, _ in model.named_parameters()]
+        selection.groups = {name: selection.groups[name] for name in parameters if name in selection.groups}
+    selection.tuner = dict(tuner) if tuner else None
     if forward_backward is not None and selection.groups:
         selection.unused = find_unused(model, selection.names, forward_backward)
         for name in selection.unused:
@@ -318,11 +331,13 @@ def report(model: torch.nn.Module, selection: Selection) -> str:
     """Multi-line report: totals, bias terms vs heads, and a count per selected group."""
     tally = _selection_tally(model, selection)
     head = tally.get("head", (0, 0))
-    bias_tensors = sum(v[0] for k, v in tally.items() if k not in ("head", "masked"))
-    bias_params = sum(v[1] for k, v in tally.items() if k not in ("head", "masked"))
+    not_bias = ("head", "masked") + TUNER_ROLES
+    bias_tensors = sum(v[0] for k, v in tally.items() if k not in not_bias)
+    bias_params = sum(v[1] for k, v in tally.items() if k not in not_bias)
     heads = f"heads {'trained' if selection.train_heads else 'frozen'}" if has_heads(model) else "no task heads"
+    tuner = f"{selection.tuner['method']} ({_tuner_settings(selection.tuner)}) and " if selection.tuner else ""
     lines = [
-        f"BitFit selection {selection.terms!r}, {heads}",
+        f"{tuner}BitFit selection {selection.terms!r}, {heads}",
         format_trainable(*trained_and_total(model, selection)),
         f"bias terms: {bias_params:,} params in {bias_tensors} tensors || "
         f"heads: {head[1]:,} params in {head[0]} tensors",
@@ -340,6 +355,11 @@ def report(model: torch.nn.Module, selection: Selection) -> str:
     return "\n".join(lines)
 
 
+def _tuner_settings(tuner: Mapping[str, object]) -> str:
+    return ", ".join(f"{key} {value if not isinstance(value, list) else ','.join(value)}"
+                    for key, value in tuner.items() if key != "method" and value not in ([], ()))
+
+
 def summary(model: torch.nn.Module, selection: Selection) -> dict:
     """``report`` as data: the selection, the tensors and parameters per group, the unused ones."""
     tally = _selection_tally(model, selection)
@@ -348,6 +368,8 @@ def summary(model: torch.nn.Module, selection: Selection) -> dict:
     if selection.masks:
         data["control"] = {"kind": selection.terms, "seed": selection.seed,
                            "entries": controls.masked_entry_count(selection.masks), "matrices": len(selection.masks)}
+    if selection.tuner:
+        data["tuner"] = dict(selection.tuner)
     return data
 
 

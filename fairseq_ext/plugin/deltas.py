@@ -20,9 +20,11 @@ from omegaconf import OmegaConf
 
 from ..core.delta_file import (CLASSIFICATION, Delta, check_base_fingerprint, check_dictionary, copy_delta_into,
                                read_delta)
+from ..core import tuners
 from ..core.errors import UserError, one_line
 from ..core.files import check_output_file, write_atomically
 from .checkpoints import checkpoint_config, load_checkpoint_file, model_only_checkpoint
+from .patches import projections_as_modules
 from .models.build import SEQ2SEQ_MODEL_OPTIONS, SHARED_MODEL_OPTIONS, build_fairseq_model, placeholder_dictionary
 from .task_families import LANGUAGE_MODEL
 
@@ -69,7 +71,22 @@ def build_model(delta: Delta, dictionary=None, target_dictionary=None,
     if delta.kind == CLASSIFICATION and not hasattr(model, "register_classification_head"):
         raise UserError(f"{delta.path}: arch {delta.arch!r} has no classification heads, but the delta is "
                         f"{delta.describe_kind()}")
+    tuner = tuner_of(delta)
+    if tuner is not None:  # the run's added modules; loading the base keeps their initial values
+        tuners.inject(model, tuner)
+        projections_as_modules(model)
     return model.eval()
+
+
+def tuner_of(delta: Delta) -> Optional[tuners.TunerSpec]:
+    """The comparison method a delta's run trained (LoRA, IA3, adapters), None for BitFit alone."""
+    header = delta.selection.get("tuner")
+    if not header:
+        return None
+    try:
+        return tuners.TunerSpec.from_header(header)
+    except (tuners.TunerError, KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{delta.path}: its tuner {header!r} cannot be rebuilt: {one_line(error)}") from None
 
 
 def shared_model(delta: Delta, base_state: dict, source: str, device, dictionary=None, target_dictionary=None,
@@ -124,6 +141,11 @@ def check_same_model(loaded: Delta, delta: Delta, source: str) -> None:
                             f"{ours.get(option)!r} (from {loaded.path}); tasks of one predictor share one model")
     if delta.dtype != loaded.dtype:
         raise UserError(f"{source}: trained in {delta.base['dtype']}, the loaded model is {loaded.base['dtype']}")
+    if loaded.selection.get("tuner") != delta.selection.get("tuner"):
+        def trained(header):
+            return tuners.TunerSpec.from_header(header).describe() if header else "no tuner (BitFit)"
+        raise UserError(f"{source}: trained with {trained(delta.selection.get('tuner'))}, the loaded model has "
+                        f"{trained(loaded.selection.get('tuner'))}; tasks of one predictor share one model")
 
 
 def load_base(model, base_state: dict, delta: Delta, source: str) -> None:
@@ -212,6 +234,9 @@ def merged_model(base_path, delta_path, force: bool = False, trust_checkpoint: b
     model.to(delta.dtype)  # what fairseq's --fp16/--bf16 did to the training model before loading the base
     check_base_fingerprint(model.state_dict(), delta, source, force)
     copy_delta_into(model, delta.trained_tensors(model.state_dict()), f"--delta {delta_path}")
+    tuner = tuner_of(delta)
+    if tuner is not None and tuner.mergeable:
+        tuners.merge(model)  # LoRA and IA3 fold into the weights: the base's graph and names again
     return model, delta
 
 
@@ -222,6 +247,11 @@ def apply_delta(base_path, delta_path, out_path, force: bool = False, trust_chec
         if out_path.exists() and out_path.resolve() == Path(other).resolve():
             raise UserError(f"--out {out_path} is the {flag} file; write the merged checkpoint elsewhere")
     check_output_file(out_path, "--out")
+    tuner = tuner_of(read_delta(delta_path))
+    if tuner is not None and not tuner.mergeable:
+        raise UserError(f"--delta {delta_path}: {tuner.describe()} add layers a fairseq checkpoint of the base "
+                        "architecture has no place for; serve the delta unmerged (tools.predict or tools.serve "
+                        "with --delta)")
     model, delta = merged_model(base_path, delta_path, force, trust_checkpoint)
     checkpoint = merged_checkpoint(delta, model.state_dict())
     write_atomically(out_path, lambda tmp: torch.save(checkpoint, tmp))

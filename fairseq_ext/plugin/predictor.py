@@ -48,7 +48,7 @@ from ..core.delta_file import Delta, check_base_fingerprint, check_delta_fits, d
 from ..core.errors import UserError
 from ..core.glue_tasks import get_task_spec
 from .checkpoints import load_checkpoint_file
-from .deltas import InPlaceDeltas, check_same_model, register_head, shared_model
+from .deltas import InPlaceDeltas, check_same_model, register_head, shared_model, tuner_of
 from .mixed_batches import PerExampleBiases
 from .models.model_dir import MODEL_INFO, build_bpe, load_model_dir
 from .predictor_options import check_task_delta, usable_device
@@ -280,6 +280,8 @@ class MultiTaskPredictor:
         task_of = torch.tensor([task_names.index(self._task(name).name) for name, _ in encoded], dtype=torch.long)
         tokens = [ids for _, ids in encoded]
         mixed = self.prepare_mixed()
+        if mixed is None:
+            return self._logits_task_by_task(encoded)
         rows: List[Optional[torch.Tensor]] = [None] * len(tokens)
         for indices, src_tokens in self.batches(tokens):
             src_tokens, task_index = src_tokens.to(self.device), task_of[indices].to(self.device)
@@ -294,6 +296,28 @@ class MultiTaskPredictor:
                     rows[indices[position]] = row
         return rows
 
+    def _logits_task_by_task(self, encoded: Sequence[Tuple[str, torch.Tensor]]) -> List[torch.Tensor]:
+        """Mixed items as sub-batches of one task each, each task switched in place (LoRA, IA3 and
+        adapters change more than biases, which a mixed batch cannot add per example)."""
+        rows: List[Optional[torch.Tensor]] = [None] * len(encoded)
+        active = self._in_place.active
+        by_task: Dict[str, List[int]] = {}
+        for position, (name, _) in enumerate(encoded):
+            by_task.setdefault(name, []).append(position)
+        try:
+            for name, positions in by_task.items():
+                self.use(name)
+                head_key = self._task(name).head_key
+                for indices, src_tokens in self.batches([encoded[p][1] for p in positions]):
+                    output, _ = self.model(src_tokens.to(self.device), features_only=True,
+                                           classification_head_name=head_key)
+                    for index, row in zip(indices, output.cpu()):
+                        rows[positions[index]] = row
+        finally:
+            if active is not None:
+                self.use(active)
+        return rows
+
     def predict_mixed(self, items: Sequence[Item]) -> List[Prediction]:
         """``predict`` for ``(task, example)`` items in any order and mix, in one pass per batch."""
         return [self.prediction(item[0], row) for item, row in zip(items, self.logits_mixed(items))]
@@ -302,12 +326,15 @@ class MultiTaskPredictor:
         """Task ``name``'s Prediction from one example's head output."""
         return _prediction(self._task(name).delta, logits.float())
 
-    def prepare_mixed(self) -> "PerExampleBiases":
-        """The bias tables of the tasks added so far (made once after each add_task); a UserError
+    def prepare_mixed(self) -> Optional["PerExampleBiases"]:
+        """The bias tables of the tasks added so far (made once after each add_task); None when the
+        tasks carry a tuner (LoRA, IA3, adapters: their mixed batches run task by task); a UserError
         if some task trains what a mixed batch cannot add per example.  Servers call it at start."""
+        if not self._tasks:
+            raise UserError("no task added")
+        if any(tuner_of(task.delta) is not None for task in self._tasks.values()):
+            return None
         if self._mixed is None:
-            if not self._tasks:
-                raise UserError("no task added")
             trained = sorted({name for task in self._tasks.values() for name in task.body})
             tables = {name: torch.stack([task.body.get(name, self._in_place.base_values[name])
                                          for task in self._tasks.values()]) for name in trained}

@@ -129,7 +129,8 @@ class CheckpointDeltaWriter:
         model_args = vars(model_cfg) if namespace else OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True)
         sections = {
             "selection": {"terms": selection.terms, "train_heads": selection.train_heads, "trained": trained,
-                          "unused": list(selection.unused), "delta_only": self.delta_only},
+                          "unused": list(selection.unused), "delta_only": self.delta_only,
+                          **({"tuner": selection.tuner} if selection.tuner else {})},
             "task": _task_section(trainer.task, self.kind),
             "model": {"arch": model_args.get("arch") or model_args.get("_name"), "args": model_args,
                       "namespace": namespace},

@@ -9,7 +9,9 @@ written into each run's result so a reader knows how every number was chosen:
   full fine-tuning takes fairseq's per-task learning rate and batch size for 10
   epochs; BitFit and head-only take lr 1e-3 (the official BitFit code's default) at
   batch 32 for 20 epochs on tasks under 10k rows, 10 on larger ones;
-* smaller models (the embedded MiniLM, 22.7M): see ``SMALL_MODEL``.
+* smaller models (the embedded MiniLM, 22.7M): see ``SMALL_MODEL``;
+* the comparison methods (LoRA, IA3, adapters) take the bias rule's frame with their own
+  paper's learning rate (``TUNER_LR``), LoRA at its paper's batch and epochs on large models.
 
 ``python -m fairseq_ext.experiments.glue_run`` (``run_scripts/glue_bitfit.sh``) and the
 speed comparison build their train.py commands here.
@@ -31,6 +33,20 @@ BITFIT_LR = 1e-3  # the official BitFit code's default
 BITFIT_BATCH = 32
 SMALL_TASK_ROWS = 10_000  # BitFit trains these longer: its updates are small
 LARGE_MODEL_PARAMS = 100_000_000
+
+# The comparison methods' learning rates, each from its paper:
+# LoRA: Hu et al., ICLR 2022, Table 9 (RoBERTa-base: r 8 on q and v, alpha 8, batch 16, per-task lr and
+# epochs; WNLI is not in it: the lr of its small-task neighbours); IA3: Liu et al., NeurIPS 2022, §3.3
+# and Appendix (T-Few: lr 3e-3); bottleneck adapters: Houlsby et al., ICML 2019, §3.1 (size 64 of their
+# {8, 64, 256}; lr 3e-4, the middle of their {3e-5, 3e-4, 3e-3}).
+LORA_LR = {"MNLI": 5e-4, "SST-2": 5e-4, "MRPC": 4e-4, "CoLA": 4e-4, "QNLI": 4e-4, "QQP": 5e-4, "RTE": 5e-4,
+           "STS-B": 4e-4, "WNLI": 4e-4}
+LORA_EPOCHS = {"MNLI": 30, "SST-2": 60, "MRPC": 30, "CoLA": 80, "QNLI": 25, "QQP": 25, "RTE": 80, "STS-B": 40,
+               "WNLI": 80}
+LORA_BATCH = 16
+TUNER_LR = {"ia3": 3e-3, "adapter": 3e-4}
+TUNER_SOURCE = {"lora": "Hu et al. 2022, Table 9", "ia3": "Liu et al. 2022 (T-Few)",
+                "adapter": "Houlsby et al. 2019"}
 
 # Length-grouped batches (glue task --group-by-length): chunks of this many batches.
 LENGTH_GROUP_BATCHES = 50
@@ -55,6 +71,8 @@ def default_recipe(mode: str, task: str, train_rows: int, model_params: int) -> 
     """The defaults of a run mode (``full``, ``head`` or a BitFit mode) for a task and a model size."""
     large = model_params >= LARGE_MODEL_PARAMS
     size = f"{model_params / 1e6:.1f}M parameters ({'>=' if large else '<'} {LARGE_MODEL_PARAMS // 10**6}M)"
+    if mode in TUNER_SOURCE:
+        return _tuner_recipe(mode, task, train_rows, large, size)
     if large:
         if mode == FULL:
             return Recipe((FULL_FT_LR[task],), FULL_FT_BATCH[task], 10, 0.1, None,
@@ -79,6 +97,21 @@ def _small_bias(size: str) -> Recipe:
 
 
 SMALL_MODEL = {FULL: _small_full, "bias": _small_bias}
+
+
+def _tuner_recipe(method: str, task: str, train_rows: int, large: bool, size: str) -> Recipe:
+    """A comparison method: its paper's lr in the bias rule's frame; LoRA on large models as in its paper."""
+    lr = LORA_LR.get(task, 4e-4) if method == "lora" else TUNER_LR[method]
+    source = f"lr {lr:g} ({TUNER_SOURCE[method]})"
+    if large and method == "lora":
+        epochs = LORA_EPOCHS.get(task, 30)
+        return Recipe((lr,), LORA_BATCH, epochs, 0.0, None,
+                      f"{size}: LoRA's RoBERTa-base setting, {source}, batch {LORA_BATCH}, {epochs} epochs")
+    frame = default_recipe("bitfit-all", task, train_rows, LARGE_MODEL_PARAMS if large else 0)
+    return Recipe((lr,), frame.batch, frame.epochs, frame.weight_decay, frame.patience,
+                  f"{size}: {method} {source} in the bias rule's frame: batch {frame.batch}, "
+                  f"{'up to ' if frame.patience else ''}{frame.epochs} epochs"
+                  f"{f', patience {frame.patience}' if frame.patience else ''}")
 
 
 # -- train.py arguments -------------------------------------------------------------

@@ -20,7 +20,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf, gen_parser_f
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import InterpolationKeyError
 
-from ..core import bitfit
+from ..core import bitfit, tuners
 from ..core.errors import UserError
 from . import launch
 
@@ -43,10 +43,13 @@ def mode_label(mode: str, bitfit_terms: str = "ofa") -> str:
 
 
 def mode_flags(label: str) -> List[str]:
-    """train.py flags of a run mode: ``full``, ``head`` (heads only), ``bitfit-<any --bitfit-terms>``, or a
-    random-subset control (``rand_uniform``, ``rand_row_col``)."""
+    """train.py flags of a run mode: ``full``, ``head`` (heads only), ``bitfit-<any --bitfit-terms>``, a
+    random-subset control (``rand_uniform``, ``rand_row_col``), or a comparison method (``lora``, ``ia3``,
+    ``adapter``: ``--tuner`` at its defaults)."""
     if label == FULL:
         return []
+    if label in tuners.TUNERS:
+        return ["--tuner", label]
     if label == HEAD_ONLY:
         return ["--bitfit", "--bitfit-terms", "none"]
     if label in bitfit.CONTROL_TERMS:
@@ -54,8 +57,8 @@ def mode_flags(label: str) -> List[str]:
     if label.startswith(BITFIT_PREFIX) and label != BITFIT_PREFIX:
         return ["--bitfit", "--bitfit-terms", label[len(BITFIT_PREFIX):]]
     raise UserError(f"unknown mode {label!r}; modes: {FULL}, {HEAD_ONLY}, bitfit (with BITFIT_TERMS, default ofa), "
-                    f"{BITFIT_PREFIX}<terms> (e.g. {BITFIT_PREFIX}all) or a control "
-                    f"({', '.join(bitfit.CONTROL_TERMS)})")
+                    f"{BITFIT_PREFIX}<terms> (e.g. {BITFIT_PREFIX}all), a control "
+                    f"({', '.join(bitfit.CONTROL_TERMS)}) or a comparison method ({', '.join(tuners.TUNERS)})")
 
 
 @dataclass
@@ -86,6 +89,19 @@ class BitFitConfig(FairseqDataclass):
             "but a full checkpoint only as checkpoint_last.pt, which resuming needs"
         },
     )
+    tuner: str = field(
+        default="",
+        metadata={"help": "also train a comparison method's added tensors: lora, ia3 or adapter (bottleneck "
+                          "adapters); alone it trains them and the heads (as --bitfit --bitfit-terms none would)"},
+    )
+    lora_rank: int = field(default=8, metadata={"help": "--tuner lora: the rank r"})
+    lora_alpha: float = field(default=8.0, metadata={"help": "--tuner lora: alpha (the update is scaled by alpha/r)"})
+    tuner_targets: str = field(
+        default="",
+        metadata={"help": "--tuner lora/ia3: the Linear layers wrapped, as paper symbols q,k,v,m1,m2,m3 "
+                          "(default: lora q,v; ia3 k,v,m3)"},
+    )
+    adapter_size: int = field(default=64, metadata={"help": "--tuner adapter: the bottleneck size"})
 
 
 USAGE = f"{TRAIN_PROG} DATA [fairseq-train options] [--bitfit [--bitfit-terms SPEC] ...]"
@@ -98,6 +114,9 @@ BitFit (bias-only fine-tuning):
                              joined by commas (e.g. q,m2), or re:REGEX on parameter names
   --bitfit-freeze-heads      freeze the task heads too (OFA's exact behaviour)
   --bitfit-delta-only        keep checkpoint_last.pt whole; every other checkpoint is its delta alone
+  --tuner lora|ia3|adapter   train a comparison method instead (with --bitfit: as well): LoRA (--lora-rank 8,
+                             --lora-alpha 8, --tuner-targets q,v), IA3 (k,v,m3), or bottleneck adapters
+                             (--adapter-size 64); its delta, resume and reports work as BitFit's
 train.py:
   --save-interval-minutes M  also save checkpoint_last.pt every M minutes, mid-epoch included
                              (0: off); a restarted run resumes from it
@@ -154,6 +173,17 @@ def attach_bitfit_config(cfg, args) -> None:
         cfg.checkpoint.save_interval_minutes = float(args.save_interval_minutes)
 
 
+def tuner_spec(options) -> Optional[tuners.TunerSpec]:
+    """The ``--tuner`` method and its settings (parsed options or ``cfg.bitfit``), None without one."""
+    if not getattr(options, "tuner", ""):
+        return None
+    try:
+        return tuners.spec_from_options(options.tuner, options.lora_rank, options.lora_alpha,
+                                        options.tuner_targets, options.adapter_size)
+    except tuners.TunerError as error:
+        raise UserError(f"argument --tuner {options.tuner}: {error}") from None
+
+
 def validate_args(args) -> None:
     """Reject, before anything is built, options fairseq would stop on with a traceback, and impossible
     BitFit options."""
@@ -162,25 +192,37 @@ def validate_args(args) -> None:
     validate_bitfit_args(args)
 
 
+def trains_selection(options) -> bool:
+    """Whether the run trains a selection (``--bitfit``, ``--tuner`` or both) and writes deltas."""
+    return bool(options.bitfit or getattr(options, "tuner", ""))
+
+
+def selection_terms(options) -> str:
+    """The bias terms trained: ``--bitfit-terms`` with ``--bitfit``; none with ``--tuner`` alone."""
+    return options.bitfit_terms if options.bitfit else "none"
+
+
 def validate_bitfit_args(args) -> None:
     """Reject impossible BitFit options before anything is built."""
     try:
         bitfit.parse_terms(args.bitfit_terms)
     except bitfit.SelectionError as error:
         raise UserError(f"argument --bitfit-terms: {error}") from None
-    if args.bitfit and getattr(args, "model_parallel_size", 1) > 1:
-        raise UserError("--bitfit cannot be used with --model-parallel-size > 1: fairseq trains model-parallel "
+    tuner_spec(args)
+    flag = "--bitfit" if args.bitfit else "--tuner"
+    if trains_selection(args) and getattr(args, "model_parallel_size", 1) > 1:
+        raise UserError(f"{flag} cannot be used with --model-parallel-size > 1: fairseq trains model-parallel "
                         "runs with its MegatronTrainer, which this package does not extend")
-    if args.bitfit_delta_only and not args.bitfit:
-        raise UserError("--bitfit-delta-only needs --bitfit: only BitFit runs write deltas")
+    if args.bitfit_delta_only and not trains_selection(args):
+        raise UserError("--bitfit-delta-only needs --bitfit or --tuner: only their runs write deltas")
     if args.save_interval_minutes < 0:
         raise UserError(f"--save-interval-minutes {args.save_interval_minutes:g}: must be positive (0: off)")
     if args.save_interval_minutes and (args.no_save or args.no_last_checkpoints):
         flag = "--no-save" if args.no_save else "--no-last-checkpoints"
         raise UserError(f"--save-interval-minutes saves checkpoint_last.pt, which {flag} turns off")
-    if args.bitfit and getattr(args, "ddp_backend", None) == "fully_sharded":
+    if trains_selection(args) and getattr(args, "ddp_backend", None) == "fully_sharded":
         raise UserError(
-            "--bitfit cannot be used with --ddp-backend fully_sharded: it flattens and renames "
+            f"{flag} cannot be used with --ddp-backend fully_sharded: it flattens and renames "
             "parameters, so no bias filter can see them; use pytorch_ddp, c10d or legacy_ddp"
         )
 

@@ -17,11 +17,12 @@ from fairseq.optim import FairseqOptimizer, lr_scheduler
 from fairseq.optim.fp16_optimizer import FP16Optimizer
 from fairseq.trainer import Trainer
 
-from ..core import bitfit, controls
+from ..core import bitfit, controls, tuners
 from ..core.errors import UserError
 from ..core.run_record import RunRecord
-from ..plugin.patches import cache_module_walks, contiguous_layer_input
-from . import stop_rules
+from ..plugin.checkpoints import load_checkpoint_file
+from ..plugin.patches import cache_module_walks, contiguous_layer_input, projections_as_modules
+from . import options, stop_rules
 from .delta_writer import CheckpointDeltaWriter, check_run
 
 logger = logging.getLogger(__name__)
@@ -69,15 +70,20 @@ class BitFitTrainer(Trainer):
     """
 
     def __init__(self, cfg, task, model, criterion, quantizer=None, record: Optional[RunRecord] = None):
-        cache_module_walks(model)
         bitfit_cfg = cfg.get("bitfit", None)
         self.bitfit_selection: Optional[bitfit.Selection] = None
         self._checking_resumed_selection = False
         self._delta_writer: Optional[CheckpointDeltaWriter] = None
         self._mask_guard: Optional[controls.MaskGuard] = None
-        if bitfit_cfg is not None and bitfit_cfg.bitfit:
+        selecting = bitfit_cfg is not None and options.trains_selection(bitfit_cfg)
+        if selecting:
             check_run(cfg, task, model)  # a task family BitFit cannot give a delta for stops before anything runs
-            self.bitfit_selection = self._apply_bitfit(bitfit_cfg, cfg, task, model, criterion)
+        # The tuner's modules exist before the module walks are cached and before fairseq loads a checkpoint.
+        tuner = options.tuner_spec(bitfit_cfg) if selecting else None
+        added = self._inject_tuner(model, tuner) if tuner is not None else {}
+        cache_module_walks(model)
+        if selecting:
+            self.bitfit_selection = self._apply_bitfit(bitfit_cfg, cfg, task, model, criterion, added, tuner)
             contiguous_layer_input(model)
             if self.bitfit_selection.masks:
                 self._mask_guard = controls.MaskGuard(model, self.bitfit_selection.masks)
@@ -89,7 +95,17 @@ class BitFitTrainer(Trainer):
         super().__init__(cfg, task, model, criterion, quantizer)
 
     @staticmethod
-    def _apply_bitfit(bitfit_cfg, cfg, task, model, criterion) -> bitfit.Selection:
+    def _inject_tuner(model, tuner: tuners.TunerSpec) -> dict:
+        """Add the comparison method's tensors; {name: role} of what it added."""
+        try:
+            names = tuners.inject(model, tuner)
+        except tuners.TunerError as error:
+            raise UserError(f"--tuner {tuner.method}: {error}") from None
+        projections_as_modules(model)  # a wrapped q/k/v/out projection must not be skipped by the fast path
+        return {name: tuners.trained_tensor_role(name) for name in names}
+
+    @staticmethod
+    def _apply_bitfit(bitfit_cfg, cfg, task, model, criterion, added=None, tuner=None) -> bitfit.Selection:
         sample = _probe_sample(task, cfg)
 
         def forward_backward():
@@ -110,10 +126,12 @@ class BitFitTrainer(Trainer):
         try:
             selection = bitfit.apply(
                 model,
-                terms=bitfit_cfg.bitfit_terms,
+                terms=options.selection_terms(bitfit_cfg),
                 train_heads=not bitfit_cfg.bitfit_freeze_heads,
                 forward_backward=forward_backward if sample is not None else None,
                 seed=cfg.common.seed,
+                added=added,
+                tuner=tuner.header() if tuner is not None else None,
             )
         except bitfit.SelectionError as error:
             raise UserError(f"--bitfit-terms: {error}") from None
@@ -198,6 +216,7 @@ class BitFitTrainer(Trainer):
                 "train_heads": self.bitfit_selection.train_heads,
                 "trainable": self._trainable_names(),
                 **({"masks": self._mask_record()} if self.bitfit_selection.masks else {}),
+                **({"tuner": self.bitfit_selection.tuner} if self.bitfit_selection.tuner else {}),
             }
         return state
 
@@ -212,10 +231,25 @@ class BitFitTrainer(Trainer):
         self._checking_resumed_selection = not reset_optimizer
         try:
             extra_state = super().load_checkpoint(filename, reset_optimizer, *args, **kwargs)
+        except Exception as error:
+            if "Cannot load model parameters" in str(error):
+                self._explain_other_tuner(filename)
+            raise
         finally:
             self._checking_resumed_selection = False
         stop_rules.restore_from(extra_state, reset=reset_optimizer or kwargs.get("reset_meters", False))
         return extra_state
+
+    def _explain_other_tuner(self, filename) -> None:
+        """A checkpoint whose tensors do not fit: a sentence when the cause is another --tuner setting."""
+        saved = (load_checkpoint_file(filename).get("optimizer_history") or [{}])[-1].get("bitfit") or {}
+        ours = self.bitfit_selection.tuner if self.bitfit_selection is not None else None
+        theirs = saved.get("tuner")
+        if ours != theirs:
+            def described(header):
+                return tuners.TunerSpec.from_header(header).describe() if header else "no --tuner"
+            raise UserError(f"{filename} was trained with {described(theirs)}, this run asks for {described(ours)}; "
+                            f"resume with the same --tuner settings, {START_ELSEWHERE}") from None
 
     def _build_optimizer(self):
         if self._checking_resumed_selection and self._optim_history:

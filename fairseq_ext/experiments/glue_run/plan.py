@@ -53,10 +53,11 @@ def present_tasks(glue_dir: Path) -> List[str]:
 
 
 def run_modes(text: str, bitfit_terms: str) -> List[str]:
-    """MODE's run modes as labels (full, head, bitfit-<terms>), each checked."""
+    """MODE's run modes as labels (full, head, bitfit-<terms>, a control, a comparison method), each checked."""
     given = text.split()
     if not given:
-        raise UserError("MODE is empty; modes: full, head, bitfit, bitfit-<terms>, rand_uniform or rand_row_col")
+        raise UserError("MODE is empty; modes: full, head, bitfit, bitfit-<terms>, rand_uniform, rand_row_col, "
+                        "lora, ia3 or adapter")
     modes = []
     for mode in given:
         label = mode_label(mode, bitfit_terms) if mode == "bitfit" else mode

@@ -94,7 +94,8 @@ SETTINGS = (
     Setting("GLUE_DIR", "", _text, "GLUE's glue_data folder: <TASK>/{train,dev,test}.tsv", "./glue_data"),
     Setting("TASKS", "", _text, "space-separated GLUE tasks", "every task present"),
     Setting("MODE", "bitfit", _text, "space-separated run modes: full, head (head-only baseline), bitfit (with "
-            "BITFIT_TERMS), bitfit-<terms> (bitfit-all, bitfit-q,m2, ...), rand_uniform, rand_row_col"),
+            "BITFIT_TERMS), bitfit-<terms> (bitfit-all, bitfit-q,m2, ...), rand_uniform, rand_row_col, and the "
+            "comparison methods lora, ia3, adapter"),
     Setting("BITFIT_TERMS", "ofa", _text, "train.py --bitfit-terms of the mode bitfit"),
     Setting("MODEL", "", _text, "a converted model folder or a Hugging Face BERT/RoBERTa folder",
             "embedded all-MiniLM-L6-v2"),

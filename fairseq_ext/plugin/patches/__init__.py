@@ -143,6 +143,14 @@ PATCHES: Tuple[Patch, ...] = (
           "quadratically through nested encoders: milliseconds of Python per update that change nothing"),
     Patch("cached-module-walks", "fairseq.models.FairseqEncoder.set_num_updates", "extends",
           "cache_module_walks() (every train.py model)", "as above: FairseqEncoder's version only forwards"),
+    Patch("tuned-projections", "fairseq.modules.multihead_attention.MultiheadAttention.forward",
+          "replaces", "projections_as_modules(): LoRA and IA3 runs, and predictors serving their deltas unmerged",
+          "fairseq's fast path reads q_proj.weight and its siblings into torch's multi_head_attention_forward, "
+          "so a projection a tuner wraps (PEFT's LoRA or IA3 layer) would be skipped silently; each attention "
+          "module with a wrapped projection computes through its modules with scaled_dot_product_attention and "
+          "fairseq's attention dropout, in training too",
+          source_has=("and not self.skip_embed_dim_check", "F.multi_head_attention_forward(",
+                      "self.q_proj.weight")),
     Patch("attention-through-projections", "fairseq.modules.multihead_attention.MultiheadAttention.forward",
           "replaces", "attention_through_projections() (the predictor's mixed-task batches)",
           "fairseq's attention hands its q/k/v/out biases to torch's multi_head_attention_forward, where no hook "
@@ -272,7 +280,7 @@ def _claim_arch_name(arch: str) -> None:
 
 # The scoped patches, one module per user, re-exported here; imported last: they mark themselves
 # with _mark above.  _new_instance and _contiguous_input keep their old names for pickles made before.
-from .attention_projections import attention_through_projections  # noqa: E402,F401
+from .attention_projections import attention_through_projections, projections_as_modules  # noqa: E402,F401
 from .checkpoint_copies import CopyHook, route_checkpoint_copies  # noqa: E402,F401
 from .cuda_memory import cuda_peak_memory  # noqa: E402,F401
 from .generation import ModelLoader, ensemble_in_memory, models_in_memory  # noqa: E402,F401

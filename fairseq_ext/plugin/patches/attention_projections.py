@@ -1,9 +1,28 @@
-"""The predictor's mixed-task batches: fairseq's attention computed through its projection modules, so
-their forward hooks see every projection (see PATCHES: attention-through-projections)."""
+"""fairseq's attention computed through its projection modules: the predictor's mixed-task batches, whose
+forward hooks must see every projection (see PATCHES: attention-through-projections), and models whose
+projections a tuner wraps (LoRA, IA3), which fairseq's fast path would skip (tuned-projections)."""
 import contextlib
 import functools
 
 import torch
+
+
+def projections_as_modules(model: torch.nn.Module) -> int:
+    """For the model's life, each of its MultiheadAttention modules whose projections a tuner wrapped
+    (a projection module that is no longer a plain Linear) computes with those modules, in training too
+    (see PATCHES: tuned-projections); returns how many.  fairseq's fast path reads ``q_proj.weight``
+    and would silently leave the tuner out."""
+    from fairseq.modules.multihead_attention import MultiheadAttention
+
+    changed = 0
+    for module in model.modules():
+        projections = (module.q_proj, module.k_proj, module.v_proj, module.out_proj) if isinstance(
+            module, MultiheadAttention) else ()
+        if any(type(projection) is not torch.nn.Linear for projection in projections):
+            module.skip_embed_dim_check = True
+            module.forward = functools.partial(_attention_through_projections, module, module.forward)
+            changed += 1
+    return changed
 
 
 @contextlib.contextmanager
@@ -29,9 +48,9 @@ def attention_through_projections(attention_modules):
 def _attention_through_projections(module, fairseq_forward, query, key=None, value=None, key_padding_mask=None,
                                    incremental_state=None, need_weights=True, static_kv=False, attn_mask=None,
                                    before_softmax=False, need_head_weights=False):
-    """Eval-mode attention as torch's multi_head_attention_forward computes it without weights
-    (three projections, scaled_dot_product_attention, the output projection), through the modules."""
-    if (module.training or module.dropout_module.apply_during_inference or incremental_state is not None
+    """Attention as torch's multi_head_attention_forward computes it without weights (three projections,
+    scaled_dot_product_attention with fairseq's attention dropout, the output projection), through the modules."""
+    if (incremental_state is not None
             or static_kv or before_softmax or need_weights or need_head_weights or attn_mask is not None
             or module.bias_k is not None or module.add_zero_attn or key is None or value is None):
         return fairseq_forward(query, key, value, key_padding_mask=key_padding_mask,
@@ -46,7 +65,10 @@ def _attention_through_projections(module, fairseq_forward, query, key=None, val
     mask = None
     if key_padding_mask is not None:
         mask = ~key_padding_mask.bool().view(batch, 1, 1, -1)  # True: attend
+    dropout = module.dropout_module
+    dropout_p = dropout.p if module.training or dropout.apply_during_inference else 0.0
     attention = torch.nn.functional.scaled_dot_product_attention(
-        heads(module.q_proj(query)), heads(module.k_proj(key)), heads(module.v_proj(value)), attn_mask=mask)
+        heads(module.q_proj(query)), heads(module.k_proj(key)), heads(module.v_proj(value)), attn_mask=mask,
+        dropout_p=dropout_p)
     attention = attention.permute(2, 0, 1, 3).reshape(target_length, batch, embed_dim)
     return module.out_proj(attention), None
