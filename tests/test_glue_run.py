@@ -438,3 +438,24 @@ def test_line_endings_are_not_a_change_of_data_but_an_edited_row_is(glue, tmp_pa
     assert changed.returncode == 2, changed.stdout + changed.stderr
     errors = [line for line in changed.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "trained with other settings: the training data" in errors[0], changed.stderr
+
+
+def test_comparison_modes_run_beside_bitfit_with_their_cost(glue, tmp_path):
+    """MODE with LoRA and adapters: each trains from its sourced recipe, predicts the test set (adapters
+    unmerged, in memory), and the table gets each mode's delta size, epoch time and peak memory."""
+    out = tmp_path / "compare"
+    glue_script({"GLUE_DIR": str(glue), "OUTPUT_DIR": str(out), "TASKS": "STS-B", "MODE": "bitfit-all lora adapter"},
+                "--max-update", "4")
+    runs = {row["mode"]: row for row in json.loads((out / "results.json").read_text())["runs"]}
+    assert set(runs) == {"bitfit-all", "lora", "adapter"}
+    for mode, row in runs.items():
+        assert row["delta_bytes"] > 0 and row["peak_memory_bytes"] > 0 and row["epoch_train_s"] is not None, mode
+        assert set(row["dev"]) >= {"pearson", "spearman"}
+        assert len((out / "predictions" / mode / "STS-B.tsv").read_text().splitlines()) == 1 + ROWS
+    assert "Hu et al. 2022" in runs["lora"]["recipe"]["rule"] and runs["lora"]["lr"] == 4e-4
+    assert "Houlsby et al. 2019" in runs["adapter"]["recipe"]["rule"]
+    # r 8 on q and v of 6 layers, against two 64-wide adapters per layer: both far above BitFit's biases.
+    assert runs["bitfit-all"]["trainable"] < runs["lora"]["trainable"] < runs["adapter"]["trainable"]
+    table = (out / "results.md").read_text()
+    cost = table.split("## Cost", 1)[1]
+    assert "| lora |" in cost and "| adapter |" in cost and "STS-B s / epoch" in cost

@@ -107,10 +107,14 @@ class RunRecord:
         self.data["early_stop"] = None if stop is None else {key: _plain(value) for key, value in stop.items()}
         self.save()
 
-    def end(self, status: str, error: Optional[str] = None, *, checkpoints: Dict[str, str]) -> None:
-        """The launch ended: ``finished``, ``interrupted``, or ``failed`` with its one-line error."""
+    def end(self, status: str, error: Optional[str] = None, *, checkpoints: Dict[str, str],
+            peak_memory_bytes: Optional[int] = None) -> None:
+        """The launch ended: ``finished``, ``interrupted``, or ``failed`` with its one-line error; with the
+        process's peak memory (CUDA's on a GPU, the resident set's on CPU)."""
         launch = self.data["launches"][-1]
         launch.update(ended=_now(), status=status, error=error)
+        if peak_memory_bytes is not None:
+            launch["peak_memory_bytes"] = int(peak_memory_bytes)
         self.data["status"] = status
         self.data["checkpoints"] = dict(checkpoints)
         self.save()

@@ -31,7 +31,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import random
 import statistics
 import json
 import socket
@@ -48,61 +47,16 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..core.delta_file import read_delta
 from ..core.errors import UserError, exit_on_user_error
 from ..core.files import write_report
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir
 from ..plugin.predictor import MultiTaskPredictor
 from ..plugin.predictor_options import parse_delta_options
-from ..training.options import TRAIN_COMMAND, mode_label
-from ..training.synthetic import EMBEDDED_MODEL, model_setup, train_args, write_synthetic_data
+from ..training.synthetic_deltas import cpu_model, synthetic_sentences, task_deltas, trained_delta
 
 WAYS = ("mixed", "switching", "single")
 GLUE_TOKENS = 128  # the GLUE runner's MAX_SEQ_LEN: where its deltas truncate
-
-
-def trained_delta(workdir: Path, terms: str):
-    """One short BitFit run of the embedded model with train.py; its delta."""
-    model_args, dictionary, checkpoint = model_setup(EMBEDDED_MODEL, workdir)
-    data = write_synthetic_data(workdir, dictionary, batch=8, seq_len=32, updates=2)
-    command = [*TRAIN_COMMAND, *train_args(data, model_args, 8, "cpu", "fp32", mode_label("bitfit", terms)),
-               "--restore-file", str(checkpoint), "--reset-optimizer", "--reset-dataloader", "--reset-meters",
-               "--required-batch-size-multiple", "1", "--max-update", "2", "--save-dir", str(workdir / "run"),
-               "--no-epoch-checkpoints", "--log-format", "simple"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"train.py exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return read_delta(workdir / "run" / "checkpoint_best.delta.safetensors")
-
-
-def task_deltas(delta, count: int) -> Dict[str, object]:
-    """``count`` deltas like ``delta``, each with its own bias and head values."""
-    deltas = {}
-    for index in range(count):
-        generator = torch.Generator().manual_seed(index)
-        tensors = {name: tensor + 0.01 * torch.randn(tensor.shape, generator=generator)
-                   for name, tensor in delta.tensors.items()}
-        deltas[f"task{index}"] = dataclasses.replace(delta, tensors=tensors, path=f"{delta.path}#task{index}")
-    return deltas
-
-
-def cpu_model() -> str:
-    """The CPU's model name, as Linux reports it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def synthetic_sentences(vocab_file: str, count: int, seed: int = 1) -> List[str]:
-    words = [word for word in Path(vocab_file).read_text(encoding="utf-8").split("\n")
-             if word.isalpha() and not word.startswith("[")]
-    rng = random.Random(seed)
-    return [" ".join(rng.choices(words, k=rng.randint(8, 40))) for _ in range(count)]
 
 
 def predict_window(predictor: MultiTaskPredictor, way: str, window) -> None:
@@ -119,7 +73,7 @@ def measure(tasks: int, examples: int, batch_size: int, rounds: int) -> dict:
         raise UserError("--tasks, --examples, --batch-size and --rounds must be at least 1")
     folder = load_model_dir(default_model_dir())
     with tempfile.TemporaryDirectory(prefix="bitfit-serving-") as tmp:
-        base_delta = trained_delta(Path(tmp), "all")
+        base_delta = trained_delta(Path(tmp), "bitfit-all")
     predictor = MultiTaskPredictor(folder.path, batch_size=batch_size)
     for name, delta in task_deltas(base_delta, tasks).items():
         predictor.add_task(name, delta)
@@ -228,7 +182,7 @@ def measure_load(clients: int, seconds: float, deltas: Optional[Dict[str, str]] 
         tmp = Path(tmp)
         if not deltas:
             deltas = {}
-            for name, delta in task_deltas(trained_delta(tmp, "all"), 2).items():
+            for name, delta in task_deltas(trained_delta(tmp, "bitfit-all"), 2).items():
                 # Truncated at 128 tokens, as the GLUE runner's deltas are (MAX_SEQ_LEN), not at the model's 512.
                 delta = dataclasses.replace(delta, task={**delta.task, "truncate_to": GLUE_TOKENS})
                 delta.save(tmp / f"{name}.delta.safetensors")

@@ -209,14 +209,15 @@ def check_language_model_dictionary(folder: Path, delta: Delta, source: str) -> 
     check_language_model_dictionaries(language_model_task(delta, folder), delta, source)
 
 
-def merged_model(base_path, delta_path, force: bool = False, trust_checkpoint: bool = False
+def merged_model(base_path, delta_path, force: bool = False, trust_checkpoint: bool = False, merge: bool = True
                  ) -> Tuple[torch.nn.Module, Delta]:
     """Base + delta as one model in memory, in the run's dtype, with the delta's heads; and the delta.
+    A LoRA or IA3 delta is merged into the weights unless ``merge`` is False; adapters stay as layers.
 
     A seq2seq delta's dictionaries are checked against ``dict.{lang}.txt`` beside the base
     when the base has them (fairseq's released translation models do).
     """
-    delta = read_delta(delta_path)
+    delta = delta_path if isinstance(delta_path, Delta) else read_delta(delta_path)
     base = load_checkpoint_file(base_path, trust_checkpoint)
     source = f"--base {base_path}"
     check_base_model(base, delta, source)
@@ -235,7 +236,7 @@ def merged_model(base_path, delta_path, force: bool = False, trust_checkpoint: b
     check_base_fingerprint(model.state_dict(), delta, source, force)
     copy_delta_into(model, delta.trained_tensors(model.state_dict()), f"--delta {delta_path}")
     tuner = tuner_of(delta)
-    if tuner is not None and tuner.mergeable:
+    if tuner is not None and tuner.mergeable and merge:
         tuners.merge(model)  # LoRA and IA3 fold into the weights: the base's graph and names again
     return model, delta
 

@@ -14,12 +14,15 @@
 ``python -m fairseq_ext.training.main`` is train.py (``options.TRAIN_COMMAND``: how the
 experiment drivers launch it, also under torchrun's ``-m``).
 """
+import contextlib
 import functools
 import logging
+import resource
 import sys
 from pathlib import Path
 from typing import Dict, Optional
 
+import torch
 import fairseq_cli.train  # its import sets up fairseq-train's logging (INFO on stdout), as in fairseq-train
 from fairseq.distributed import utils as distributed_utils
 
@@ -95,18 +98,28 @@ def train_worker(cfg, trainer_class=BitFitTrainer, resumed_from: Optional[str] =
         if progress is not None and path is not None:
             progress.saved(trainer.get_num_updates())
 
-    with patches.fairseq_train_with(trainer, on_stats=record.add_stats if record is not None else None,
-                                    after_update=after_update, on_saved=on_saved, ended=stop_rules.ended_early):
+    cuda_peak = patches.cuda_peak_memory() if torch.cuda.is_available() and not cfg.common.cpu else None
+    with cuda_peak or contextlib.nullcontext(), patches.fairseq_train_with(
+            trainer, on_stats=record.add_stats if record is not None else None, after_update=after_update,
+            on_saved=on_saved, ended=stop_rules.ended_early):
         try:
             fairseq_cli.train.main(cfg, **kwargs)
         except BaseException as error:
             if record is not None:
-                record.end(*_how_it_ended(error), checkpoints=_checkpoints(cfg))
+                record.end(*_how_it_ended(error), checkpoints=_checkpoints(cfg),
+                           peak_memory_bytes=_peak_memory(cuda_peak))
             raise
         finally:
             patches.stop_batch_prefetching()  # before the interpreter ends them mid-batch
     if record is not None:
-        record.end("finished", checkpoints=_checkpoints(cfg))
+        record.end("finished", checkpoints=_checkpoints(cfg), peak_memory_bytes=_peak_memory(cuda_peak))
+
+
+def _peak_memory(cuda_peak) -> int:
+    """This process's peak memory so far: CUDA's most allocated, or on CPU the resident set's peak."""
+    if cuda_peak is not None:
+        return cuda_peak.current()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _how_to_go_on(cfg) -> str:

@@ -41,8 +41,20 @@ def run_summary(record: dict, spec) -> dict:
             metrics.update({name + suffix: float(values[name]) for name in spec.logged_metrics if name in values})
     parameters = record.get("parameters") or {}
     updates = max([int(entry["values"].get("num_updates", 0)) for entry in record["stats"]] + [0])
+    # fairseq's train_wall: the seconds an epoch spent in training steps (not validating, not saving).
+    train_walls = [float(values["train_wall"]) for values in epoch_stats(record, "train").values()
+                   if "train_wall" in values]
+    peaks = [launch["peak_memory_bytes"] for launch in record.get("launches", []) if "peak_memory_bytes" in launch]
     return {"epochs": dict(sorted(epochs.items())), "trainable": parameters.get("trainable"),
-            "total": parameters.get("total"), "updates": updates, "early_stop": record.get("early_stop")}
+            "total": parameters.get("total"), "updates": updates, "early_stop": record.get("early_stop"),
+            "epoch_train_s": round(sum(train_walls) / len(train_walls), 1) if train_walls else None,
+            "peak_memory_bytes": max(peaks) if peaks else None}
+
+
+def _best_delta_bytes(run_dir: Path) -> Optional[int]:
+    """The size of the best checkpoint's delta: what storing this run's task costs (None: full fine-tuning)."""
+    delta = run_dir / "checkpoint_best.delta.safetensors"
+    return delta.stat().st_size if delta.exists() else None
 
 
 def best_epoch(epochs: Dict[int, dict], primary: str) -> Optional[int]:
@@ -83,6 +95,8 @@ def _train_and_collect(run: PlannedRun, args, job: JobProgress, stage: "JobStage
     row.update(dev=parsed["epochs"].get(best, {}), best_epoch=best,
                curve={str(e): v for e, v in sorted(parsed["epochs"].items())},
                trainable=parsed["trainable"], total=parsed["total"], updates=parsed["updates"],
+               epoch_train_s=parsed["epoch_train_s"], peak_memory_bytes=parsed["peak_memory_bytes"],
+               delta_bytes=_best_delta_bytes(run_dir),
                predictions=predict_test_sets(spec, run.prepared, run_dir, run.base_checkpoint, run.label,
                                              job.interval_s, job.bar, stage.check_stop))
     run_file = RunFile.read(run_dir)
@@ -96,17 +110,19 @@ def _train_and_collect(run: PlannedRun, args, job: JobProgress, stage: "JobStage
 def predict_test_sets(spec, prepared: Path, run_dir: Path, base_checkpoint: str, label: str = "",
                       interval_s: float = DEFAULT_INTERVAL_S, bar: Optional[bool] = None,
                       check_stop: Callable[[], None] = lambda: None) -> Dict[str, str]:
-    """GLUE leaderboard files for the task's test splits, from the best checkpoint (or, with
-    --bitfit-delta-only, from the best delta merged into the base model in memory);
+    """GLUE leaderboard files for the task's test splits, from the best delta merged into the base model in
+    memory (full fine-tuning: from the best checkpoint);
     ``check_stop`` is called after each batch (a run's thread ends there when the job stops)."""
     splits = [s for s in spec.test_splits if (prepared / "input0" / f"{s.name}.idx").exists()]
     checkpoint, best_delta = run_dir / "checkpoint_best.pt", run_dir / "checkpoint_best.delta.safetensors"
     if not splits or not (checkpoint.exists() or best_delta.exists()):
         return {}
-    if checkpoint.exists():
-        classifier = load_checkpoint(checkpoint, prepared)
-    else:
+    # The delta on its base wherever there is one: the same predictions as the full checkpoint for BitFit, and
+    # the one way for a tuner's run (fairseq's loader knows no LoRA or adapter tensors).
+    if best_delta.exists():
         classifier = load_base_and_delta(base_checkpoint, best_delta, prepared)
+    else:
+        classifier = load_checkpoint(checkpoint, prepared)
     written = {}
     for split in splits:
         indices = read_test_indices(prepared, split.name)

@@ -103,7 +103,8 @@ def _seeds_note(count: int, seeds: int) -> str:
     return "" if count >= seeds else f" ({count} of {seeds} seeds)"
 
 
-MODE_ORDER = ("full", "bitfit-ofa", "bitfit-all", "bitfit-q,m2", "rand_uniform", "rand_row_col")
+MODE_ORDER = ("full", "bitfit-ofa", "bitfit-all", "bitfit-q,m2", "lora", "ia3", "adapter", "rand_uniform",
+              "rand_row_col")
 
 
 def _mode_order(mode: str):
@@ -124,11 +125,20 @@ class Cell:
 
 
 @dataclass
+class Cost:
+    """What a mode's best runs cost: the stored task, the training time, the memory."""
+    delta_kib: Optional[float]  # mean size of the best checkpoint's delta; None: full fine-tuning (no delta)
+    epoch_s: List[Optional[float]]  # per task: mean seconds of training steps per epoch
+    peak_mib: Optional[float]  # the largest peak memory of a run (resident set on CPU, allocated on CUDA)
+
+
+@dataclass
 class SummaryLine:
     mode: str
     trainable_percent: Optional[float]
     cells: List[Optional[Cell]]  # one per task, None where the mode has no run of it
     mean: Optional[Cell]  # the GLUE score averaged over tasks, per seed; None unless every task has runs
+    cost: Optional[Cost] = None
 
 
 @dataclass
@@ -159,8 +169,17 @@ def summary(rows: List[dict], specs: dict) -> Summary:
             fractions += [100.0 * r["trainable"] / r["total"] for r in runs if r.get("trainable") and r.get("total")]
         complete = [_mean(by_task.values()) for by_task in scores_by_seed.values() if len(by_task) == len(tasks)]
         mean = Cell([_spread(complete)], len(complete)) if complete and None not in cells else None
-        lines.append(SummaryLine(mode, _mean(fractions), cells, mean))
+        lines.append(SummaryLine(mode, _mean(fractions), cells, mean, _cost([best.get((t, mode)) for t in tasks])))
     return Summary(tasks, metrics, sorted({r["seed"] for r in rows}), lines, best)
+
+
+def _cost(runs_by_task: List[Optional[List[dict]]]) -> Cost:
+    runs = [r for task_runs in runs_by_task for r in task_runs or []]
+    deltas = [r["delta_bytes"] / 1024 for r in runs if r.get("delta_bytes")]
+    peaks = [r["peak_memory_bytes"] / 2**20 for r in runs if r.get("peak_memory_bytes")]
+    epoch_s = [_mean([r["epoch_train_s"] for r in task_runs or [] if r.get("epoch_train_s") is not None])
+               for task_runs in runs_by_task]
+    return Cost(_mean(deltas), epoch_s, max(peaks) if peaks else None)
 
 
 def results_markdown(rows: List[dict], specs: dict) -> str:
@@ -190,6 +209,19 @@ def summary_markdown(rows: List[dict], specs: dict) -> str:
     for line in table.lines:
         lines.append(f"| {line.mode} | {_fmt(line.trainable_percent, 3)} | "
                      + " | ".join(cell(c) for c in line.cells) + f" | {cell(line.mean)} |")
+    if any(line.cost and (line.cost.peak_mib or any(line.cost.epoch_s)) for line in table.lines):
+        lines += ["", "## Cost", "",
+                  "Per mode, over the runs in the table above: the size of the best checkpoint's delta (what storing "
+                  "one task takes), the seconds of training steps per epoch (fairseq's train_wall; validation and "
+                  "saving aside) and the largest peak memory of a run (the process's resident set on CPU, CUDA's "
+                  "most allocated on a GPU).", "",
+                  "| mode | delta (KiB) | " + " | ".join(f"{t} s / epoch" for t in tasks) + " | peak memory (MiB) |",
+                  "|---|---:|" + "---:|" * len(tasks) + "---:|"]
+        for line in table.lines:
+            cost = line.cost
+            delta = "full model" if line.mode == "full" else _fmt(cost.delta_kib, 0)
+            lines.append(f"| {line.mode} | {delta} | " + " | ".join(_fmt(s, 1) for s in cost.epoch_s)
+                         + f" | {_fmt(cost.peak_mib, 0)} |")
     best = table.best
     recipes = {}
     chosen = {**{key[:2]: runs for key, runs in best_rows(curve_rows(rows), by_size=True).items()}, **best}

@@ -160,7 +160,7 @@ PATCHES: Tuple[Patch, ...] = (
           source_has=("and not self.skip_embed_dim_check", "F.multi_head_attention_forward(",
                       "use_separate_proj_weight=True", "q = self.q_proj(query)", "q *= self.scaling",
                       "attn = self.out_proj(attn)")),
-    Patch("cuda-peak-memory", "torch.cuda.reset_peak_memory_stats", "extends", "cuda_peak_memory() (benchmark)",
+    Patch("cuda-peak-memory", "torch.cuda.reset_peak_memory_stats", "extends", "cuda_peak_memory() (benchmark; a train.py run on CUDA, for its run record)",
           "fairseq's train_step resets the CUDA peak after every update; the benchmark reads each peak "
           "before it is reset"),
     Patch("resume-check-hook", "fairseq.trainer.Trainer.load_checkpoint", "relies on", "BitFitTrainer",

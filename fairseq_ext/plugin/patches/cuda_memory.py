@@ -1,4 +1,4 @@
-"""The benchmark's CUDA peak memory, through the resets fairseq makes after every update (see PATCHES:
+"""CUDA peak memory (the benchmark's, and each train.py run record's), through the resets fairseq makes after every update (see PATCHES:
 cuda-peak-memory)."""
 import torch
 
@@ -27,8 +27,12 @@ class cuda_peak_memory:
         _mark("cuda-peak-memory")
         return self
 
+    def current(self) -> int:
+        """The peak so far (bytes)."""
+        return max(self._peaks + [torch.cuda.max_memory_allocated()])
+
     def __exit__(self, *exc):
+        self.peak = self.current()
         torch.cuda.reset_peak_memory_stats = self._reset
         _mark("cuda-peak-memory", False)
-        self.peak = max(self._peaks + [torch.cuda.max_memory_allocated()])
         return False
