@@ -156,3 +156,18 @@ def test_speed_against_the_transformers_loop_runs_all_three_side_by_side(tmp_pat
         assert epoch["updates"] == 5 and epoch["seconds"] > 0 and set(epoch["dev"]) == {"pearson", "spearman"}
     assert rows[0]["ratio_to_transformers"] is None and rows[1]["ratio_to_transformers"] > 0
     assert "| bitfit-all | train.py grouped |" in (tmp_path / "out" / "speed_vs_hf.md").read_text()
+
+
+def test_a_decoder_only_language_model_gets_its_row(tmp_path):
+    """transformer_lm archs train on synthetic language modeling: full and BitFit rows with real
+    numbers and ratios to full (no assertion on time)."""
+    result = tiny.run(["-m", "fairseq_ext.experiments.benchmark", "--models", "transformer_lm_gpt2_tiny", "--modes",
+                       "full", "bitfit-all", "--device", "cpu", "--batch", "2", "--seq-len", "16", "--steps", "2",
+                       "--warmup", "1", "--output-dir", str(tmp_path)])
+    full, bitfit = json.loads((tmp_path / "benchmark.json").read_text())
+    assert (full["mode"], bitfit["mode"]) == ("full", "bitfit-all")
+    assert full["trainable"] == full["total"] == bitfit["total"] > bitfit["trainable"] > 0
+    for row in (full, bitfit):
+        assert 0 < row["step_ms_median"] <= row["update_ms_median"] and row["peak_mem_bytes"] > 0
+    assert bitfit["ratio_to_full"] > 0 and bitfit["mem_ratio_to_full"] > 0 and full["ratio_to_full"] == 1.0
+    assert "| transformer_lm_gpt2_tiny | bitfit-all |" in (tmp_path / "benchmark.md").read_text(), result.stdout

@@ -216,3 +216,18 @@ def test_an_encoder_decoder_arch_on_language_modeling_is_refused_in_one_line(bas
     model = TransformerModel.__new__(TransformerModel)
     with pytest.raises(UserError, match=r"^--arch transformer: --task language_modeling trains decoder-only "):
         task_families.check_trainable(task, model, "language_modeling", "transformer")
+
+
+def test_train_py_refuses_a_pair_it_cannot_rebuild_before_training(datasets, tmp_path):
+    """The refusal as a user meets it (an encoder-decoder arch on language_modeling): train.py in its own
+    process, one line, exit status 2, and no checkpoint or delta written (never a traceback at the first
+    save)."""
+    save_dir = tmp_path / "run"
+    result = tiny.run(["train.py", str(datasets["text"]), "--task", "language_modeling", *tiny.TINY_TRANSFORMER,
+                       "--tokens-per-sample", "16", *TRAINING, "--save-dir",
+                       str(save_dir), "--bitfit"], check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--arch transformer: --task language_modeling trains decoder-only" in lines[0], lines
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not list(save_dir.glob("*.pt")) and not list(save_dir.glob(f"*{DELTA_SUFFIX}"))

@@ -1,6 +1,8 @@
 """Write a file so that it is either the old one or the whole new one, never half of it."""
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -50,3 +52,23 @@ def require_file(folder: Path, name: str, why: str) -> Path:
     if not path.is_file():
         raise UserError(f"{folder}: missing {name} ({why})")
     return path
+
+
+def write_folder_atomically(out: Path, fill):
+    """``fill(staging)`` in a hidden folder beside ``out``, then renamed to ``out`` (absent or empty):
+    ``out`` is either missing or whole, and a failure leaves nothing behind.  Returns what ``fill`` returns."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        filled = fill(staging)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private
+        if out.exists():
+            out.rmdir()  # the caller checked it is empty
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return filled

@@ -3,7 +3,9 @@
 Each (model, mode) is one train.py run on a synthetic binarized dataset (random
 tokens, every batch exactly batch x seq_len: sentence prediction, or for an
 encoder-decoder arch such as ``transformer_wmt_en_de`` translation, source and
-target seq_len tokens each; tokens/s counts source tokens) for warmup + steps updates, through
+target seq_len tokens each; tokens/s counts source tokens; for a decoder-only
+``transformer_lm`` arch such as ``transformer_lm_gpt2_small`` language modeling on
+blocks of seq_len tokens) for warmup + steps updates, through
 fairseq's own loop and a BitFitTrainer that times each update.  It reports the
 median update time (one loop iteration: data loading, train_step, logging), the
 median ``train_step`` time alone, tokens per second and peak memory: CUDA max
@@ -13,6 +15,7 @@ per round runs them in turn, so start-up (imports, CUDA context) is paid once.
 
     python -m fairseq_ext.experiments.benchmark --models minilm roberta_base --device cpu --output-dir outputs/benchmark
     python -m fairseq_ext.experiments.benchmark --models transformer_wmt_en_de --modes full bitfit-all bitfit-none
+    python -m fairseq_ext.experiments.benchmark --models transformer_lm_gpt2_small --modes full bitfit-all bitfit-ofa
 """
 import argparse
 import contextlib
@@ -34,7 +37,8 @@ from ..core.files import write_report
 from ..plugin.patches import cuda_peak_memory
 from ..training import options
 from ..training.main import cli_main
-from ..training.synthetic import is_translation_workload, model_setup, train_args, workload_args, write_synthetic_data
+from ..training.synthetic import (is_language_model_workload, is_translation_workload, model_setup, train_args,
+                                  workload_args, write_synthetic_data)
 from ..training.trainer import BitFitTrainer
 
 MODES = (options.FULL, "bitfit-ofa", "bitfit-all", "bitfit-q,m2", options.HEAD_ONLY)
@@ -56,10 +60,11 @@ def _measure_in(workdir: Path, model: str, mode: str, device: str, batch: int, s
                 warmup: int, precision: str) -> dict:
     model_args, dictionary, checkpoint = model_setup(model, workdir)
     updates = warmup + steps
-    data = write_synthetic_data(workdir, dictionary, batch, seq_len, updates, translation=is_translation_workload(model))
+    data = write_synthetic_data(workdir, dictionary, batch, seq_len, updates, translation=is_translation_workload(model),
+                                language_model=is_language_model_workload(model))
     restore = ["--restore-file", str(checkpoint), "--reset-optimizer", "--reset-dataloader", "--reset-meters"] \
         if checkpoint is not None else []
-    argv = [*train_args(data, model_args, batch, device, precision, mode, workload_args(model)), *restore,
+    argv = [*train_args(data, model_args, batch, device, precision, mode, workload_args(model, seq_len)), *restore,
             "--required-batch-size-multiple", "1", "--max-update", str(updates),
             "--no-save", "--save-dir", str(workdir / "checkpoints"),
             "--log-format", "simple", "--log-interval", str(max(1, updates // 2))]

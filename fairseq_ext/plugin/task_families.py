@@ -95,9 +95,27 @@ def check_trainable(task, model, task_name: str, arch: str) -> str:
     if getattr(task, "source_dictionary", None) is None:
         raise UserError(f"--task {task_name}: has no token dictionary, which a BitFit delta records")
     if kind == LANGUAGE_MODEL and not isinstance(model, FairseqLanguageModel):
-        raise UserError(f"--arch {arch}: --task language_modeling trains decoder-only language models "
-                        f"(transformer_lm, lstm_lm, ...); {arch} is a {type(model).__name__}")
+        raise UserError(_not_a_language_model(arch, type(model).__name__))
     if kind == CLASSIFICATION and not hasattr(model, "register_classification_head"):
         raise UserError(f"--arch {arch}: --task {task_name} needs a model with classification heads "
                         "(roberta, bert, bart)")
     return kind
+
+
+def _not_a_language_model(arch: str, model_class_name: str) -> str:
+    return (f"--arch {arch}: --task language_modeling trains decoder-only language models (transformer_lm, "
+            f"lstm_lm, ...); {arch} is a {model_class_name}")
+
+
+def check_arch_before_build(task_name: Optional[str], arch: Optional[str]) -> None:
+    """One line for an encoder-decoder ``--arch`` with ``--task language_modeling``, before fairseq builds it:
+    fairseq's own build_model fails on it with a traceback (no ``supported_targets``), before
+    ``check_trainable`` could see the model."""
+    from fairseq.models import ARCH_MODEL_REGISTRY
+    from fairseq.tasks import TASK_REGISTRY
+
+    task_class, model_class = TASK_REGISTRY.get(task_name), ARCH_MODEL_REGISTRY.get(arch)
+    if task_class is None or model_class is None:
+        return  # fairseq's parser has already named an unknown one
+    if issubclass(task_class, LanguageModelingTask) and not issubclass(model_class, FairseqLanguageModel):
+        raise UserError(_not_a_language_model(arch, model_class.__name__))

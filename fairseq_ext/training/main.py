@@ -14,6 +14,7 @@
 ``python -m fairseq_ext.training.main`` is train.py (``options.TRAIN_COMMAND``: how the
 experiment drivers launch it, also under torchrun's ``-m``).
 """
+import argparse
 import contextlib
 import functools
 import logging
@@ -29,7 +30,7 @@ from fairseq.distributed import utils as distributed_utils
 from ..core import interrupts
 from ..core.errors import UserError, exit_on_user_error, one_line
 from ..core.run_record import RECORD_NAME, RunRecord, read_run_record
-from ..plugin import patches
+from ..plugin import patches, task_families
 from . import hydra_form, options, stop_rules
 from .options import TRAIN_PROG
 from .run_progress import ProgressPublisher
@@ -58,6 +59,7 @@ def train(cfg, resumed_from: Optional[str] = None, trainer_class=BitFitTrainer) 
     # A partial of a module-level function: fairseq's spawned GPU workers unpickle it by name,
     # so they too train with trainer_class, not with fairseq's Trainer.
     worker = functools.partial(train_worker, trainer_class=trainer_class, resumed_from=resumed_from)
+    task_families.check_arch_before_build(_registered_name(cfg.task, "task"), _registered_name(cfg.model, "arch"))
     try:
         with interrupts.handled():
             distributed_utils.call_main(cfg, worker)
@@ -65,6 +67,13 @@ def train(cfg, resumed_from: Optional[str] = None, trainer_class=BitFitTrainer) 
         if distributed_utils.is_master(cfg.distributed_training):
             print(f"{TRAIN_PROG}: {stop.signal_name}: stopped. {_how_to_go_on(cfg)}", file=sys.stderr, flush=True)
         sys.exit(stop.exit_status)
+
+
+def _registered_name(group, legacy_option: str) -> Optional[str]:
+    """``--task`` or ``--arch`` from a config group: a dataclass's ``_name``, a legacy Namespace's option."""
+    if isinstance(group, argparse.Namespace):
+        return getattr(group, legacy_option, None)
+    return group.get("_name") if group is not None else None
 
 
 def train_worker(cfg, trainer_class=BitFitTrainer, resumed_from: Optional[str] = None, **kwargs) -> None:

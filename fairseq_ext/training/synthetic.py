@@ -6,6 +6,9 @@ a registered fairseq arch with random init (``roberta_base``, ``bert_tiny``, ...
 An encoder-decoder arch (``transformer_wmt_en_de``, ``bart_base``, ...) gets a
 translation task instead: random source and target sentences of seq_len tokens
 each, one joined dictionary of WMT'16 en-de's size, ``--share-all-embeddings``.
+A decoder-only ``transformer_lm`` arch (``transformer_lm_gpt2_small``, ...) gets
+language modeling: a stream of random tokens in blocks of seq_len (``--sample-break-mode
+none``), a dictionary of GPT-2's BPE size, ``--share-decoder-input-output-embed``.
 The benchmark runs train.py end to end on ``write_synthetic_data``; the GPU check
 steps a Trainer by hand (``build_trainer``) on one fixed batch.
 """
@@ -27,9 +30,12 @@ from .trainer import BitFitTrainer
 
 EMBEDDED_MODEL = "minilm"
 # Symbols besides fairseq's 4 specials; translation: fairseq's WMT'16 en-de joined BPE dictionary (32,768).
-RANDOM_INIT_VOCAB = {"roberta": 50261, "bert": 30518, "translation": 32764}
+# language_model: fairseq's GPT-2 BPE dict.txt (RoBERTa's, without <mask>).
+RANDOM_INIT_VOCAB = {"roberta": 50261, "bert": 30518, "translation": 32764, "language_model": 50260}
 # fairseq models whose archs get the translation workload.
 SEQ2SEQ_MODELS = ("transformer", "bart")
+# fairseq models whose archs get the language-modeling workload.
+LANGUAGE_MODELS = ("transformer_lm",)
 SENTENCE_PREDICTION = ["--task", "sentence_prediction", "--criterion", "sentence_prediction", "--num-classes", "2",
                        "--max-positions", "512"]
 TRANSLATION = ["--task", "translation", "--source-lang", "src", "--target-lang", "tgt",
@@ -41,8 +47,16 @@ def is_translation_workload(model: str) -> bool:
     return ARCH_MODEL_NAME_REGISTRY.get(model) in SEQ2SEQ_MODELS
 
 
-def workload_args(model: str) -> List[str]:
+def is_language_model_workload(model: str) -> bool:
+    """Whether the named model trains on the synthetic language-modeling task (a decoder-only arch)."""
+    return ARCH_MODEL_NAME_REGISTRY.get(model) in LANGUAGE_MODELS
+
+
+def workload_args(model: str, seq_len: int) -> List[str]:
     """train.py's task and criterion options of the named model's synthetic workload."""
+    if is_language_model_workload(model):
+        return ["--task", "language_modeling", "--criterion", "cross_entropy", "--tokens-per-sample", str(seq_len),
+                "--sample-break-mode", "none"]
     return TRANSLATION if is_translation_workload(model) else SENTENCE_PREDICTION
 
 
@@ -55,6 +69,8 @@ def model_setup(model: str, workdir: Path) -> Tuple[List[str], Path, Optional[st
         raise UserError(f"--models {model}: neither '{EMBEDDED_MODEL}' nor a fairseq arch")
     if is_translation_workload(model):
         family, arch_args = "translation", ["--arch", model, "--share-all-embeddings"]
+    elif is_language_model_workload(model):
+        family, arch_args = "language_model", ["--arch", model, "--share-decoder-input-output-embed"]
     else:
         family, arch_args = ("bert" if model.startswith("bert") else "roberta"), ["--arch", model]
     size = 996 if model == "bert_tiny" else RANDOM_INIT_VOCAB[family]
@@ -81,9 +97,10 @@ def train_args(data: Path, model_args: Sequence[str], batch: int, device: str, p
 
 
 def write_synthetic_data(workdir: Path, dictionary: Path, batch: int, seq_len: int, updates: int,
-                         translation: bool = False) -> Path:
-    """A binarized sentence_prediction dataset of random tokens (what fairseq-preprocess writes), or
-    with ``translation`` a src-tgt translation dataset of random sentence pairs.
+                         translation: bool = False, language_model: bool = False) -> Path:
+    """A binarized sentence_prediction dataset of random tokens (what fairseq-preprocess writes), with
+    ``translation`` a src-tgt translation dataset of random sentence pairs, with ``language_model`` one
+    monolingual corpus (its blocks of seq_len tokens are the sequences).
 
     Every sequence is ``seq_len`` tokens ending in </s>, so every batch is batch x seq_len;
     there are enough for ``updates`` updates in one epoch, plus a one-batch valid split:
@@ -95,6 +112,8 @@ def write_synthetic_data(workdir: Path, dictionary: Path, batch: int, seq_len: i
     generator = torch.Generator().manual_seed(1)
     if translation:
         return _write_translation_data(data, dictionary, source, generator, batch, seq_len, updates)
+    if language_model:
+        return _write_corpus(data, dictionary, source, generator, batch, seq_len, updates)
     write_dictionaries(data, dictionary)
     labels = Dictionary.load(str(data / "label" / "dict.txt"))
     for split, rows in (("train", batch * (updates + 1)), ("valid", batch)):
@@ -127,6 +146,21 @@ def _write_translation_data(data: Path, dictionary: Path, vocabulary: Dictionary
                 builder.add_item(sequence)
         for side, builder in builders.items():
             builder.finalize(str(data / f"{split}.src-tgt.{side}.idx"))
+    return data
+
+
+def _write_corpus(data: Path, dictionary: Path, vocabulary: Dictionary, generator: torch.Generator,
+                  batch: int, seq_len: int, updates: int) -> Path:
+    """Random lines of ``seq_len`` tokens (the last one </s>) in language_modeling's layout."""
+    data.mkdir(parents=True)
+    (data / "dict.txt").write_text(dictionary.read_text())
+    for split, rows in (("train", batch * (updates + 1)), ("valid", batch)):
+        builder = indexed_dataset.make_builder(str(data / f"{split}.bin"), "mmap", len(vocabulary))
+        for _ in range(rows):
+            sequence = torch.randint(vocabulary.nspecial, len(vocabulary), (seq_len,), generator=generator)
+            sequence[-1] = vocabulary.eos()
+            builder.add_item(sequence)
+        builder.finalize(str(data / f"{split}.idx"))
     return data
 
 

@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -35,7 +34,7 @@ from fairseq.models import ARCH_MODEL_INV_REGISTRY
 from safetensors.torch import load_file
 
 from ...core.errors import UserError, one_line
-from ...core.files import require_file
+from ...core.files import require_file, write_folder_atomically
 from ..checkpoints import model_only_checkpoint
 from ..data import wordpiece_bpe
 from .bert import POOLING_CHOICES
@@ -126,7 +125,7 @@ def model_family(config: dict, config_path: Path) -> str:
         what = repr(model_type) + (" as a decoder" if model_type in SUPPORTED_MODEL_TYPES else "")
         architectures = ", ".join(config.get("architectures") or []) or "none listed"
         raise UserError(f"{config_path}: unsupported model_type {what} (architectures: {architectures}); "
-                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} encoders")
+                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} encoders, opt language models")
     return model_type
 
 
@@ -186,17 +185,14 @@ def bert_vocabulary(folder: Path) -> Vocabulary:
     )
 
 
-def roberta_vocabulary(folder: Path) -> Vocabulary:
-    vocab_path = require_file(folder, "vocab.json", "the byte-level BPE vocab of a RoBERTa model")
-    merges_path = require_file(folder, "merges.txt", "the byte-level BPE merges of a RoBERTa model")
-    ids_by_token = read_json(vocab_path, "the BPE vocab")
-    if not isinstance(ids_by_token, dict) or sorted(ids_by_token.values()) != list(range(len(ids_by_token))):
-        raise UserError(f"{vocab_path}: expected a JSON object mapping each token to a distinct id 0..N-1")
-    specials = special_tokens(folder, ROBERTA_SPECIAL_DEFAULTS)
-    hf_ids = fairseq_order(ids_by_token, specials, vocab_path)
-    special_names = set(specials.values())
-    # fairseq's gpt2 BPE writes the id from encoder.json and dict.txt holds those ids as
-    # symbols (as in fairseq's own RoBERTa): use the source ids, so the two stay readable.
+GPT2_BPE_ARGS = {"bpe": "gpt2", "gpt2_encoder_json": "encoder.json", "gpt2_vocab_bpe": "vocab.bpe"}
+
+
+def gpt2_bpe_files(ids_by_token: Dict[str, int], special_names: set, merges_path: Path
+                   ) -> Dict[str, Callable[[Path], None]]:
+    """Writers of encoder.json and vocab.bpe, fairseq's ``gpt2`` BPE files, from a byte-level BPE's
+    vocab.json and merges.txt.  fairseq's gpt2 BPE writes the id from encoder.json and dict.txt holds
+    those ids as symbols (as in fairseq's own RoBERTa): the source ids, so the two stay readable."""
     encoder = {token: i for token, i in ids_by_token.items() if token not in special_names}
     with open(merges_path, encoding="utf-8") as merges_file:
         merges = [line.rstrip("\n") for line in merges_file]
@@ -211,11 +207,23 @@ def roberta_vocabulary(folder: Path) -> Vocabulary:
         with open(out / "vocab.bpe", "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
 
+    return {"encoder.json": write_encoder, "vocab.bpe": write_merges}
+
+
+def roberta_vocabulary(folder: Path) -> Vocabulary:
+    vocab_path = require_file(folder, "vocab.json", "the byte-level BPE vocab of a RoBERTa model")
+    merges_path = require_file(folder, "merges.txt", "the byte-level BPE merges of a RoBERTa model")
+    ids_by_token = read_json(vocab_path, "the BPE vocab")
+    if not isinstance(ids_by_token, dict) or sorted(ids_by_token.values()) != list(range(len(ids_by_token))):
+        raise UserError(f"{vocab_path}: expected a JSON object mapping each token to a distinct id 0..N-1")
+    specials = special_tokens(folder, ROBERTA_SPECIAL_DEFAULTS)
+    hf_ids = fairseq_order(ids_by_token, specials, vocab_path)
+    files = gpt2_bpe_files(ids_by_token, set(specials.values()), merges_path)
     return Vocabulary(
         hf_ids=hf_ids,
         dict_symbols=[str(i) for i in hf_ids[4:-1]],
-        files={"encoder.json": write_encoder, "vocab.bpe": write_merges},
-        bpe_args={"bpe": "gpt2", "gpt2_encoder_json": "encoder.json", "gpt2_vocab_bpe": "vocab.bpe"},
+        files=files,
+        bpe_args=dict(GPT2_BPE_ARGS),
         source_file=str(vocab_path),
     )
 
@@ -496,9 +504,7 @@ def convert(src_dir, out_dir, pooling: Optional[str] = None, report: Optional[Ca
     # torch's safe loader reads it without an allow-list.
     model_cfg = architecture_config(arch, **explicit)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def fill(staging: Path):
         write_dictionary(staging / "dict.txt", vocabulary.dict_symbols)
         dictionary = load_dictionary(staging / "dict.txt", vocabulary.dict_symbols, vocabulary.source_file)
         model = build_fairseq_model(model_cfg, dictionary)
@@ -521,15 +527,9 @@ def convert(src_dir, out_dir, pooling: Optional[str] = None, report: Optional[Ca
             "source": {"path": str(src), "model_type": family, "architectures": config.get("architectures"),
                        **(source_note or {})},
         })
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        return model, conversion
+
+    model, conversion = write_folder_atomically(out, fill)
     if report is not None:
         for line in conversion.report:
             report(line)

@@ -33,6 +33,8 @@ from .build import options_beyond_arch
 MODEL_INFO = "model_info.json"
 FORMAT_VERSION = 1
 FAMILIES = ("bert", "roberta")
+# Decoder-only folders (hf_lm_import): train.py --task language_modeling reads them, not the encoder tools.
+LANGUAGE_MODEL_FAMILIES = ("opt",)
 # fairseq BPE options that name a file; model_info.json holds them relative to the folder.
 BPE_FILE_OPTIONS = ("wordpiece_vocab", "gpt2_encoder_json", "gpt2_vocab_bpe", "sentencepiece_model")
 # fairseq models that are RoBERTa encoders (same classification interface and pair format).
@@ -116,6 +118,9 @@ def _read_model_info(path: Path) -> Dict[str, object]:
     for key in ("family", "arch", "bpe_args"):
         if key not in info:
             raise UserError(f"{path}: no {key!r}")
+    if info["family"] in LANGUAGE_MODEL_FAMILIES:
+        raise UserError(f"{path}: a decoder-only language model ({info['family']}); GLUE data, predict and serve "
+                        "need an encoder: train it with train.py --task language_modeling (docs/language_models.md)")
     if info["family"] not in FAMILIES:
         raise UserError(f"{path}: family {info['family']!r} is not one of {', '.join(FAMILIES)}")
     if info.get("pooling", "first") not in POOLING_CHOICES:
