@@ -208,17 +208,28 @@ def apply_delta(base_path, delta_path, out_path, force: bool = False, trust_chec
     if delta.is_seq2seq and all((folder / f"dict.{lang}.txt").is_file() for lang in (delta.source_lang,
                                                                                        delta.target_lang)):
         check_seq2seq_dictionaries(seq2seq_task(delta, folder), delta, source)
+    model, _ = merged_model(delta, base, source, force)
+    del base
+    checkpoint = merged_checkpoint(delta, model.state_dict())
+    write_atomically(out_path, lambda tmp: torch.save(checkpoint, tmp))
+    return out_path
+
+
+def merged_model(delta: Delta, base: dict, source: str, force: bool = False):
+    """(the run's model in memory, the base values of what the delta changes): the delta's model built with
+    its heads, the base checkpoint ``base`` loaded as --restore-file does, checked against the delta's base
+    fingerprint (``force``: warn only), the delta copied in; in the training dtype."""
     model = build_model(delta)
     for head in delta.head_names():
         register_head(model, head, delta.head_tensors(head))
     load_base(model, base["model"], delta, source)
-    del base
     model.to(delta.dtype)  # what fairseq's --fp16/--bf16 did to the training model before loading the base
     check_base_fingerprint(model.state_dict(), delta, source, force)
-    copy_delta_into(model, delta.trained_tensors(model.state_dict()), f"--delta {delta_path}")
-    checkpoint = merged_checkpoint(delta, model.state_dict())
-    write_atomically(out_path, lambda tmp: torch.save(checkpoint, tmp))
-    return out_path
+    trained = delta.trained_tensors(model.state_dict())
+    state = model.state_dict()
+    base_values = {name: state[name].detach().clone() for name in trained if name in state}
+    copy_delta_into(model, trained, f"--delta {delta.path}")
+    return model, base_values
 
 
 def merged_cfg(delta: Delta) -> dict:
