@@ -153,11 +153,13 @@ def run_from_checkpoint(model_dir: ModelDir, dictionary, checkpoint, trust: bool
     if f"classification_heads.{head}.out_proj.weight" not in state["model"]:
         raise UserError(f"{source}: no classification head {head!r}; export a fine-tuned classifier's checkpoint, "
                         "or give --base alone for the encoder")
-    model_cfg = {**model_cfg, "arch": arch}
+    model_cfg, task_cfg = {**model_cfg, "arch": arch}, dict(task_cfg)
+    if task_cfg.get("_name") == "glue" and task_cfg.get("init_token") is None:
+        task_cfg["init_token"] = dictionary.bos()  # what the glue task sets up (a delta records it resolved)
     weights = state["model"]
     _classifier(family, model_cfg, weights, dictionary, head, None, None, source)  # dictionary check first
     model = _built(model_cfg, dictionary, weights, head, source)
-    max_tokens = task_cfg.get("max_positions")
+    max_tokens = task_cfg.get("max_seq_len") or task_cfg.get("max_positions")
     classifier = _classifier(family, model_cfg, model.state_dict(), dictionary, head, _labels(task_cfg, None),
                              max_tokens if isinstance(max_tokens, int) else None, source)
     return Run(model, classifier, task_cfg, _pair(task_cfg))
@@ -208,7 +210,8 @@ def compare(run: Run, model: torch.nn.Module, tokenizer, bpe, dictionary, what: 
         encoded = tokenizer(*texts, return_tensors="pt")
         if encoded["input_ids"][0].tolist() != expected_ids.tolist():
             raise UserError(f"{run.classifier.source}: transformers' tokenizer gives other token ids than the run "
-                            f"for {texts!r}; the {what} is not written")
+                            f"for {texts!r} (its --init-token/--separator-token are not the {run.classifier.family} format?); "
+                            f"the {what} is not written")
         output = model(**encoded)
         theirs = output.logits[0] if run.classifier.head else output.last_hidden_state[0]
         largest = max(largest, float((theirs - run.outputs(expected_ids)).abs().max()))
@@ -218,13 +221,14 @@ def compare(run: Run, model: torch.nn.Module, tokenizer, bpe, dictionary, what: 
     return largest
 
 
-def load_transformers_folder(folder: Path):
+def load_transformers_folder(folder: Path, classifier: Classifier):
+    """The folder as its users load it: AutoModelForSequenceClassification (the encoder alone: AutoModel)."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if "id2label" in config and config.get("architectures", [""])[0].endswith("Classification"):
-        return AutoModelForSequenceClassification.from_pretrained(str(folder), trust_remote_code="auto_map" in config)
-    return AutoModel.from_pretrained(str(folder))
+    if not classifier.head:
+        return AutoModel.from_pretrained(str(folder))
+    return AutoModelForSequenceClassification.from_pretrained(str(folder),
+                                                              trust_remote_code=classifier.pooling == "mean")
 
 
 def source_folder(model_dir: ModelDir) -> Optional[str]:
@@ -286,7 +290,7 @@ def export(base_dir, out_dir, delta=None, checkpoint=None, fmt: str = "hf", forc
             from transformers import AutoTokenizer
 
             left_out = write_transformers_folder(run, model_dir, dictionary, staging)
-            largest = compare(run, load_transformers_folder(staging), AutoTokenizer.from_pretrained(str(staging)),
+            largest = compare(run, load_transformers_folder(staging, run.classifier), AutoTokenizer.from_pretrained(str(staging)),
                               bpe, dictionary, "transformers folder")
             lines = [f"not exported (no place on transformers' path): {', '.join(left_out)}"] if left_out else []
             what = "transformers folder"

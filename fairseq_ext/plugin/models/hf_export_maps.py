@@ -241,7 +241,8 @@ def byte_level_tokenizer(model_dir: ModelDir, symbols: List[str], max_tokens: in
             token = tokens_by_id.get(int(symbol), symbol) if symbol.isdigit() else symbol
         vocab.setdefault(token, index)
     lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
-    merges = [line for line in lines[1 if lines and lines[0].startswith("#version") else 0:] if line.strip()]
+    merges = [tuple(line.split(" ")) for line in lines[1 if lines and lines[0].startswith("#version") else 0:]
+              if line.strip()]
     return transformers.RobertaTokenizer(vocab=_checked_vocab(vocab, model_dir), merges=merges,
                                          model_max_length=max_tokens)
 

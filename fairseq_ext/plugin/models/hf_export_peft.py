@@ -28,9 +28,9 @@ OFF_PATH = ("encoder.lm_head.", "encoder.pooler.")  # never on the classificatio
 
 
 def head_modules(layout) -> List[str]:
-    """The head's modules as modules_to_save names: RoBERTa's head whole, BERT's pooler dense and classifier."""
-    return sorted({name.rpartition(".")[0] if name.startswith("classifier.") else name
-                   for name in (layout.dense, layout.out_proj)})
+    """The head's two Linear layers as modules_to_save names.  Leaves, not RoBERTa's head module whole: PEFT's
+    merge_and_unload can put back only a wrapped module that has a weight."""
+    return sorted((layout.dense, layout.out_proj))
 
 
 def adapter_parts(run, hf_base: nn.Module, merged_state: dict, names: dict) -> Tuple[dict, List[str], List[str]]:
@@ -84,7 +84,8 @@ def write_adapter(run, staging: Path, base_name: Optional[str], check: Callable[
     hf_base, _, _ = transformers_model(classifier, state_override={**classifier.state, **base_values})
     vectors, layer_norms, left_out = adapter_parts(run, hf_base, merged.state_dict(), names)
     saved = head_modules(classifier.layout) + layer_norms
-    config = peft.BeftConfig(task_type="SEQ_CLS", target_modules=sorted(vectors), modules_to_save=list(saved),
+    # No task_type: SEQ_CLS would add the head's container module ("classifier") to modules_to_save.
+    config = peft.BeftConfig(target_modules=sorted(vectors), modules_to_save=list(saved),
                              inference_mode=True)
     model = peft.get_peft_model(hf_base, config)
     merged_modules = dict(merged.named_modules())
