@@ -185,6 +185,31 @@ def test_the_exported_model_class_needs_no_package_of_ours():
     assert roots == {"torch", "transformers"}
 
 
+def test_glue_runner_export_writes_each_task_s_best_bitfit_run(tiny_runs, tmp_path):
+    from fairseq_ext.core.errors import UserError
+    from fairseq_ext.experiments.glue_run import results, settings
+
+    assert settings.parse(["--from-env"], "glue_bitfit", {"EXPORT": "hf"}).export == "hf"
+    assert settings.parse([], "glue_bitfit").export is None
+    with pytest.raises(UserError, match="EXPORT 'onnx': expected hf"):
+        settings.parse(["--from-env"], "glue_bitfit", {"EXPORT": "onnx"})
+    model_dir, _, cola_run, *_ = tiny_runs["bert_cola"]
+    _, _, stsb_run, *_ = tiny_runs["bert_stsb"]
+    _, _, foreign_run, *_ = tiny_runs["roberta_rte"]  # another model's run in the same OUTPUT_DIR: left out
+
+    def row(task, mode, metric, score, run_dir):
+        return {"task": task, "mode": mode, "lr": 0.01, "seed": 1, "train_rows": 24, "dev": {metric: score},
+                "primary_metric": metric, "run_dir": str(run_dir)}
+
+    rows = [row("CoLA", "bitfit-ofa", "mcc", 0.2, cola_run), row("CoLA", "full", "mcc", 0.9, foreign_run),
+            row("STS-B", "bitfit-all", "pearson", 0.3, stsb_run), row("RTE", "bitfit-ofa", "accuracy", 0.5, foreign_run)]
+    for _ in range(2):  # a second job replaces the folders
+        assert results.export_best_runs(tmp_path, rows, model_dir.path) == [tmp_path / "export" / "CoLA",
+                                                                            tmp_path / "export" / "STS-B"]
+    assert sorted(os.listdir(tmp_path / "export")) == ["CoLA", "STS-B"]
+    assert transformers.AutoConfig.from_pretrained(str(tmp_path / "export" / "STS-B")).problem_type == "regression"
+
+
 # --- bad input: one line, exit status 2, nothing written -------------------------------------------
 
 

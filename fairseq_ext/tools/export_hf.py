@@ -11,6 +11,7 @@ DIR then loads with ``AutoModelForSequenceClassification.from_pretrained(DIR)`` 
 What is written and why: ``fairseq_ext.plugin.models.hf_export``.
 """
 import argparse
+import warnings
 
 from ..core.errors import exit_on_user_error, quiet_cli_logging
 from ..plugin.checkpoints import add_trust_checkpoint_argument
@@ -38,6 +39,7 @@ def main(argv=None) -> None:
 
     transformers_logging.disable_progress_bar()  # the export's own lines are its output
     transformers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers and PEFT
     export(args.base, args.out, delta=args.delta, checkpoint=args.checkpoint, fmt=args.format, force=args.force,
            trust_checkpoint=args.trust_checkpoint)
 

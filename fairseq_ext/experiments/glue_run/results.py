@@ -362,6 +362,9 @@ def collect_predictions(output_dir: Path, rows: List[dict]) -> None:
 def export_best_runs(output_dir: Path, rows: List[dict], model_dir: str) -> List[Path]:
     """EXPORT=hf: OUTPUT_DIR/export/<TASK>/, each task's best BitFit run as a transformers folder (replacing an
     earlier job's once the new one is complete)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # the job's output is its own progress lines
     written = []
     for task, run in sorted(best_bitfit_runs(rows).items()):
         delta = Path(run["run_dir"]) / "checkpoint_best.delta.safetensors"

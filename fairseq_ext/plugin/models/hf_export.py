@@ -294,6 +294,8 @@ def export(base_dir, out_dir, delta=None, checkpoint=None, fmt: str = "hf", forc
                               bpe, dictionary, "transformers folder")
             lines = [f"not exported (no place on transformers' path): {', '.join(left_out)}"] if left_out else []
             what = "transformers folder"
+        for path in staging.rglob("*"):  # some writers (safetensors, mkstemp) make files private
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private
         if out.exists():
             out.rmdir()  # checked empty above
