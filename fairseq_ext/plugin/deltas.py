@@ -211,8 +211,7 @@ def check_language_model_dictionary(folder: Path, delta: Delta, source: str) -> 
 
 def merged_model(base_path, delta_path, force: bool = False, trust_checkpoint: bool = False, merge: bool = True
                  ) -> Tuple[torch.nn.Module, Delta]:
-    """Base + delta as one model in memory, in the run's dtype, with the delta's heads; and the delta.
-    A LoRA or IA3 delta is merged into the weights unless ``merge`` is False; adapters stay as layers.
+    """Base + delta as one model in memory (``model_with_delta``), from their files; and the delta.
 
     A seq2seq delta's dictionaries are checked against ``dict.{lang}.txt`` beside the base
     when the base has them (fairseq's released translation models do).
@@ -227,18 +226,29 @@ def merged_model(base_path, delta_path, force: bool = False, trust_checkpoint: b
     if delta.is_seq2seq and all((folder / f"dict.{lang}.txt").is_file() for lang in (delta.source_lang,
                                                                                        delta.target_lang)):
         check_seq2seq_dictionaries(seq2seq_task(delta, folder), delta, source)
+    model, _ = model_with_delta(delta, base, source, force, merge)
+    return model, delta
+
+
+def model_with_delta(delta: Delta, base: dict, source: str, force: bool = False, merge: bool = True):
+    """(the run's model in memory, the base values of what the delta changes): the delta's model built with
+    its heads (and its tuner's layers), the base checkpoint ``base`` loaded as --restore-file does, checked
+    against the delta's base fingerprint (``force``: warn only), the delta copied in; in the training dtype.
+    A LoRA or IA3 delta is folded into the weights unless ``merge`` is False; adapters stay layers."""
     model = build_model(delta)
     for head in delta.head_names():
         register_head(model, head, delta.head_tensors(head))
     load_base(model, base["model"], delta, source)
-    del base
     model.to(delta.dtype)  # what fairseq's --fp16/--bf16 did to the training model before loading the base
     check_base_fingerprint(model.state_dict(), delta, source, force)
-    copy_delta_into(model, delta.trained_tensors(model.state_dict()), f"--delta {delta_path}")
+    trained = delta.trained_tensors(model.state_dict())
+    state = model.state_dict()
+    base_values = {name: state[name].detach().clone() for name in trained if name in state}
+    copy_delta_into(model, trained, f"--delta {delta.path}")
     tuner = tuner_of(delta)
     if tuner is not None and tuner.mergeable and merge:
         tuners.merge(model)  # LoRA and IA3 fold into the weights: the base's graph and names again
-    return model, delta
+    return model, base_values
 
 
 def apply_delta(base_path, delta_path, out_path, force: bool = False, trust_checkpoint: bool = False) -> Path:

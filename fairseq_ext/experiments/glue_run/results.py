@@ -7,6 +7,7 @@ its run folder has been deleted since (``Ledger``).
 """
 import json
 import logging
+import os
 import shutil
 import statistics
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from ...core.files import write_atomically, write_text_atomically
 from ...core.glue_tasks import TASK_NAMES, TASKS
 from ...plugin.analysis import delta_bias_change, write_bias_change
 from ...plugin.checkpoints import load_checkpoint_file
+from ...plugin.models.hf_export import export
 from ...training.options import BITFIT_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -348,8 +350,8 @@ def write_results(output_dir: Path, new_rows: List[dict]) -> List[dict]:
     return rows
 
 
-def write_bias_change_of_best_runs(output_dir: Path, rows: List[dict], base_checkpoint: str) -> Optional[Path]:
-    """OUTPUT_DIR/bias_change/: how far each bias term moved in each task's best BitFit run (a panel per task)."""
+def best_bitfit_runs(rows: List[dict]) -> Dict[str, dict]:
+    """Each task's BitFit run with the best dev score, over the BitFit modes' best learning rates."""
     best: Dict[str, dict] = {}
     for (task, mode), runs in best_rows(main_rows(rows)).items():
         if not mode.startswith(BITFIT_PREFIX):
@@ -358,6 +360,12 @@ def write_bias_change_of_best_runs(output_dir: Path, rows: List[dict], base_chec
         if task not in best or run["dev"].get(run["primary_metric"], float("-inf")) > \
                 best[task]["dev"].get(best[task]["primary_metric"], float("-inf")):
             best[task] = run
+    return best
+
+
+def write_bias_change_of_best_runs(output_dir: Path, rows: List[dict], base_checkpoint: str) -> Optional[Path]:
+    """OUTPUT_DIR/bias_change/: how far each bias term moved in each task's best BitFit run (a panel per task)."""
+    best = best_bitfit_runs(rows)
     base = load_checkpoint_file(base_checkpoint)
     tables = {}
     for task, run in sorted(best.items()):
@@ -381,3 +389,26 @@ def collect_predictions(output_dir: Path, rows: List[dict]) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 write_atomically(target, lambda tmp, source=path: shutil.copyfile(source, tmp))
 
+
+
+def export_best_runs(output_dir: Path, rows: List[dict], model_dir: str) -> List[Path]:
+    """EXPORT=hf: OUTPUT_DIR/export/<TASK>/, each task's best BitFit run as a transformers folder (replacing an
+    earlier job's once the new one is complete)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # the job's output is its own progress lines
+    written = []
+    for task, run in sorted(best_bitfit_runs(rows).items()):
+        delta = Path(run["run_dir"]) / "checkpoint_best.delta.safetensors"
+        target = output_dir / "export" / task
+        fresh = target.with_name(f".{task}.new")
+        shutil.rmtree(fresh, ignore_errors=True)
+        try:
+            export(model_dir, fresh, delta=delta, report=None)
+        except UserError as error:  # a run of another model in the same OUTPUT_DIR: not a failed job
+            logger.warning(f"export of {delta} left out: {error}")
+            continue
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(fresh, target)
+        written.append(target)
+    return written

@@ -66,6 +66,15 @@ def _launcher(value: str, name: str) -> str:
     return value
 
 
+EXPORTS = ("hf",)
+
+
+def _export(value: str, name: str) -> Optional[str]:
+    if value not in ("",) + EXPORTS:
+        raise UserError(f"{name} {value!r}: expected {' or '.join(EXPORTS)} (unset: no export)")
+    return value or None
+
+
 @dataclass(frozen=True)
 class Setting:
     """One job setting: ``env`` in the script's environment, ``flag`` on the command line."""
@@ -109,6 +118,8 @@ SETTINGS = (
             "every row"),
     Setting("TRAIN_SUBSETS", "", _list_of(int, "positive integers"), "training-size curves: every mode at each "
             "size, e.g. '200 500 1000' (size_curves.png)", "none"),
+    Setting("EXPORT", "", _export, "hf: each task's best BitFit run as a transformers folder in "
+            "OUTPUT_DIR/export/<TASK> (python -m fairseq_ext.tools.export_hf)", "no export"),
     Setting("NPROC", "1", _integer(1), "processes per node; torchrun when above 1"),
     Setting("NNODES", "1", _integer(1), "nodes of a multi-node torchrun job"),
     Setting("NODE_RANK", "0", _integer(0), "this node's rank in a multi-node job"),
