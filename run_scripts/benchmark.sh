@@ -7,7 +7,8 @@
 #               init (roberta_base, roberta_large, bert_base, ...; encoder-decoder archs such as
 #               transformer_wmt_en_de or bart_base train on synthetic translation)   [minilm]
 #   MODES       full bitfit-ofa bitfit-all bitfit-q,m2 head (bitfit-<any --bitfit-terms>;
-#               head on a seq2seq model, which has no heads, trains nothing)         [all five]
+#               head on a seq2seq model, which has no heads, trains nothing), and the
+#               comparison methods lora ia3 adapter                                  [the first five]
 #   STEPS       timed updates after WARMUP warm-up updates; the median is reported [10, 3]
 #   ROUNDS      run every model x mode this many times, interleaved; median of rounds [1]
 #   DEVICE      cpu or cuda                                                          [cuda if present]

@@ -243,3 +243,47 @@ def test_a_predictor_refuses_tasks_of_another_tuner(tuner_runs, tiny_pretrained,
     predictor.add_task("lora", tuner_runs / "lora" / LAST_DELTA)
     with pytest.raises(UserError, match="trained with IA3 on k,v,m3, the loaded model has LoRA"):
         predictor.add_task("ia3", tuner_runs / "ia3" / LAST_DELTA)
+
+
+# ------------------------------------------------------------------ torchrun and mixed precision
+
+
+def test_lora_under_torchrun_equals_one_worker_with_twice_the_batch(tiny_data, tiny_pretrained, tmp_path):
+    from test_distributed import dump_run, recipe
+
+    def lora(save_dir, batch):
+        args = recipe(tiny_data, tiny_pretrained, save_dir, batch, ["--tuner", "lora", "--ddp-backend", "c10d"])
+        args.remove("--bitfit")
+        return args
+
+    two = dump_run(lora(tmp_path / "two", 8), tmp_path / "two_dump", nproc=2)
+    assert "torchrun: 2 workers, backend gloo" in two.stdout
+    dump_run(lora(tmp_path / "one", 16), tmp_path / "one_dump")
+    rank0, rank1 = (torch.load(tmp_path / "two_dump" / f"rank{rank}.pt") for rank in (0, 1))
+    single = torch.load(tmp_path / "one_dump" / "rank0.pt")
+    pretrained = torch.load(tiny_pretrained)["model"]
+    assert any("lora_B" in name and rank0[name].abs().sum() > 0 for name in rank0)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
+        if name in pretrained and not name.startswith("classification_heads."):
+            assert torch.equal(rank0[name], pretrained[name]), f"frozen {name} changed"
+
+
+def test_bf16_adapters_keep_the_base_and_fp32_masters(tiny_data, tiny_pretrained, tmp_path):
+    from test_distributed import dump_run
+
+    args = tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=6, extra=["--tuner", "adapter", "--bf16"])
+    dump_run(args, tmp_path / "dump")
+    live = torch.load(tmp_path / "dump" / "rank0.pt")
+    checkpoint = torch.load(tmp_path / "checkpoint_last.pt")
+    trained = checkpoint["optimizer_history"][-1]["bitfit"]["trainable"]
+    pretrained = torch.load(tiny_pretrained)["model"]
+    assert any(".adapter_ffn." in name for name in trained)
+    for name, tensor in live.items():
+        assert tensor.dtype == torch.bfloat16, name
+        if name in pretrained and name not in trained:
+            assert torch.equal(tensor, pretrained[name].to(torch.bfloat16)), f"frozen {name} changed"
+    optimizer_state = checkpoint["last_optimizer_state"]["state"]
+    assert len(optimizer_state) == len(trained)
+    assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer_state.values())
