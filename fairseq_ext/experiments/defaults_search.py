@@ -1,0 +1,187 @@
+"""The defaults search declared in docs/defaults_search.md: a grid of learning rates, epochs and early
+stopping per mode family, each setting a GLUE runner job on CoLA, SST-2 (a seeded 8,000-row subset)
+and STS-B with seed 1, and the rule that picks each family's winner.
+
+    python -m fairseq_ext.experiments.defaults_search --glue-dir glue_data [--output-dir outputs/defaults_search]
+        [--cells bitfit-all-e10-es ...] [--summarize] [-- train.py arguments]
+
+Every cell (a family, its epochs, early stopping on or off) is one OUTPUT_DIR of the runner, which
+trains each of the cell's learning rates; a stopped search resumes where it stopped (finished runs
+are the runner's ledger), so it may span sessions.  After each cell, and with ``--summarize`` alone,
+``defaults_search.md`` and ``.json`` hold every setting tried and the winners so far.
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..core.errors import UserError, exit_on_user_error
+from ..core.files import write_report
+
+SEED = 1
+PATIENCE = 3  # early stopping on: fairseq's --patience 3, as the small-model bias rule had it
+TIE_POINTS = 0.5  # settings within this of the best mean GLUE score tie; the cheapest wins
+# Two runner jobs per cell, as run_scripts/glue_table.sh runs the README's table.
+TASK_JOBS: Tuple[Tuple[str, Optional[int]], ...] = (("CoLA STS-B", None), ("SST-2", 8000))
+TASKS = ("CoLA", "SST-2", "STS-B")
+BIAS_LRS = (1e-3, 3e-3, 1e-2)
+FULL_LRS = (2e-5, 5e-5, 1e-4)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: a mode family's epochs and early stopping, over its learning rates."""
+
+    family: str  # the runner's MODE
+    epochs: int
+    early_stop: bool
+    lrs: Tuple[float, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}-e{self.epochs}{'-es' if self.early_stop else ''}"
+
+    def runner_args(self, glue_dir: Path, output_dir: Path, tasks: str, subset: Optional[int],
+                    passthrough: Sequence[str]) -> List[str]:
+        """The runner's command line for one of the cell's task jobs."""
+        args = ["--glue-dir", str(glue_dir), "--output-dir", str(output_dir / self.name), "--tasks", tasks,
+                "--mode", self.family, "--seeds", str(SEED), "--lrs", " ".join(f"{lr:g}" for lr in self.lrs),
+                "--epochs", str(self.epochs)]
+        if subset is not None:
+            args += ["--train-subset", str(subset)]
+        patience = ["--patience", str(PATIENCE) if self.early_stop else "-1"]
+        return args + ["--", *patience, *passthrough]
+
+
+GRID: Tuple[Cell, ...] = (
+    *(Cell(family, epochs, early_stop, BIAS_LRS) for family in ("bitfit-all", "bitfit-ofa")
+      for epochs in (10, 20) for early_stop in (True, False)),
+    *(Cell("full", epochs, False, FULL_LRS) for epochs in (4, 8)),
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting's outcome: a cell at one learning rate, its score per task and what it cost."""
+
+    cell: Cell
+    lr: float
+    scores: Dict[str, float]  # task -> the GLUE score (mean of its official metrics) at the best epoch
+    updates: int  # trained, over the tasks
+
+    @property
+    def mean(self) -> Optional[float]:
+        return sum(self.scores[t] for t in TASKS) / len(TASKS) if set(TASKS) <= set(self.scores) else None
+
+
+def read_settings(root: Path, cells: Sequence[Cell] = GRID) -> List[Setting]:
+    """Every finished setting under ``root``, from each cell's results.json."""
+    settings = []
+    for cell in cells:
+        results = root / cell.name / "results.json"
+        if not results.exists():
+            continue
+        rows = json.loads(results.read_text()).get("runs", [])
+        for lr in cell.lrs:
+            mine = [r for r in rows if abs(r["lr"] - lr) <= 1e-12 * lr and r["seed"] == SEED
+                    and not r.get("size_curve")]
+            scores = {r["task"]: r["dev"]["glue_score"] for r in mine if "glue_score" in r.get("dev", {})}
+            if scores:
+                settings.append(Setting(cell, lr, scores, sum(int(r.get("updates") or 0) for r in mine)))
+    return settings
+
+
+def winners(settings: Sequence[Setting]) -> Dict[str, Setting]:
+    """Each family's winner: the highest mean GLUE score over the three tasks; settings within
+    TIE_POINTS of it tie, and the one that trained the fewest updates wins (then the lower lr)."""
+    chosen = {}
+    for family in dict.fromkeys(s.cell.family for s in settings):
+        complete = [s for s in settings if s.cell.family == family and s.mean is not None]
+        if not complete:
+            continue
+        best = max(s.mean for s in complete)
+        tied = [s for s in complete if s.mean >= best - TIE_POINTS]
+        chosen[family] = min(tied, key=lambda s: (s.updates, s.lr))
+    return chosen
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def summary(settings: Sequence[Setting], planned: Sequence[Cell]) -> Tuple[dict, str]:
+    chosen = winners(settings)
+    done = {(s.cell.name, s.lr) for s in settings if s.mean is not None}
+    total = sum(len(cell.lrs) for cell in planned)
+    lines = ["# Defaults search: every setting tried", "",
+             f"{len(done)} of {total} settings finished (seed {SEED}; the grid and the criterion are declared in "
+             "docs/defaults_search.md). Scores: each task's GLUE score (the mean of its official metrics) at the "
+             f"run's best epoch; `mean` over {', '.join(TASKS)}; ties within {TIE_POINTS} points go to the setting "
+             "that trained fewer updates.", "",
+             "| setting | lr | " + " | ".join(TASKS) + " | mean | updates | winner |",
+             "|---|---|" + "---:|" * len(TASKS) + "---:|---:|---|"]
+    for s in sorted(settings, key=lambda s: (s.cell.family, s.cell.epochs, not s.cell.early_stop, s.lr)):
+        won = "**yes**" if chosen.get(s.cell.family) == s else ""
+        lines.append(f"| {s.cell.name} | {s.lr:g} | " + " | ".join(_fmt(s.scores.get(t)) for t in TASKS)
+                     + f" | {_fmt(s.mean)} | {s.updates:,} | {won} |")
+    data = {"tasks": list(TASKS), "seed": SEED, "tie_points": TIE_POINTS, "finished": len(done), "planned": total,
+            "settings": [{"cell": s.cell.name, "family": s.cell.family, "epochs": s.cell.epochs,
+                          "early_stop": s.cell.early_stop, "lr": s.lr, "scores": s.scores, "mean": s.mean,
+                          "updates": s.updates} for s in settings],
+            "winners": {family: {"cell": s.cell.name, "lr": s.lr, "mean": s.mean} for family, s in chosen.items()}}
+    return data, "\n".join(lines) + "\n"
+
+
+def run(glue_dir: Path, root: Path, cells: Sequence[Cell], passthrough: Sequence[str], resume: str) -> None:
+    """Each cell's runner jobs in turn (finished runs are reused), the summary rewritten after each cell;
+    ``resume``: the command a stopped search is continued with (the runner prints it when stopped)."""
+    environment = dict(os.environ, GLUE_BITFIT_COMMAND=resume)
+    for number, cell in enumerate(cells, 1):
+        print(f"defaults search: cell {number} of {len(cells)}: {cell.name} (lr {', '.join(f'{lr:g}' for lr in cell.lrs)};"
+              f" {cell.epochs} epochs, early stopping {'on, --patience ' + str(PATIENCE) if cell.early_stop else 'off'})",
+              flush=True)
+        for tasks, subset in TASK_JOBS:
+            command = [sys.executable, "-m", "fairseq_ext.experiments.glue_run",
+                       *cell.runner_args(glue_dir, root, tasks, subset, passthrough)]
+            status = subprocess.call(command, env=environment)
+            if status != 0:
+                sys.exit(status)  # the runner said why, and how its job goes on; this search goes on the same way
+        write_summary(root, cells)
+
+
+def write_summary(root: Path, cells: Sequence[Cell]) -> str:
+    data, markdown = summary(read_settings(root, cells), cells)
+    return write_report(root, "defaults_search", data, markdown)
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(prog="python -m fairseq_ext.experiments.defaults_search",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--glue-dir", type=Path, default=Path("glue_data"))
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/defaults_search"))
+    parser.add_argument("--cells", nargs="+", metavar="NAME", help="only these cells (default: the whole grid): "
+                        + ", ".join(cell.name for cell in GRID))
+    parser.add_argument("--summarize", action="store_true", help="write the summary of what has finished; train nothing")
+    args = parser.parse_args(own)
+    by_name = {cell.name: cell for cell in GRID}
+    unknown = [name for name in args.cells or () if name not in by_name]
+    if unknown:
+        raise UserError(f"--cells {unknown[0]}: no such cell; cells: {', '.join(by_name)}")
+    cells = [by_name[name] for name in args.cells] if args.cells else list(GRID)
+    if not args.summarize:
+        resume = shlex.join(["python", "-m", "fairseq_ext.experiments.defaults_search", *argv])
+        run(args.glue_dir, args.output_dir, cells, passthrough, resume)
+    print(write_summary(args.output_dir, cells))
+
+
+if __name__ == "__main__":
+    main()
