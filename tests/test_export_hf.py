@@ -263,13 +263,7 @@ def test_bad_input_gets_one_line_and_exit_2(tiny_runs, tmp_path, capsys):
 def minilm_runs(tmp_path_factory):
     if not all((tiny.REAL_GLUE / task / "dev.tsv").is_file() for task in ("CoLA", "SST-2", "STS-B")):
         pytest.skip(f"no real GLUE dev files at {tiny.REAL_GLUE}")
-    from fairseq_ext.core.errors import UserError
-    from fairseq_ext.plugin.models.pretrained import default_model_dir
-
-    try:
-        model_dir = load_model_dir(default_model_dir())
-    except UserError as error:
-        pytest.skip(str(error))
+    model_dir = tiny.embedded_model_dir()
     root = tmp_path_factory.mktemp("minilm_export")
     glue = root / "glue"
     for task in ("CoLA", "SST-2", "STS-B"):

@@ -277,13 +277,8 @@ def minilm_cola(tmp_path_factory):
     if not (REAL_GLUE / "CoLA").is_dir():
         pytest.skip(f"no GLUE files at {REAL_GLUE}")
     from fairseq_ext.plugin.data.glue_prepare import prepare_task
-    from fairseq_ext.plugin.models.model_dir import load_model_dir
-    from fairseq_ext.plugin.models.pretrained import default_model_dir
 
-    try:
-        model = load_model_dir(default_model_dir())
-    except UserError as error:
-        pytest.skip(str(error))
+    model = tiny.embedded_model_dir()
     root = tmp_path_factory.mktemp("minilm_cola")
     glue = root / "glue" / "CoLA"
     glue.mkdir(parents=True)

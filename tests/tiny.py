@@ -208,3 +208,16 @@ def translation_recipe(data: Path, pretrained: Path, save_dir: Path, updates=12,
     return ["train.py", str(data), *TRANSLATION, *TINY_TRANSFORMER, "--lr", "1e-2",
             "--restore-file", str(pretrained), "--reset-optimizer", "--reset-dataloader", "--reset-meters",
             "--max-update", str(updates), "--save-dir", str(save_dir), "--no-epoch-checkpoints", *COMMON, *extra]
+
+
+def embedded_model_dir():
+    """The embedded MiniLM's model folder, converted on first use; the test skips where it cannot be."""
+    import pytest
+    from fairseq_ext.core.errors import UserError
+    from fairseq_ext.plugin.models.model_dir import load_model_dir
+    from fairseq_ext.plugin.models.pretrained import default_model_dir
+
+    try:
+        return load_model_dir(default_model_dir())
+    except UserError as error:
+        pytest.skip(str(error))
