@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -225,7 +225,3 @@ def spec_from_options(method: str, rank: int, alpha: float, targets: str, adapte
     roles = tuple(role.strip() for role in targets.split(",") if role.strip())
     return TunerSpec(method, rank, alpha, roles, adapter_size)
 
-
-def added_sizes(model: nn.Module) -> Dict[str, int]:
-    """{name: numel} of the tensors a tuner added."""
-    return {name: p.numel() for name, p in model.named_parameters() if ADDED_TENSOR.search(name)}
