@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Epochs of real GLUE data, side by side in one process: a plain Hugging Face transformers
-# loop, train.py with fairseq's random batches, and train.py with length-grouped batches
-# (the GLUE runner's default). Same model, data, batch, schedule and trained parameters.
+# loop (random batches), the same loop at its best (transformers' LengthGroupedSampler, what
+# Trainer's group_by_length=True uses, with 50-batch megabatches, and fused AdamW: the peer),
+# train.py with fairseq's random batches, and train.py with length-grouped batches (the GLUE
+# runner's default). Same model, data, batch, schedule and trained parameters.
 #   GLUE_DIR=glue_data TASK=MRPC bash run_scripts/speed_vs_hf.sh
 # Environment (defaults in brackets):
 #   GLUE_DIR    GLUE's glue_data folder                                    [./glue_data]

@@ -3,7 +3,9 @@
 What a user would otherwise write to fine-tune the same pretrained folder on a GLUE
 task: ``AutoModelForSequenceClassification`` and its tokenizer, a shuffled DataLoader
 with dynamic padding (``DataCollatorWithPadding``), AdamW with linear warmup and
-decay, fp32 on the CPU's cores.  It trains the same set of parameters as a train.py
+decay, fp32 on the CPU's cores.  Its best form (``grouped_batches``, ``fused_adamw``) is
+what Trainer's ``group_by_length=True`` gives: transformers' ``LengthGroupedSampler``,
+here with megabatches of the GLUE runner's size, and torch's fused AdamW kernel.  It trains the same set of parameters as a train.py
 run: everything (``full``), or a ``--bitfit-terms`` selection mapped onto the Hugging
 Face names (``hf_import.fairseq_name``) plus the task head (pooler and classifier).
 
@@ -56,6 +58,20 @@ class EpochResult:
     dev: Dict[str, float] = field(default_factory=dict)
 
 
+def length_grouped_sampler(lengths: Sequence[int], batch_size: int, megabatch_batches: int, generator):
+    """transformers' ``LengthGroupedSampler`` (Trainer's ``group_by_length``) with megabatches of
+    ``megabatch_batches`` batches; Trainer's own default is min(50, examples / (4 * batch))."""
+    transformers = _transformers()
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    class MegabatchLengthGroupedSampler(transformers.trainer_pt_utils.LengthGroupedSampler):
+        def __iter__(self):
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, megabatch_batches,
+                                                   generator=self.generator))
+
+    return MegabatchLengthGroupedSampler(batch_size, lengths=list(lengths), generator=generator)
+
+
 class ReferenceLoop:
     """One model from a Hugging Face folder, trained on tokenized GLUE rows by a plain loop."""
 
@@ -87,16 +103,24 @@ class ReferenceLoop:
 
     def train(self, train_rows: SplitRows, dev_rows: SplitRows, epochs: int, batch_size: int, lr: float,
               weight_decay: float = 0.0, warmup: float = 0.06,
-              on_step: Optional[Callable[[int, int], None]] = None) -> List[EpochResult]:
-        """Train ``epochs`` epochs; each epoch's time and dev metrics (the task's official ones, in %)."""
+              on_step: Optional[Callable[[int, int], None]] = None, grouped_batches: int = 0,
+              fused_adamw: bool = False) -> List[EpochResult]:
+        """Train ``epochs`` epochs; each epoch's time and dev metrics (the task's official ones, in %).
+        ``grouped_batches`` > 0: length-grouped megabatches of that many batches, else random batches."""
         transformers = _transformers()
         train, dev = self._encode(train_rows), self._encode(dev_rows)
         generator = torch.Generator().manual_seed(self.seed)
-        loader = torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=self.collate,
-                                             generator=generator)
+        if grouped_batches > 0:
+            sampler = length_grouped_sampler([len(e["input_ids"]) for e in train], batch_size, grouped_batches,
+                                             generator)
+            loader = torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler,
+                                                 collate_fn=self.collate)
+        else:
+            loader = torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True,
+                                                 collate_fn=self.collate, generator=generator)
         total_updates = epochs * len(loader)
         optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr,
-                                      weight_decay=weight_decay)
+                                      weight_decay=weight_decay, fused=fused_adamw or None)
         schedule = transformers.get_linear_schedule_with_warmup(optimizer, int(round(warmup * total_updates)),
                                                                 total_updates)
         results, done = [], 0
