@@ -182,3 +182,17 @@ def test_train_py_steps_with_foreach_adam_or_fused_adam(tiny_data, tiny_pretrain
     cli_main(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path / "fused", updates=2, extra=["--fused-adam"])[1:],
              trainer_class=Recording)
     assert built and all(kind is patches.FusedFairseqAdam for kind in built)
+
+
+def test_bf16_batches_keep_float_targets():
+    """--bf16 casts a batch's float inputs, but a regression target keeps fp32: STS-B's 3.8 stays 3.8."""
+    from omegaconf import OmegaConf
+
+    trainer = object.__new__(BitFitTrainer)  # only the config is read
+    trainer.cfg = OmegaConf.create({"common": {"fp16": False, "bf16": True}})
+    sample = {"net_input": {"src_tokens": torch.tensor([[0, 5, 2]]), "features": torch.tensor([0.1])},
+              "target": torch.tensor([3.8])}
+    converted = trainer._fp_convert_sample(sample)
+    assert converted["net_input"]["features"].dtype == torch.bfloat16
+    assert converted["target"].dtype == torch.float32 and converted["target"].item() == sample["target"].item()
+    assert converted["net_input"]["src_tokens"].dtype == torch.long

@@ -149,6 +149,15 @@ class BitFitTrainer(Trainer):
             self._mask_guard.restore(_master_copies(self.optimizer))
         return output
 
+    def _fp_convert_sample(self, sample):
+        """fairseq's --fp16/--bf16 cast of a batch's float tensors, but for the targets (PATCHES: float-targets):
+        a regression task's scores would train and be scored rounded (STS-B's 3.8 as 3.796875 in bf16)."""
+        converted = super()._fp_convert_sample(sample)
+        target = sample.get("target") if isinstance(sample, dict) else None
+        if converted is not sample and torch.is_tensor(target) and target.is_floating_point():
+            converted["target"] = target
+        return converted
+
     # -- distributed: reduce only what is trained ----------------------------------
 
     @property

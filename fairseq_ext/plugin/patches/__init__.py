@@ -223,6 +223,12 @@ PATCHES: Tuple[Patch, ...] = (
                       'step_size = group["lr"] * math.sqrt(bias_correction2) / bias_correction1',
                       'alpha=-group["weight_decay"] * group["lr"]',
                       "p_data_fp32.addcdiv_(exp_avg, denom, value=-step_size)")),
+    Patch("float-targets", "fairseq.trainer.Trainer._fp_convert_sample", "extends",
+          "BitFitTrainer (every train.py run with --fp16 or --bf16)",
+          "fairseq casts every fp32 tensor of a batch to fp16/bf16, the targets included: a regression task's "
+          "scores trained and were scored rounded (STS-B's 3.8 as 3.796875 in bf16), and the GLUE criterion's "
+          "metrics could not read bf16 targets at all. The targets keep their dtype; the loss is fp32 either way",
+          source_has=("def apply_bfloat16(t):", "sample = utils.apply_to_sample(apply_bfloat16, sample)")),
     Patch("fused-adam", "fairseq.optim.adam.Adam.step", "replaces", "train.py --fused-adam (dense fp32 CPU tensors)",
           "full fine-tuning's optimizer reads and writes every weight about seven times per update; torch's fused "
           "AdamW kernel does it in one pass. It computes fairseq's update (epsilon scaled by the step's bias "
