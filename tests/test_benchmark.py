@@ -138,9 +138,9 @@ def test_serving_benchmark_measures_three_ways(tmp_path):
 
 
 @pytest.mark.skipif(not tiny.REAL_GLUE.is_dir(), reason="no real GLUE files")
-def test_speed_against_the_transformers_loop_runs_all_four_side_by_side(tmp_path):
-    """A small run of the real-data comparison: every system, the grouped transformers peer included,
-    trains the same parameters and reports each epoch's time and dev metrics (no assertion on the
+def test_speed_against_the_transformers_loop_runs_every_system_side_by_side(tmp_path):
+    """A small run of the real-data comparison: every system, the grouped transformers peer and train.py
+    with a bf16 base included, trains the same parameters and reports each epoch's time and dev metrics (no assertion on the
     times themselves)."""
     glue = tmp_path / "glue" / "STS-B"
     glue.mkdir(parents=True)
@@ -148,10 +148,11 @@ def test_speed_against_the_transformers_loop_runs_all_four_side_by_side(tmp_path
         lines = (tiny.REAL_GLUE / "STS-B" / f"{split}.tsv").read_text().split("\n")[:41]
         (glue / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     result = tiny.run(["-m", "fairseq_ext.experiments.speed_vs_hf", "--glue-dir", str(glue.parent), "--task", "STS-B",
-                       "--modes", "bitfit-all", "--epochs", "1", "--batch", "8", "--output-dir", str(tmp_path / "out")])
+                       "--modes", "bitfit-all", "--epochs", "1", "--batch", "8", "--bf16-base", "on",
+                       "--output-dir", str(tmp_path / "out")])
     rows = json.loads((tmp_path / "out" / "speed_vs_hf.json").read_text())
-    assert [r["system"] for r in rows] == ["transformers", "transformers grouped", "train.py", "train.py grouped"], \
-        result.stderr
+    assert [r["system"] for r in rows] == ["transformers", "transformers grouped", "train.py", "train.py grouped",
+                                           "train.py grouped bf16 base"], result.stderr
     reference = rows[0]["trainable"]
     for row in rows:
         assert abs(row["trainable"] - reference) <= 0.01 * reference  # the same biases; heads of one size

@@ -11,7 +11,10 @@ size, learning-rate schedule and trainable set:
   runner's megabatches of 50 batches, and torch's fused AdamW;
 * ``train.py``: train.py with fairseq's random batches;
 * ``train.py grouped``: train.py with length-grouped batches (``--group-by-length``, the
-  GLUE runner's default).
+  GLUE runner's default);
+* ``train.py grouped bf16 base``: the same with ``--bf16`` (frozen base in bf16, trained
+  tensors and Adam's state in fp32), for BitFit modes where the GLUE runner picks it by
+  default: a CPU with native bf16 (``--bf16-base auto``), or always (``on``).
 
 An epoch's time runs from its first update's start to its last update's end (batches
 and updates, no validation).  The report gives each epoch's time and dev metrics, and
@@ -45,15 +48,17 @@ from ..plugin.models.pretrained import default_model_dir, package_model_folder
 from ..training.glue_recipe import LENGTH_GROUP_BATCHES, Recipe, train_command
 from ..training.hf_reference_loop import ReferenceLoop
 from ..training.main import cli_main
+from ..training.launch import cpu_native_bf16
 from ..training.options import BITFIT_PREFIX, FULL, mode_flags
 from ..training.trainer import BitFitTrainer
 
 SYSTEMS = ("transformers", "transformers grouped", "train.py", "train.py grouped")
 PEER = "transformers grouped"  # what a transformers user runs at best: the speed claim's reference
+BF16_BASE = "train.py grouped bf16 base"
 
 
 def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe: Recipe, grouped: bool,
-                  train_rows: int) -> Tuple[List[dict], int]:
+                  train_rows: int, extra: Tuple[str, ...] = ()) -> Tuple[List[dict], int]:
     """train.py in this process on prepared data; each epoch's update time and dev metrics, and the
     parameters it trained."""
     steps: List[tuple] = []  # (epoch, start, end) of every update
@@ -69,8 +74,9 @@ def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe:
             self._epoch_of_update = epoch
             return super().begin_epoch(epoch)
 
-    save_dir = workdir / f"{mode}-{'grouped' if grouped else 'random'}"
-    argv = train_command(spec, model, data_dir, save_dir, mode, recipe, recipe.lrs[0], 1, train_rows, 1, [], 128).args
+    save_dir = workdir / f"{mode}-{'grouped' if grouped else 'random'}{''.join(extra)}"
+    argv = train_command(spec, model, data_dir, save_dir, mode, recipe, recipe.lrs[0], 1, train_rows, 1, list(extra),
+                         128).args
     if not grouped:
         argv[argv.index("--group-by-length") + 1] = "0"
     cli_main(argv + ["--no-save", "--log-interval", "1000"], trainer_class=EpochTimedTrainer)
@@ -120,6 +126,8 @@ def build_parser():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr-full", type=float, default=5e-5)
     parser.add_argument("--lr-bitfit", type=float, default=1e-3)
+    parser.add_argument("--bf16-base", choices=("auto", "on", "off"), default="auto",
+                        help="the BitFit row with --bf16: auto where the CPU has native bf16, as the GLUE runner")
     parser.add_argument("--output-dir", default="outputs/speed_vs_hf")
     return parser
 
@@ -146,7 +154,8 @@ def main(argv=None) -> None:
             recipe = Recipe((lr,), args.batch, args.epochs, 0.0, None, "speed_vs_hf")
             by_system: Dict[str, List[dict]] = {}
             trained: Dict[str, int] = {}
-            for system in SYSTEMS:
+            bf16_row = mode != FULL and (args.bf16_base == "on" or (args.bf16_base == "auto" and cpu_native_bf16()))
+            for system in SYSTEMS + ((BF16_BASE,) if bf16_row else ()):
                 start = time.time()
                 print(f"{spec.name} {mode}: {system}, {args.epochs} epochs ...", file=sys.stderr, flush=True)
                 if system == "transformers":
@@ -157,7 +166,8 @@ def main(argv=None) -> None:
                                                                            mode, recipe, grouped=True)
                 else:
                     by_system[system], trained[system] = time_train_py(
-                        spec, model, workdir / "data", workdir, mode, recipe, system.endswith("grouped"), train_rows)
+                        spec, model, workdir / "data", workdir, mode, recipe, "grouped" in system, train_rows,
+                        ("--bf16",) if system == BF16_BASE else ())
                 gc.collect()
                 print(f"  done in {format_duration(time.time() - start)}: "
                       + json.dumps(by_system[system]), file=sys.stderr, flush=True)
