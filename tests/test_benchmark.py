@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tiny
+from fairseq_ext.plugin.models.pretrained import package_model_folder
 
 
 def test_benchmark_writes_json_and_markdown(tmp_path):
@@ -139,8 +140,8 @@ def test_serving_benchmark_measures_three_ways(tmp_path):
 
 @pytest.mark.skipif(not tiny.REAL_GLUE.is_dir(), reason="no real GLUE files")
 def test_speed_against_the_transformers_loop_runs_every_system_side_by_side(tmp_path):
-    """A small run of the real-data comparison: every system, the grouped transformers peer and train.py
-    with a bf16 base included, trains the same parameters and reports each epoch's time and dev metrics (no assertion on the
+    """A small run of the real-data comparison on a Hugging Face folder given as --model (MiniLM's own): every
+    system, the grouped transformers peer and train.py with a bf16 base included, trains the same parameters and reports each epoch's time and dev metrics (no assertion on the
     times themselves)."""
     glue = tmp_path / "glue" / "STS-B"
     glue.mkdir(parents=True)
@@ -149,7 +150,7 @@ def test_speed_against_the_transformers_loop_runs_every_system_side_by_side(tmp_
         (glue / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     result = tiny.run(["-m", "fairseq_ext.experiments.speed_vs_hf", "--glue-dir", str(glue.parent), "--task", "STS-B",
                        "--modes", "bitfit-all", "--epochs", "1", "--batch", "8", "--bf16-base", "on",
-                       "--output-dir", str(tmp_path / "out")])
+                       "--model", str(package_model_folder()), "--output-dir", str(tmp_path / "out")])
     rows = json.loads((tmp_path / "out" / "speed_vs_hf.json").read_text())
     assert [r["system"] for r in rows] == ["transformers", "transformers grouped", "train.py", "train.py grouped",
                                            "train.py grouped bf16 base"], result.stderr

@@ -43,6 +43,7 @@ from ..core.glue_tasks import get_task_spec
 from ..core.progress import format_duration
 from ..core.run_record import RECORD_NAME, epoch_stats, read_run_record
 from ..plugin.data.glue_prepare import prepare_task
+from ..plugin.models import hf_import
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir, package_model_folder
 from ..training.glue_recipe import LENGTH_GROUP_BATCHES, Recipe, train_command
@@ -67,6 +68,8 @@ def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe:
         def train_step(self, samples, raise_oom=False):
             start = time.perf_counter()
             output = super().train_step(samples, raise_oom)
+            if self.cuda:
+                torch.cuda.synchronize()  # the update's device work belongs to its time
             steps.append((self._epoch_of_update, start, time.perf_counter()))
             return output
 
@@ -92,9 +95,9 @@ def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe:
 
 
 def time_transformers(spec, glue_dir: Path, hf_folder: Path, mode: str, recipe: Recipe,
-                      grouped: bool) -> Tuple[List[dict], int]:
+                      grouped: bool, fp16: bool = False) -> Tuple[List[dict], int]:
     terms = FULL if mode == FULL else mode[len(BITFIT_PREFIX):]
-    loop = ReferenceLoop(hf_folder, spec, terms)
+    loop = ReferenceLoop(hf_folder, spec, terms, device="cuda" if torch.cuda.is_available() else "cpu", amp=fp16)
     results = loop.train(read_split(spec.name, glue_dir, "train"), read_split(spec.name, glue_dir, "valid"),
                          recipe.epochs, recipe.batch, recipe.lrs[0], recipe.weight_decay,
                          grouped_batches=LENGTH_GROUP_BATCHES if grouped else 0, fused_adamw=grouped)
@@ -120,6 +123,10 @@ def markdown(rows: List[dict]) -> str:
 def build_parser():
     parser = argparse.ArgumentParser(prog="speed_vs_hf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--glue-dir", default="glue_data")
+    parser.add_argument("--model", default=None, help="a Hugging Face BERT/RoBERTa folder (imported for train.py); "
+                        "default: the embedded MiniLM")
+    parser.add_argument("--fp16", action="store_true", help="on a GPU: train.py --fp16, the transformers loop with "
+                        "fp16 AMP (autocast and a gradient scaler)")
     parser.add_argument("--task", default="STS-B")
     parser.add_argument("--modes", nargs="+", default=[FULL, "bitfit-all"])
     parser.add_argument("--epochs", type=int, default=3)
@@ -143,10 +150,15 @@ def main(argv=None) -> None:
         mode_flags(mode)
     if args.epochs < 1:
         raise UserError(f"--epochs {args.epochs}: expected a positive integer")
-    model = load_model_dir(default_model_dir())
+    if args.fp16 and not torch.cuda.is_available():
+        raise UserError("--fp16 needs a CUDA device (on CPU, --bf16-base gives BitFit its bf16 row)")
     rows: List[dict] = []
     with tempfile.TemporaryDirectory(prefix="speed-vs-hf-") as tmp:
         workdir = Path(tmp)
+        hf_folder = Path(args.model) if args.model else package_model_folder()
+        model = load_model_dir(hf_import.convert(hf_folder, workdir / "model", report=None) if args.model
+                               else default_model_dir())
+        precision = ("--fp16",) if args.fp16 else ()
         manifest = prepare_task(spec, glue_dir, model, model.dictionary, workdir / "data", 1)
         train_rows = manifest["splits"]["train"]["rows_written"]
         for mode in args.modes:
@@ -154,20 +166,21 @@ def main(argv=None) -> None:
             recipe = Recipe((lr,), args.batch, args.epochs, 0.0, None, "speed_vs_hf")
             by_system: Dict[str, List[dict]] = {}
             trained: Dict[str, int] = {}
-            bf16_row = mode != FULL and (args.bf16_base == "on" or (args.bf16_base == "auto" and cpu_native_bf16()))
+            bf16_row = mode != FULL and not torch.cuda.is_available() and (
+                args.bf16_base == "on" or (args.bf16_base == "auto" and cpu_native_bf16() is not None))
             for system in SYSTEMS + ((BF16_BASE,) if bf16_row else ()):
                 start = time.time()
                 print(f"{spec.name} {mode}: {system}, {args.epochs} epochs ...", file=sys.stderr, flush=True)
                 if system == "transformers":
-                    by_system[system], trained[system] = time_transformers(spec, glue_dir, package_model_folder(),
-                                                                           mode, recipe, grouped=False)
+                    by_system[system], trained[system] = time_transformers(spec, glue_dir, hf_folder, mode, recipe,
+                                                                           grouped=False, fp16=args.fp16)
                 elif system == PEER:
-                    by_system[system], trained[system] = time_transformers(spec, glue_dir, package_model_folder(),
-                                                                           mode, recipe, grouped=True)
+                    by_system[system], trained[system] = time_transformers(spec, glue_dir, hf_folder, mode, recipe,
+                                                                           grouped=True, fp16=args.fp16)
                 else:
                     by_system[system], trained[system] = time_train_py(
                         spec, model, workdir / "data", workdir, mode, recipe, "grouped" in system, train_rows,
-                        ("--bf16",) if system == BF16_BASE else ())
+                        ("--bf16",) if system == BF16_BASE else precision)
                 gc.collect()
                 print(f"  done in {format_duration(time.time() - start)}: "
                       + json.dumps(by_system[system]), file=sys.stderr, flush=True)

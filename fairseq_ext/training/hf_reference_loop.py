@@ -75,10 +75,15 @@ def length_grouped_sampler(lengths: Sequence[int], batch_size: int, megabatch_ba
 class ReferenceLoop:
     """One model from a Hugging Face folder, trained on tokenized GLUE rows by a plain loop."""
 
-    def __init__(self, hf_folder, spec, terms: str, seed: int = 1, max_length: int = 128):
+    def __init__(self, hf_folder, spec, terms: str, seed: int = 1, max_length: int = 128, device: str = "cpu",
+                 amp: bool = False):
+        """``amp``: on CUDA, fp16 autocast with a gradient scaler (torch's AMP, what a transformers user runs)."""
         transformers = _transformers()
         folder = Path(hf_folder)
         self.spec, self.terms, self.seed, self.max_length = spec, terms, seed, max_length
+        self.device, self.amp = torch.device(device), amp
+        if amp and self.device.type != "cuda":
+            raise UserError("the transformers loop's fp16 AMP needs a CUDA device")
         torch.manual_seed(seed)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         labels = 1 if spec.regression else spec.num_classes
@@ -87,6 +92,7 @@ class ReferenceLoop:
             problem_type="regression" if spec.regression else "single_label_classification")
         family = model_family(read_json(folder / "config.json", "the model config"), folder / "config.json")
         self.trainable, self.total = select_trainable(self.model, family, terms)
+        self.model.to(self.device)
         self.collate = transformers.DataCollatorWithPadding(self.tokenizer)
 
     def _encode(self, rows: SplitRows) -> List[dict]:
@@ -123,6 +129,7 @@ class ReferenceLoop:
                                       weight_decay=weight_decay, fused=fused_adamw or None)
         schedule = transformers.get_linear_schedule_with_warmup(optimizer, int(round(warmup * total_updates)),
                                                                 total_updates)
+        scaler = torch.amp.GradScaler("cuda") if self.amp else None
         results, done = [], 0
         for epoch in range(1, epochs + 1):
             self.model.train()
@@ -130,15 +137,23 @@ class ReferenceLoop:
             for batch in loader:
                 start = time.perf_counter()
                 first_start = first_start or start
+                batch = {key: value.to(self.device) for key, value in batch.items()}
                 # The profiler's scopes carry fairseq's names, so both loops' updates read alike.
-                with torch.autograd.profiler.record_function("forward"):
+                with torch.autograd.profiler.record_function("forward"), \
+                        torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                     loss = self.model(**batch).loss
                 with torch.autograd.profiler.record_function("backward"):
-                    loss.backward()
+                    (scaler.scale(loss) if scaler else loss).backward()
                 with torch.autograd.profiler.record_function("optimizer"):
-                    optimizer.step()
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()  # the update's device work belongs to its time
                 last_end = time.perf_counter()
                 done += 1
                 if on_step is not None:
@@ -153,7 +168,8 @@ class ReferenceLoop:
         for start in range(0, len(examples), batch_size):
             batch = self.collate([dict(e) for e in examples[start:start + batch_size]])
             targets.append(batch.pop("labels").numpy())
-            logits = self.model(**batch).logits
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                logits = self.model(**{key: value.to(self.device) for key, value in batch.items()}).logits.float().cpu()
             predictions.append(logits.squeeze(-1).numpy() if self.spec.regression else logits.argmax(-1).numpy())
         predicted, target = np.concatenate(predictions), np.concatenate(targets)
         if self.spec.regression:
