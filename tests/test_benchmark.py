@@ -141,8 +141,8 @@ def test_serving_benchmark_measures_three_ways(tmp_path):
 @pytest.mark.skipif(not tiny.REAL_GLUE.is_dir(), reason="no real GLUE files")
 def test_speed_against_the_transformers_loop_runs_every_system_side_by_side(tmp_path):
     """A small run of the real-data comparison on a Hugging Face folder given as --model (MiniLM's own): every
-    system, the grouped transformers peer and train.py with a bf16 base included, trains the same parameters and reports each epoch's time and dev metrics (no assertion on the
-    times themselves)."""
+    system, the grouped transformers peer and train.py with a bf16 base included, trains the same parameters
+    and reports each epoch's time and dev metrics (no assertion on the times themselves)."""
     glue = tmp_path / "glue" / "STS-B"
     glue.mkdir(parents=True)
     for split in ("train", "dev", "test"):

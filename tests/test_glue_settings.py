@@ -22,7 +22,8 @@ def test_the_script_help_lists_every_setting_with_its_default():
 def test_docs_glue_md_documents_every_setting_and_no_other():
     table = (tiny.REPO / "docs" / "glue.md").read_text().split("| variable | default | meaning |", 1)[1]
     table = table.split("\n\n", 1)[0]
-    documented = set(re.findall(r"`([A-Z][A-Z0-9_]*)`", " ".join(line.split("|")[1] for line in table.splitlines()[2:])))
+    first_cells = " ".join(line.split("|")[1] for line in table.splitlines()[2:])
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]*)`", first_cells))  # BF16_BASE has digits
     assert documented == {setting.env for setting in settings.SETTINGS}
 
 

@@ -152,7 +152,8 @@ def build_parser():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--updates", type=int, default=20)
-    parser.add_argument("--train-py-args", default="", help="extra train.py arguments, one string: --train-py-args=--bf16")
+    parser.add_argument("--train-py-args", default="",
+                        help="extra train.py arguments, one string: --train-py-args=--bf16")
     parser.add_argument("--output-dir", default="outputs/profile_update")
     return parser
 

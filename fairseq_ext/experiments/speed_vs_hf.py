@@ -133,6 +133,10 @@ def build_parser():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr-full", type=float, default=5e-5)
     parser.add_argument("--lr-bitfit", type=float, default=1e-3)
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS + (BF16_BASE,), default=list(SYSTEMS + (BF16_BASE,)),
+                        metavar="SYSTEM", help="a subset of the systems (default: all); the peer is always included")
+    parser.add_argument("--train-py-args", default="", help="extra train.py arguments for its rows, one string: "
+                        "--train-py-args=--fused-adam")
     parser.add_argument("--bf16-base", choices=("auto", "on", "off"), default="auto",
                         help="the BitFit row with --bf16: auto where the CPU has native bf16, as the GLUE runner")
     parser.add_argument("--output-dir", default="outputs/speed_vs_hf")
@@ -150,6 +154,7 @@ def main(argv=None) -> None:
         mode_flags(mode)
     if args.epochs < 1:
         raise UserError(f"--epochs {args.epochs}: expected a positive integer")
+    args.systems = set(args.systems) | {PEER}
     if args.fp16 and not torch.cuda.is_available():
         raise UserError("--fp16 needs a CUDA device (on CPU, --bf16-base gives BitFit its bf16 row)")
     rows: List[dict] = []
@@ -168,7 +173,7 @@ def main(argv=None) -> None:
             trained: Dict[str, int] = {}
             bf16_row = mode != FULL and not torch.cuda.is_available() and (
                 args.bf16_base == "on" or (args.bf16_base == "auto" and cpu_native_bf16() is not None))
-            for system in SYSTEMS + ((BF16_BASE,) if bf16_row else ()):
+            for system in [name for name in SYSTEMS + ((BF16_BASE,) if bf16_row else ()) if name in args.systems]:
                 start = time.time()
                 print(f"{spec.name} {mode}: {system}, {args.epochs} epochs ...", file=sys.stderr, flush=True)
                 if system == "transformers":
@@ -180,7 +185,7 @@ def main(argv=None) -> None:
                 else:
                     by_system[system], trained[system] = time_train_py(
                         spec, model, workdir / "data", workdir, mode, recipe, "grouped" in system, train_rows,
-                        ("--bf16",) if system == BF16_BASE else precision)
+                        (("--bf16",) if system == BF16_BASE else precision) + tuple(args.train_py_args.split()))
                 gc.collect()
                 print(f"  done in {format_duration(time.time() - start)}: "
                       + json.dumps(by_system[system]), file=sys.stderr, flush=True)
@@ -189,7 +194,8 @@ def main(argv=None) -> None:
                 median = medians[system]
                 rows.append({"task": spec.name, "mode": mode, "system": system, "batch": args.batch, "lr": lr,
                              "trainable": trained[system], "epoch_seconds": round(median, 2), "epochs": epochs,
-                             "ratio_to_transformers": None if system == "transformers"
+                             "train_py_args": args.train_py_args if system.startswith("train.py") else "",
+                             "ratio_to_transformers": None if "transformers" not in medians or system == "transformers"
                              else round(median / medians["transformers"], 3),
                              "ratio_to_transformers_grouped": None if system == PEER
                              else round(median / medians[PEER], 3),

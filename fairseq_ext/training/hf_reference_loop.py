@@ -3,9 +3,10 @@
 What a user would otherwise write to fine-tune the same pretrained folder on a GLUE
 task: ``AutoModelForSequenceClassification`` and its tokenizer, a shuffled DataLoader
 with dynamic padding (``DataCollatorWithPadding``), AdamW with linear warmup and
-decay, fp32 on the CPU's cores.  Its best form (``grouped_batches``, ``fused_adamw``) is
-what Trainer's ``group_by_length=True`` gives: transformers' ``LengthGroupedSampler``,
-here with megabatches of the GLUE runner's size, and torch's fused AdamW kernel.  It trains the same set of parameters as a train.py
+decay, fp32 on the CPU's cores (on a GPU, optionally fp16 AMP).  Its best form
+(``grouped_batches``, ``fused_adamw``) is what Trainer's ``group_by_length=True`` gives:
+transformers' ``LengthGroupedSampler``, here with megabatches of the GLUE runner's size,
+and torch's fused AdamW kernel.  It trains the same set of parameters as a train.py
 run: everything (``full``), or a ``--bitfit-terms`` selection mapped onto the Hugging
 Face names (``hf_import.fairseq_name``) plus the task head (pooler and classifier).
 
