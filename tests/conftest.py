@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: t
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/tiny.py
 
 import tiny  # noqa: E402
+
+# The GLUE jobs the tests start train in fp32 on every machine alike; BF16_BASE's own tests set it.
+os.environ.setdefault("BF16_BASE", "off")
 
 
 @pytest.fixture(scope="session")

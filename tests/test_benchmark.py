@@ -4,8 +4,10 @@ import os
 import subprocess
 
 import pytest
+import torch
 
 import tiny
+from fairseq_ext.plugin.models.pretrained import package_model_folder
 
 
 def test_benchmark_writes_json_and_markdown(tmp_path):
@@ -137,25 +139,53 @@ def test_serving_benchmark_measures_three_ways(tmp_path):
 
 
 @pytest.mark.skipif(not tiny.REAL_GLUE.is_dir(), reason="no real GLUE files")
-def test_speed_against_the_transformers_loop_runs_all_three_side_by_side(tmp_path):
-    """A small run of the real-data comparison: every system trains the same parameters and reports
-    each epoch's time and dev metrics (no assertion on the times themselves)."""
+def test_speed_against_the_transformers_loop_runs_every_system_side_by_side(tmp_path):
+    """A small run of the real-data comparison on a Hugging Face folder given as --model (MiniLM's own): every
+    system, the grouped transformers peer and train.py with a bf16 base included, trains the same parameters
+    and reports each epoch's time and dev metrics (no assertion on the times themselves)."""
     glue = tmp_path / "glue" / "STS-B"
     glue.mkdir(parents=True)
     for split in ("train", "dev", "test"):
         lines = (tiny.REAL_GLUE / "STS-B" / f"{split}.tsv").read_text().split("\n")[:41]
         (glue / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     result = tiny.run(["-m", "fairseq_ext.experiments.speed_vs_hf", "--glue-dir", str(glue.parent), "--task", "STS-B",
-                       "--modes", "bitfit-all", "--epochs", "1", "--batch", "8", "--output-dir", str(tmp_path / "out")])
+                       "--modes", "bitfit-all", "--epochs", "1", "--batch", "8", "--bf16-base", "on",
+                       "--model", str(package_model_folder()), "--output-dir", str(tmp_path / "out")])
     rows = json.loads((tmp_path / "out" / "speed_vs_hf.json").read_text())
-    assert [r["system"] for r in rows] == ["transformers", "train.py", "train.py grouped"], result.stderr
+    assert [r["system"] for r in rows] == ["transformers", "transformers grouped", "train.py", "train.py grouped",
+                                           "train.py grouped bf16 base"], result.stderr
     reference = rows[0]["trainable"]
     for row in rows:
         assert abs(row["trainable"] - reference) <= 0.01 * reference  # the same biases; heads of one size
         (epoch,) = row["epochs"]
         assert epoch["updates"] == 5 and epoch["seconds"] > 0 and set(epoch["dev"]) == {"pearson", "spearman"}
     assert rows[0]["ratio_to_transformers"] is None and rows[1]["ratio_to_transformers"] > 0
+    assert rows[1]["ratio_to_transformers_grouped"] is None and rows[3]["ratio_to_transformers_grouped"] > 0
     assert "| bitfit-all | train.py grouped |" in (tmp_path / "out" / "speed_vs_hf.md").read_text()
+
+
+def test_the_grouped_transformers_peer_draws_length_sorted_megabatches():
+    """The peer's sampler is transformers' LengthGroupedSampler with megabatches of N batches: every example
+    once per epoch, each megabatch longest first (one example swapped to put the longest batch first), and
+    a new order each epoch."""
+    pytest.importorskip("transformers")
+    from fairseq_ext.training.hf_reference_loop import length_grouped_sampler
+
+    lengths = [int(n) for n in torch.randint(5, 128, (1000,), generator=torch.Generator().manual_seed(0))]
+    batch, megabatch_batches = 8, 5
+    sampler = length_grouped_sampler(lengths, batch, megabatch_batches, torch.Generator().manual_seed(1))
+    first, second = list(sampler), list(sampler)
+    assert sorted(first) == list(range(1000)) and first != second
+    size = batch * megabatch_batches
+    for start in range(0, 1000, size):
+        chunk = [lengths[i] for i in first[start:start + size]]
+        # longest first; only the first place may hold the example swapped out for the longest one
+        assert chunk[1:] == sorted(chunk[1:], reverse=True), chunk
+    assert lengths[first[0]] == max(lengths)
+
+    def padded(order):
+        return sum(batch * max(lengths[i] for i in order[s:s + batch]) for s in range(0, 1000, batch))
+    assert padded(first) < 0.8 * padded(list(torch.randperm(1000, generator=torch.Generator().manual_seed(2))))
 
 
 def test_a_decoder_only_language_model_gets_its_row(tmp_path):

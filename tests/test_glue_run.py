@@ -217,6 +217,7 @@ def test_a_bad_file_in_a_later_task_stops_before_any_training(tmp_path, edit, ne
     ({"EPOCHS": "0"}, [], "EPOCHS '0'"),
     ({"MAX_SEQ_LEN": "0"}, [], "MAX_SEQ_LEN '0'"),
     ({"LRS": "abc"}, [], "LRS 'abc'"),
+    ({"BF16_BASE": "fast"}, [], "BF16_BASE 'fast': expected auto, on or off"),
     ({}, ["--max-update", "abc"], "argument --max-update: invalid int value: 'abc'"),
     ({}, ["--update-freq", "0"], "--update-freq '0'"),
 ])

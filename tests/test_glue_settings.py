@@ -1,4 +1,5 @@
 """The GLUE job's settings (glue_run/settings.py): each declared once, and everything made from the table."""
+import json
 import re
 import subprocess
 
@@ -21,7 +22,8 @@ def test_the_script_help_lists_every_setting_with_its_default():
 def test_docs_glue_md_documents_every_setting_and_no_other():
     table = (tiny.REPO / "docs" / "glue.md").read_text().split("| variable | default | meaning |", 1)[1]
     table = table.split("\n\n", 1)[0]
-    documented = set(re.findall(r"`([A-Z_]+)`", " ".join(line.split("|")[1] for line in table.splitlines()[2:])))
+    first_cells = " ".join(line.split("|")[1] for line in table.splitlines()[2:])
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]*)`", first_cells))  # BF16_BASE has digits
     assert documented == {setting.env for setting in settings.SETTINGS}
 
 
@@ -51,3 +53,48 @@ def test_the_resume_line_repeats_the_variables_given_and_the_train_py_arguments(
         "GLUE_DIR='my glue' TASKS=CoLA bash run_scripts/glue_bitfit.sh --max-update 40"
     environ["GLUE_BITFIT_COMMAND"] = "bash run_scripts/glue_table.sh"  # a script that calls this one names itself
     assert settings.resume_command(["--from-env"], True, environ) == "bash run_scripts/glue_table.sh"
+
+
+def test_bf16_base_auto_turns_on_only_for_new_output_dirs_on_a_native_bf16_cpu(tmp_path, monkeypatch):
+    """BF16_BASE=auto: --bf16 for frozen-base modes (never full) where this CPU has native bf16, the runs train
+    here and OUTPUT_DIR holds no fp32 run of those modes; on and off are the user's word."""
+    from fairseq_ext.experiments.glue_run import plan
+    from fairseq_ext.experiments.glue_run.results import Ledger
+
+    ledger = Ledger(tmp_path / "results.json")  # absent: a new OUTPUT_DIR
+    modes = ["full", "bitfit-all", "head", "lora"]
+
+    def choose(setting="auto", passthrough=(), local_cpu=True, ledger=ledger):
+        return plan.choose_bf16_base(setting, modes, list(passthrough), local_cpu, tmp_path, ledger)
+
+    monkeypatch.setattr(plan, "cpu_native_bf16", lambda: "avx512_bf16")
+    auto = choose()
+    assert auto.bf16 and "avx512_bf16" in auto.line and "BF16_BASE=off" in auto.line
+    assert [auto.flags(mode) for mode in modes] == [[], ["--bf16"], ["--bf16"], ["--bf16"]]
+    assert not choose(local_cpu=False).bf16 and not choose(passthrough=["--fp16"]).bf16
+    assert not choose("off").bf16
+    # An OUTPUT_DIR with an fp32 BitFit row keeps fp32, so that row stays reusable; bf16 rows keep bf16.
+    fp32_row = {"task": "CoLA", "mode": "bitfit-all", "lr": 1e-3, "seed": 1, "settings": {"train_args": ["DATA"]}}
+    (tmp_path / "results.json").write_text(json.dumps({"runs": [fp32_row]}))
+    kept = choose(ledger=Ledger(tmp_path / "results.json"))
+    assert not kept.bf16 and "fp32 runs" in kept.line
+    bf16_row = dict(fp32_row, settings={"train_args": ["DATA", "--bf16"]})
+    (tmp_path / "results.json").write_text(json.dumps({"runs": [bf16_row]}))
+    assert choose(ledger=Ledger(tmp_path / "results.json")).bf16
+    monkeypatch.setattr(plan, "cpu_native_bf16", lambda: None)
+    assert not choose().bf16 and "no native bf16" in choose().line
+    assert choose("on").bf16  # the user's word, native or not
+    assert not plan.choose_bf16_base("auto", ["full"], [], True, tmp_path, ledger).bf16
+
+
+def test_native_bf16_is_read_from_the_cpu_flags_where_torch_cannot_tell(tmp_path, monkeypatch):
+    import torch
+    from fairseq_ext.training import launch
+
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 avx512_vnni\n")
+    assert launch.cpu_native_bf16(str(cpuinfo)) == "avx512_bf16"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2\n")
+    assert launch.cpu_native_bf16(str(cpuinfo)) is None
+    assert launch.cpu_native_bf16(str(tmp_path / "missing")) is None

@@ -127,3 +127,72 @@ def test_attention_through_projections_matches_fairseq_and_falls_back():
     assert torch.allclose(got, expected, atol=1e-6) and weights is None
     assert with_weights is not None and len(seen) == 2  # the fallback still ran the projection modules
     assert "forward" not in attention.__dict__ and attention.skip_embed_dim_check is False
+
+
+def test_foreach_adam_gives_fairseq_adams_numbers_bit_for_bit():
+    """The multi-tensor step equals fairseq's per-tensor Adam exactly (weight decay, a parameter without a
+    gradient, one that joins later with its own step count), and keeps fairseq's state layout."""
+    from fairseq.optim.adam import Adam
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(384,), (384, 384), (1536,), (7,)]
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(4)]
+
+    def train(kind=None):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = Adam([{"params": params[:3], "weight_decay": 0.1}, {"params": params[3:]}], lr=1e-3,
+                         betas=(0.9, 0.98), eps=1e-6)
+        if kind is not None:
+            optimizer.__class__ = kind
+        for step, step_grads in enumerate(grads):
+            for i, (p, g) in enumerate(zip(params, step_grads)):
+                p.grad = None if (i == 3 and step < 2) else g.clone()  # the last joins at step 3
+            optimizer.step()
+        return params, optimizer.state_dict()
+
+    (theirs, their_state), (ours, our_state) = train(), train(patches.ForeachAdam)
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours))
+    # --fused-adam: fairseq's update in torch's fused kernel, equal up to rounding, the same state layout.
+    fused, fused_state = train(patches.FusedFairseqAdam)
+    for a, b, before in zip(theirs, fused, start):
+        assert (a - before).abs().max() > 1e-3  # four real steps of lr 1e-3
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-6)  # a few float32 ulps of these O(1) weights
+    assert {k: s["step"] for k, s in fused_state["state"].items()} == {k: s["step"] for k, s in
+                                                                       their_state["state"].items()}
+    assert their_state["state"].keys() == our_state["state"].keys()
+    for key, state in their_state["state"].items():
+        assert state["step"] == our_state["state"][key]["step"]
+        assert torch.equal(state["exp_avg_sq"], our_state["state"][key]["exp_avg_sq"])
+
+
+def test_train_py_steps_with_foreach_adam_or_fused_adam(tiny_data, tiny_pretrained, tmp_path):
+    built = []
+
+    class Recording(BitFitTrainer):
+        def _build_optimizer(self):
+            super()._build_optimizer()
+            built.append(type(self._optimizer.optimizer))
+
+    from fairseq_ext.training.main import cli_main
+    cli_main(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path / "bitfit", updates=2, extra=["--bitfit"])[1:],
+             trainer_class=Recording)
+    assert built and all(kind is patches.ForeachAdam for kind in built)
+    built.clear()
+    cli_main(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path / "fused", updates=2, extra=["--fused-adam"])[1:],
+             trainer_class=Recording)
+    assert built and all(kind is patches.FusedFairseqAdam for kind in built)
+
+
+def test_bf16_batches_keep_float_targets():
+    """--bf16 casts a batch's float inputs, but a regression target keeps fp32: STS-B's 3.8 stays 3.8."""
+    from omegaconf import OmegaConf
+
+    trainer = object.__new__(BitFitTrainer)  # only the config is read
+    trainer.cfg = OmegaConf.create({"common": {"fp16": False, "bf16": True}})
+    sample = {"net_input": {"src_tokens": torch.tensor([[0, 5, 2]]), "features": torch.tensor([0.1])},
+              "target": torch.tensor([3.8])}
+    converted = trainer._fp_convert_sample(sample)
+    assert converted["net_input"]["features"].dtype == torch.bfloat16
+    assert converted["target"].dtype == torch.float32 and converted["target"].item() == sample["target"].item()
+    assert converted["net_input"]["src_tokens"].dtype == torch.long

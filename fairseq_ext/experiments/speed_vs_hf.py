@@ -5,14 +5,21 @@ the same machine, the same model (the embedded MiniLM unless --model), data, bat
 size, learning-rate schedule and trainable set:
 
 * ``transformers``: the loop a user would otherwise write (``training.hf_reference_loop``:
-  random batches with dynamic padding);
+  random batches with dynamic padding, torch's default AdamW);
+* ``transformers grouped``: the same loop at its best, the fair peer: transformers'
+  ``LengthGroupedSampler`` (what Trainer's ``group_by_length=True`` uses) with the GLUE
+  runner's megabatches of 50 batches, and torch's fused AdamW;
 * ``train.py``: train.py with fairseq's random batches;
 * ``train.py grouped``: train.py with length-grouped batches (``--group-by-length``, the
-  GLUE runner's default).
+  GLUE runner's default);
+* ``train.py grouped bf16 base``: the same with ``--bf16`` (frozen base in bf16, trained
+  tensors and Adam's state in fp32), for BitFit modes where the GLUE runner picks it by
+  default: a CPU with native bf16 (``--bf16-base auto``), or always (``on``).
 
 An epoch's time runs from its first update's start to its last update's end (batches
 and updates, no validation).  The report gives each epoch's time and dev metrics, and
-train.py's median epoch time over the transformers loop's.
+each system's median epoch time over the random-batch transformers loop's and over the
+grouped one's.
 
     python -m fairseq_ext.experiments.speed_vs_hf --glue-dir glue_data --task STS-B --epochs 3 \\
         --modes full bitfit-all --output-dir outputs/speed_vs_hf
@@ -36,19 +43,23 @@ from ..core.glue_tasks import get_task_spec
 from ..core.progress import format_duration
 from ..core.run_record import RECORD_NAME, epoch_stats, read_run_record
 from ..plugin.data.glue_prepare import prepare_task
+from ..plugin.models import hf_import
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir, package_model_folder
-from ..training.glue_recipe import Recipe, train_command
+from ..training.glue_recipe import LENGTH_GROUP_BATCHES, Recipe, train_command
 from ..training.hf_reference_loop import ReferenceLoop
 from ..training.main import cli_main
+from ..training.launch import cpu_native_bf16
 from ..training.options import BITFIT_PREFIX, FULL, mode_flags
 from ..training.trainer import BitFitTrainer
 
-SYSTEMS = ("transformers", "train.py", "train.py grouped")
+SYSTEMS = ("transformers", "transformers grouped", "train.py", "train.py grouped")
+PEER = "transformers grouped"  # what a transformers user runs at best: the speed claim's reference
+BF16_BASE = "train.py grouped bf16 base"
 
 
 def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe: Recipe, grouped: bool,
-                  train_rows: int) -> Tuple[List[dict], int]:
+                  train_rows: int, extra: Tuple[str, ...] = ()) -> Tuple[List[dict], int]:
     """train.py in this process on prepared data; each epoch's update time and dev metrics, and the
     parameters it trained."""
     steps: List[tuple] = []  # (epoch, start, end) of every update
@@ -57,6 +68,8 @@ def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe:
         def train_step(self, samples, raise_oom=False):
             start = time.perf_counter()
             output = super().train_step(samples, raise_oom)
+            if self.cuda:
+                torch.cuda.synchronize()  # the update's device work belongs to its time
             steps.append((self._epoch_of_update, start, time.perf_counter()))
             return output
 
@@ -64,8 +77,9 @@ def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe:
             self._epoch_of_update = epoch
             return super().begin_epoch(epoch)
 
-    save_dir = workdir / f"{mode}-{'grouped' if grouped else 'random'}"
-    argv = train_command(spec, model, data_dir, save_dir, mode, recipe, recipe.lrs[0], 1, train_rows, 1, [], 128).args
+    save_dir = workdir / f"{mode}-{'grouped' if grouped else 'random'}{''.join(extra)}"
+    argv = train_command(spec, model, data_dir, save_dir, mode, recipe, recipe.lrs[0], 1, train_rows, 1, list(extra),
+                         128).args
     if not grouped:
         argv[argv.index("--group-by-length") + 1] = "0"
     cli_main(argv + ["--no-save", "--log-interval", "1000"], trainer_class=EpochTimedTrainer)
@@ -80,38 +94,51 @@ def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe:
     return epochs, record["parameters"]["trainable"]
 
 
-def time_transformers(spec, glue_dir: Path, hf_folder: Path, mode: str, recipe: Recipe) -> Tuple[List[dict], int]:
+def time_transformers(spec, glue_dir: Path, hf_folder: Path, mode: str, recipe: Recipe,
+                      grouped: bool, fp16: bool = False) -> Tuple[List[dict], int]:
     terms = FULL if mode == FULL else mode[len(BITFIT_PREFIX):]
-    loop = ReferenceLoop(hf_folder, spec, terms)
+    loop = ReferenceLoop(hf_folder, spec, terms, device="cuda" if torch.cuda.is_available() else "cpu", amp=fp16)
     results = loop.train(read_split(spec.name, glue_dir, "train"), read_split(spec.name, glue_dir, "valid"),
-                         recipe.epochs, recipe.batch, recipe.lrs[0], recipe.weight_decay)
+                         recipe.epochs, recipe.batch, recipe.lrs[0], recipe.weight_decay,
+                         grouped_batches=LENGTH_GROUP_BATCHES if grouped else 0, fused_adamw=grouped)
     epochs = [{"epoch": r.epoch, "seconds": round(r.seconds, 2), "updates": r.updates,
                "dev": {k: v for k, v in r.dev.items() if k in spec.metrics}} for r in results]
     return epochs, loop.trainable
 
 
 def markdown(rows: List[dict]) -> str:
-    lines = ["| mode | system | trained params | epoch time (s), median | / transformers | updates / epoch "
-             "| dev metrics by epoch |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| mode | system | trained params | epoch time (s), median | / transformers | / transformers grouped "
+             "| updates / epoch | dev metrics by epoch |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         dev = "; ".join(f"{e['epoch']}: " + ", ".join(f"{k} {v:.1f}" for k, v in e["dev"].items())
                         for e in row["epochs"])
-        ratio = "–" if row["ratio_to_transformers"] is None else f"{row['ratio_to_transformers']:.2f}"
-        lines.append(f"| {row['mode']} | {row['system']} | {row['trainable']:,} | {row['epoch_seconds']:.1f} | {ratio} "
-                     f"| {row['epochs'][0]['updates']} | {dev} |")
+        ratios = ["–" if row[key] is None else f"{row[key]:.2f}"
+                  for key in ("ratio_to_transformers", "ratio_to_transformers_grouped")]
+        lines.append(f"| {row['mode']} | {row['system']} | {row['trainable']:,} | {row['epoch_seconds']:.1f} "
+                     f"| {' | '.join(ratios)} | {row['epochs'][0]['updates']} | {dev} |")
     return "\n".join(lines) + "\n"
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="speed_vs_hf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--glue-dir", default="glue_data")
+    parser.add_argument("--model", default=None, help="a Hugging Face BERT/RoBERTa folder (imported for train.py); "
+                        "default: the embedded MiniLM")
+    parser.add_argument("--fp16", action="store_true", help="on a GPU: train.py --fp16, the transformers loop with "
+                        "fp16 AMP (autocast and a gradient scaler)")
     parser.add_argument("--task", default="STS-B")
     parser.add_argument("--modes", nargs="+", default=[FULL, "bitfit-all"])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr-full", type=float, default=5e-5)
     parser.add_argument("--lr-bitfit", type=float, default=1e-3)
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS + (BF16_BASE,), default=list(SYSTEMS + (BF16_BASE,)),
+                        metavar="SYSTEM", help="a subset of the systems (default: all); the peer is always included")
+    parser.add_argument("--train-py-args", default="", help="extra train.py arguments for its rows, one string: "
+                        "--train-py-args=--fused-adam")
+    parser.add_argument("--bf16-base", choices=("auto", "on", "off"), default="auto",
+                        help="the BitFit row with --bf16: auto where the CPU has native bf16, as the GLUE runner")
     parser.add_argument("--output-dir", default="outputs/speed_vs_hf")
     return parser
 
@@ -127,10 +154,16 @@ def main(argv=None) -> None:
         mode_flags(mode)
     if args.epochs < 1:
         raise UserError(f"--epochs {args.epochs}: expected a positive integer")
-    model = load_model_dir(default_model_dir())
+    args.systems = set(args.systems) | {PEER}
+    if args.fp16 and not torch.cuda.is_available():
+        raise UserError("--fp16 needs a CUDA device (on CPU, --bf16-base gives BitFit its bf16 row)")
     rows: List[dict] = []
     with tempfile.TemporaryDirectory(prefix="speed-vs-hf-") as tmp:
         workdir = Path(tmp)
+        hf_folder = Path(args.model) if args.model else package_model_folder()
+        model = load_model_dir(hf_import.convert(hf_folder, workdir / "model", report=None) if args.model
+                               else default_model_dir())
+        precision = ("--fp16",) if args.fp16 else ()
         manifest = prepare_task(spec, glue_dir, model, model.dictionary, workdir / "data", 1)
         train_rows = manifest["splits"]["train"]["rows_written"]
         for mode in args.modes:
@@ -138,24 +171,34 @@ def main(argv=None) -> None:
             recipe = Recipe((lr,), args.batch, args.epochs, 0.0, None, "speed_vs_hf")
             by_system: Dict[str, List[dict]] = {}
             trained: Dict[str, int] = {}
-            for system in SYSTEMS:
+            bf16_row = mode != FULL and not torch.cuda.is_available() and (
+                args.bf16_base == "on" or (args.bf16_base == "auto" and cpu_native_bf16() is not None))
+            for system in [name for name in SYSTEMS + ((BF16_BASE,) if bf16_row else ()) if name in args.systems]:
                 start = time.time()
                 print(f"{spec.name} {mode}: {system}, {args.epochs} epochs ...", file=sys.stderr, flush=True)
                 if system == "transformers":
-                    by_system[system], trained[system] = time_transformers(spec, glue_dir, package_model_folder(),
-                                                                           mode, recipe)
+                    by_system[system], trained[system] = time_transformers(spec, glue_dir, hf_folder, mode, recipe,
+                                                                           grouped=False, fp16=args.fp16)
+                elif system == PEER:
+                    by_system[system], trained[system] = time_transformers(spec, glue_dir, hf_folder, mode, recipe,
+                                                                           grouped=True, fp16=args.fp16)
                 else:
                     by_system[system], trained[system] = time_train_py(
-                        spec, model, workdir / "data", workdir, mode, recipe, system.endswith("grouped"), train_rows)
+                        spec, model, workdir / "data", workdir, mode, recipe, "grouped" in system, train_rows,
+                        (("--bf16",) if system == BF16_BASE else precision) + tuple(args.train_py_args.split()))
                 gc.collect()
                 print(f"  done in {format_duration(time.time() - start)}: "
                       + json.dumps(by_system[system]), file=sys.stderr, flush=True)
-            reference = statistics.median(e["seconds"] for e in by_system["transformers"])
+            medians = {system: statistics.median(e["seconds"] for e in epochs) for system, epochs in by_system.items()}
             for system, epochs in by_system.items():
-                median = statistics.median(e["seconds"] for e in epochs)
+                median = medians[system]
                 rows.append({"task": spec.name, "mode": mode, "system": system, "batch": args.batch, "lr": lr,
                              "trainable": trained[system], "epoch_seconds": round(median, 2), "epochs": epochs,
-                             "ratio_to_transformers": None if system == "transformers" else round(median / reference, 3),
+                             "train_py_args": args.train_py_args if system.startswith("train.py") else "",
+                             "ratio_to_transformers": None if "transformers" not in medians or system == "transformers"
+                             else round(median / medians["transformers"], 3),
+                             "ratio_to_transformers_grouped": None if system == PEER
+                             else round(median / medians[PEER], 3),
                              "threads": torch.get_num_threads()})
     written = write_report(args.output_dir, "speed_vs_hf", rows, markdown(rows))
     print(markdown(rows))

@@ -3,7 +3,10 @@
 What a user would otherwise write to fine-tune the same pretrained folder on a GLUE
 task: ``AutoModelForSequenceClassification`` and its tokenizer, a shuffled DataLoader
 with dynamic padding (``DataCollatorWithPadding``), AdamW with linear warmup and
-decay, fp32 on the CPU's cores.  It trains the same set of parameters as a train.py
+decay, fp32 on the CPU's cores (on a GPU, optionally fp16 AMP).  Its best form
+(``grouped_batches``, ``fused_adamw``) is what Trainer's ``group_by_length=True`` gives:
+transformers' ``LengthGroupedSampler``, here with megabatches of the GLUE runner's size,
+and torch's fused AdamW kernel.  It trains the same set of parameters as a train.py
 run: everything (``full``), or a ``--bitfit-terms`` selection mapped onto the Hugging
 Face names (``hf_import.fairseq_name``) plus the task head (pooler and classifier).
 
@@ -56,13 +59,32 @@ class EpochResult:
     dev: Dict[str, float] = field(default_factory=dict)
 
 
+def length_grouped_sampler(lengths: Sequence[int], batch_size: int, megabatch_batches: int, generator):
+    """transformers' ``LengthGroupedSampler`` (Trainer's ``group_by_length``) with megabatches of
+    ``megabatch_batches`` batches; Trainer's own default is min(50, examples / (4 * batch))."""
+    transformers = _transformers()
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    class MegabatchLengthGroupedSampler(transformers.trainer_pt_utils.LengthGroupedSampler):
+        def __iter__(self):
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, megabatch_batches,
+                                                   generator=self.generator))
+
+    return MegabatchLengthGroupedSampler(batch_size, lengths=list(lengths), generator=generator)
+
+
 class ReferenceLoop:
     """One model from a Hugging Face folder, trained on tokenized GLUE rows by a plain loop."""
 
-    def __init__(self, hf_folder, spec, terms: str, seed: int = 1, max_length: int = 128):
+    def __init__(self, hf_folder, spec, terms: str, seed: int = 1, max_length: int = 128, device: str = "cpu",
+                 amp: bool = False):
+        """``amp``: on CUDA, fp16 autocast with a gradient scaler (torch's AMP, what a transformers user runs)."""
         transformers = _transformers()
         folder = Path(hf_folder)
         self.spec, self.terms, self.seed, self.max_length = spec, terms, seed, max_length
+        self.device, self.amp = torch.device(device), amp
+        if amp and self.device.type != "cuda":
+            raise UserError("the transformers loop's fp16 AMP needs a CUDA device")
         torch.manual_seed(seed)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         labels = 1 if spec.regression else spec.num_classes
@@ -71,6 +93,7 @@ class ReferenceLoop:
             problem_type="regression" if spec.regression else "single_label_classification")
         family = model_family(read_json(folder / "config.json", "the model config"), folder / "config.json")
         self.trainable, self.total = select_trainable(self.model, family, terms)
+        self.model.to(self.device)
         self.collate = transformers.DataCollatorWithPadding(self.tokenizer)
 
     def _encode(self, rows: SplitRows) -> List[dict]:
@@ -87,18 +110,27 @@ class ReferenceLoop:
 
     def train(self, train_rows: SplitRows, dev_rows: SplitRows, epochs: int, batch_size: int, lr: float,
               weight_decay: float = 0.0, warmup: float = 0.06,
-              on_step: Optional[Callable[[int, int], None]] = None) -> List[EpochResult]:
-        """Train ``epochs`` epochs; each epoch's time and dev metrics (the task's official ones, in %)."""
+              on_step: Optional[Callable[[int, int], None]] = None, grouped_batches: int = 0,
+              fused_adamw: bool = False) -> List[EpochResult]:
+        """Train ``epochs`` epochs; each epoch's time and dev metrics (the task's official ones, in %).
+        ``grouped_batches`` > 0: length-grouped megabatches of that many batches, else random batches."""
         transformers = _transformers()
         train, dev = self._encode(train_rows), self._encode(dev_rows)
         generator = torch.Generator().manual_seed(self.seed)
-        loader = torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=self.collate,
-                                             generator=generator)
+        if grouped_batches > 0:
+            sampler = length_grouped_sampler([len(e["input_ids"]) for e in train], batch_size, grouped_batches,
+                                             generator)
+            loader = torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler,
+                                                 collate_fn=self.collate)
+        else:
+            loader = torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True,
+                                                 collate_fn=self.collate, generator=generator)
         total_updates = epochs * len(loader)
         optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr,
-                                      weight_decay=weight_decay)
+                                      weight_decay=weight_decay, fused=fused_adamw or None)
         schedule = transformers.get_linear_schedule_with_warmup(optimizer, int(round(warmup * total_updates)),
                                                                 total_updates)
+        scaler = torch.amp.GradScaler("cuda") if self.amp else None
         results, done = [], 0
         for epoch in range(1, epochs + 1):
             self.model.train()
@@ -106,11 +138,23 @@ class ReferenceLoop:
             for batch in loader:
                 start = time.perf_counter()
                 first_start = first_start or start
-                loss = self.model(**batch).loss
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
+                batch = {key: value.to(self.device) for key, value in batch.items()}
+                # The profiler's scopes carry fairseq's names, so both loops' updates read alike.
+                with torch.autograd.profiler.record_function("forward"), \
+                        torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                    loss = self.model(**batch).loss
+                with torch.autograd.profiler.record_function("backward"):
+                    (scaler.scale(loss) if scaler else loss).backward()
+                with torch.autograd.profiler.record_function("optimizer"):
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()  # the update's device work belongs to its time
                 last_end = time.perf_counter()
                 done += 1
                 if on_step is not None:
@@ -125,7 +169,8 @@ class ReferenceLoop:
         for start in range(0, len(examples), batch_size):
             batch = self.collate([dict(e) for e in examples[start:start + batch_size]])
             targets.append(batch.pop("labels").numpy())
-            logits = self.model(**batch).logits
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                logits = self.model(**{key: value.to(self.device) for key, value in batch.items()}).logits.float().cpu()
             predictions.append(logits.squeeze(-1).numpy() if self.spec.regression else logits.argmax(-1).numpy())
         predicted, target = np.concatenate(predictions), np.concatenate(targets)
         if self.spec.regression:

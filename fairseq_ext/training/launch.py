@@ -77,6 +77,24 @@ def configure_precision(args, tpu_requested: bool = False) -> None:
         args.fp16_no_flatten_grads = True
 
 
+# CPU flags of native bf16 arithmetic: where a frozen base in bf16 runs faster than in fp32.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """The CPU's native bf16 feature (``amx_bf16`` or ``avx512_bf16``), or None: torch's own check where
+    it has one, else the kernel's CPU flags."""
+    checks = (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
+    if all(hasattr(torch.cpu, check) for _, check in checks):
+        return next((flag for flag, check in checks if getattr(torch.cpu, check)()), None)
+    try:
+        with open(cpuinfo) as lines:
+            flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    except OSError:
+        return None
+    return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
+
+
 DEFAULT_RESTORE_FILE = "checkpoint_last.pt"
 
 

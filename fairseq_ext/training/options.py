@@ -89,6 +89,12 @@ class BitFitConfig(FairseqDataclass):
             "but a full checkpoint only as checkpoint_last.pt, which resuming needs"
         },
     )
+    fused_adam: bool = field(
+        default=False,
+        metadata={"help": "--optimizer adam on CPU through torch's fused AdamW kernel, computing fairseq's Adam "
+                          "update in one pass over each tensor: faster full fine-tuning, numbers equal to "
+                          "fairseq-train's up to rounding (without it: fairseq's exact numbers)"},
+    )
     tuner: str = field(
         default="",
         metadata={"help": "also train a comparison method's added tensors: lora, ia3 or adapter (bottleneck "

@@ -21,7 +21,7 @@ from ..core import bitfit, controls, tuners
 from ..core.errors import UserError
 from ..core.run_record import RunRecord
 from ..plugin.checkpoints import load_checkpoint_file
-from ..plugin.patches import cache_module_walks, contiguous_layer_input, projections_as_modules
+from ..plugin.patches import cache_module_walks, contiguous_layer_input, foreach_adam, projections_as_modules
 from . import options, stop_rules
 from .delta_writer import CheckpointDeltaWriter, check_run
 
@@ -149,6 +149,15 @@ class BitFitTrainer(Trainer):
             self._mask_guard.restore(_master_copies(self.optimizer))
         return output
 
+    def _fp_convert_sample(self, sample):
+        """fairseq's --fp16/--bf16 cast of a batch's float tensors, but for the targets (PATCHES: float-targets):
+        a regression task's scores would train and be scored rounded (STS-B's 3.8 as 3.796875 in bf16)."""
+        converted = super()._fp_convert_sample(sample)
+        target = sample.get("target") if isinstance(sample, dict) else None
+        if converted is not sample and torch.is_tensor(target) and target.is_floating_point():
+            converted["target"] = target
+        return converted
+
     # -- distributed: reduce only what is trained ----------------------------------
 
     @property
@@ -260,6 +269,9 @@ class BitFitTrainer(Trainer):
             self._lr_scheduler.step_update(0)
         else:
             super()._build_optimizer()
+            bitfit_cfg = self.cfg.get("bitfit", None)
+            # fairseq's numbers, one call per operation; or torch's fused kernel (PATCHES: foreach-adam, fused-adam)
+            foreach_adam(self._optimizer, fused=bool(bitfit_cfg is not None and bitfit_cfg.get("fused_adam", False)))
         if self._checking_resumed_selection and self._optim_history:
             self._check_resumed_components(self._optim_history[-1])
 

@@ -30,6 +30,8 @@ import sys
 from pathlib import Path
 from typing import List
 
+import torch
+
 from ...core import interrupts
 from ...core.errors import UserError, exit_on_user_error
 from ...core.glue_files import check_glue_dir, read_split
@@ -39,7 +41,7 @@ from ...plugin.data.glue_prepare import prepare_task
 from ...training.glue_recipe import check_user_arguments, default_recipe
 from . import settings
 from .dispatch import Dispatch, run_summary
-from .plan import bookkeeping_args, plan_run, present_tasks, resolve_model, run_modes
+from .plan import bookkeeping_args, choose_bf16_base, plan_run, present_tasks, resolve_model, run_modes
 from .plots import plot_curves, plot_size_curves
 from .results import (Ledger, collect_predictions, export_best_runs, summary_markdown, write_bias_change_of_best_runs,
                       write_results)
@@ -148,6 +150,8 @@ def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_
             if too_many:
                 raise UserError(f"TRAIN_SUBSETS {too_many[0]}: {spec.name} has {available:,} training rows")
     runs, ledger = [], Ledger(output_dir / "results.json")
+    local_cpu = args.launcher == "local" and not torch.cuda.is_available()
+    base = choose_bf16_base(args.bf16_base, modes, passthrough, local_cpu, output_dir, ledger)
     for spec in specs:
         for size in sizes:
             folder = f"{spec.name}-{size}rows" if curve else spec.name  # TRAIN_SUBSET keeps the task's folder
@@ -166,11 +170,11 @@ def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_
                     for seed in seeds:
                         run_name = f"{folder}/{mode}/lr{lr:g}-seed{seed}"
                         runs.append(plan_run(spec, model, data_dir, manifest, output_dir / "runs" / run_name, args,
-                                             mode, recipe, lr, seed, passthrough,
+                                             mode, recipe, lr, seed, base.flags(mode) + passthrough,
                                              bookkeeping_args(args, output_dir / "tensorboard" / run_name), ledger,
                                              size, curve))
     job = JobProgress(runs, args.progress_interval, dispatch.concurrency(runs))
-    print("\n".join(job.plan_lines()), flush=True)
+    print("\n".join(job.plan_lines() + [base.line]), flush=True)
     rows = dispatch.train(runs, args, job, stage)
     if args.node_rank != 0:
         return

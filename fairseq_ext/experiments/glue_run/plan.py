@@ -15,7 +15,8 @@ from ...plugin.models import hf_import
 from ...plugin.models.model_dir import load_model_dir
 from ...plugin.models.pretrained import default_model_dir
 from ...training.glue_recipe import Recipe, TrainCommand, train_command
-from ...training.options import BITFIT_PREFIX, mode_flags, mode_label, parse_options
+from ...training.launch import PRECISION_FLAGS, cpu_native_bf16
+from ...training.options import BITFIT_PREFIX, HEAD_ONLY, mode_flags, mode_label, parse_options
 from .results import Ledger
 from .console import saved_updates
 from .run_file import RunFile, finished_result
@@ -70,6 +71,62 @@ def run_modes(text: str, bitfit_terms: str) -> List[str]:
             raise UserError(f"{setting}: {error}") from None
         modes.append(label)
     return list(dict.fromkeys(modes))
+
+
+# Modes whose base is frozen: it can live in bf16 while the trained tensors keep fp32 masters (BF16_BASE).
+FROZEN_BASE_MODES = (HEAD_ONLY, "lora", "ia3", "adapter")
+BF16_FLAG = "--bf16"
+
+
+def has_frozen_base(mode: str) -> bool:
+    return mode.startswith(BITFIT_PREFIX) or mode in FROZEN_BASE_MODES
+
+
+@dataclass(frozen=True)
+class BaseChoice:
+    """BF16_BASE resolved for a job: whether frozen-base runs get --bf16, and the plan's line saying why."""
+
+    bf16: bool
+    line: str
+
+    def flags(self, mode: str) -> List[str]:
+        return [BF16_FLAG] if self.bf16 and has_frozen_base(mode) else []
+
+
+def _fp32_runs_recorded(output_dir: Path, ledger: Ledger) -> bool:
+    """Whether OUTPUT_DIR already holds a frozen-base run trained without --bf16 (its folder or results row)."""
+    recorded = [row.get("settings") for row in ledger.rows.values() if has_frozen_base(row.get("mode", ""))]
+    runs = output_dir / "runs"
+    if runs.is_dir():
+        recorded += [RunFile.read(run_dir).settings for run_dir in runs.glob("*/*/*")
+                     if run_dir.is_dir() and has_frozen_base(run_dir.parent.name)]
+    return any(settings is not None and BF16_FLAG not in settings.get("train_args", []) for settings in recorded)
+
+
+def choose_bf16_base(setting: str, modes: Sequence[str], passthrough: Sequence[str], local_cpu: bool,
+                     output_dir: Path, ledger: Ledger) -> BaseChoice:
+    """BF16_BASE (auto, on, off) for this job.  auto turns it on only for a job that trains on this CPU,
+    a CPU with native bf16, and an OUTPUT_DIR without fp32 frozen-base runs: results.json rows and
+    interrupted runs from before keep being reused and resumed with the settings they were trained with."""
+    frozen = [mode for mode in modes if has_frozen_base(mode)]
+    on_line = (f"precision: {' '.join(frozen)}: frozen base in bf16, trained tensors and Adam's state in fp32 "
+               f"(train.py {BF16_FLAG}; BF16_BASE={setting}")
+    if not frozen:
+        return BaseChoice(False, "precision: fp32 (no frozen-base mode in this job)")
+    if setting == "on":
+        return BaseChoice(True, on_line + ")")
+    if setting == "off":
+        return BaseChoice(False, "precision: fp32 (BF16_BASE=off)")
+    given = [flag for flag in passthrough if flag in PRECISION_FLAGS]
+    native = cpu_native_bf16()
+    why_not = (f"train.py arguments after -- set {' '.join(given)}" if given
+               else "runs train elsewhere than this machine's CPU" if not local_cpu
+               else "this CPU has no native bf16 (AMX, AVX512-BF16)" if native is None
+               else f"{output_dir} holds fp32 runs of these modes, kept reusable; BF16_BASE=on for bf16"
+               if _fp32_runs_recorded(output_dir, ledger) else None)
+    if why_not:
+        return BaseChoice(False, f"precision: fp32 (BF16_BASE=auto: {why_not})")
+    return BaseChoice(True, on_line + f": this CPU has {native}; BF16_BASE=off for fp32)")
 
 
 def run_settings(command: TrainCommand, prepared: Path, run_dir: Path, manifest: dict) -> dict:

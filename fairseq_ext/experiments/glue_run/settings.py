@@ -75,6 +75,15 @@ def _export(value: str, name: str) -> Optional[str]:
     return value or None
 
 
+BF16_BASE_CHOICES = ("auto", "on", "off")
+
+
+def _bf16_base(value: str, name: str) -> str:
+    if value not in BF16_BASE_CHOICES:
+        raise UserError(f"{name} {value!r}: expected {', '.join(BF16_BASE_CHOICES[:-1])} or {BF16_BASE_CHOICES[-1]}")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     """One job setting: ``env`` in the script's environment, ``flag`` on the command line."""
@@ -120,6 +129,10 @@ SETTINGS = (
             "size, e.g. '200 500 1000' (size_curves.png)", "none"),
     Setting("EXPORT", "", _export, "hf: each task's best BitFit run as a transformers folder in "
             "OUTPUT_DIR/export/<TASK> (python -m fairseq_ext.tools.export_hf)", "no export"),
+    Setting("BF16_BASE", "auto", _bf16_base, "bitfit-*, head, lora, ia3 and adapter runs with the frozen base "
+            "in bf16 and the trained tensors and Adam's state in fp32 (train.py --bf16): on, off, or auto: on "
+            "where the job trains on this machine's CPU, the CPU has native bf16 (AMX, AVX512-BF16) and OUTPUT_DIR "
+            "holds no fp32 run of those modes"),
     Setting("NPROC", "1", _integer(1), "processes per node; torchrun when above 1"),
     Setting("NNODES", "1", _integer(1), "nodes of a multi-node torchrun job"),
     Setting("NODE_RANK", "0", _integer(0), "this node's rank in a multi-node job"),

@@ -211,6 +211,31 @@ PATCHES: Tuple[Patch, ...] = (
           "unchanged. Runs without --bitfit keep fairseq's path (their numbers equal fairseq-train's)",
           source_has=("x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings)",
                       "x = x.transpose(0, 1)", "for layer in self.layers:")),
+    Patch("foreach-adam", "fairseq.optim.adam.Adam.step", "replaces",
+          "foreach_adam() (every train.py run with --optimizer adam; dense fp32 CPU tensors)",
+          "fairseq's Adam runs about ten tensor operations from Python per parameter: for a BitFit run's hundred "
+          "small bias tensors that loop is the optimizer's time. The same operations in the same order over the "
+          "list (torch._foreach_*), which on CPU torch runs as the same per-tensor kernels: fairseq's numbers bit "
+          "for bit, full fine-tuning included; other dtypes, devices and amsgrad keep fairseq's step",
+          source_has=("exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)",
+                      "exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)",
+                      'denom = exp_avg_sq.sqrt().add_(group["eps"])',
+                      'step_size = group["lr"] * math.sqrt(bias_correction2) / bias_correction1',
+                      'alpha=-group["weight_decay"] * group["lr"]',
+                      "p_data_fp32.addcdiv_(exp_avg, denom, value=-step_size)")),
+    Patch("float-targets", "fairseq.trainer.Trainer._fp_convert_sample", "extends",
+          "BitFitTrainer (every train.py run with --fp16 or --bf16)",
+          "fairseq casts every fp32 tensor of a batch to fp16/bf16, the targets included: a regression task's "
+          "scores trained and were scored rounded (STS-B's 3.8 as 3.796875 in bf16), and the GLUE criterion's "
+          "metrics could not read bf16 targets at all. The targets keep their dtype; the loss is fp32 either way",
+          source_has=("def apply_bfloat16(t):", "sample = utils.apply_to_sample(apply_bfloat16, sample)")),
+    Patch("fused-adam", "fairseq.optim.adam.Adam.step", "replaces", "train.py --fused-adam (dense fp32 CPU tensors)",
+          "full fine-tuning's optimizer reads and writes every weight about seven times per update; torch's fused "
+          "AdamW kernel does it in one pass. It computes fairseq's update (epsilon scaled by the step's bias "
+          "correction, so it stays outside it as in fairseq) in another rounding: opt-in, since without it "
+          "train.py reproduces fairseq-train exactly",
+          source_has=('denom = exp_avg_sq.sqrt().add_(group["eps"])',
+                      'step_size = group["lr"] * math.sqrt(bias_correction2) / bias_correction1')),
 )
 
 
@@ -283,6 +308,7 @@ def _claim_arch_name(arch: str) -> None:
 from .attention_projections import attention_through_projections, projections_as_modules  # noqa: E402,F401
 from .checkpoint_copies import CopyHook, route_checkpoint_copies  # noqa: E402,F401
 from .cuda_memory import cuda_peak_memory  # noqa: E402,F401
+from .foreach_adam import ForeachAdam, FusedFairseqAdam, foreach_adam  # noqa: E402,F401
 from .generation import ModelLoader, ensemble_in_memory, models_in_memory  # noqa: E402,F401
 from .layer_input import _contiguous_input, contiguous_layer_input  # noqa: E402,F401
 from .module_walks import CachedModuleWalks, _new_instance, cache_module_walks  # noqa: E402,F401
