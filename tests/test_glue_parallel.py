@@ -3,6 +3,7 @@ results a sequential job gives; a stop reaches every run; bad settings are one l
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,12 +14,12 @@ from test_glue_run import SCRIPT, glue_script, small_glue_dir
 
 from fairseq_ext.experiments import glue_run
 from fairseq_ext.experiments.glue_run import dispatch, settings
+from fairseq_ext.experiments.glue_run.results import MEASURED_FIELDS
 
 
 # Three runs of two updates each: with PARALLEL=2 the third waits for a free slot.
 GRID = {"TASKS": "CoLA", "SEEDS": "1 2 3"}
 GRID_ARGS = ("--batch-size", "8", "--max-update", "2")
-WALL_CLOCK = ("wall_time_s",)
 PATHS = ("run_dir", "predictions")  # each job's own folder
 
 
@@ -35,11 +36,11 @@ def sequential(small_glue, tmp_path_factory):
 
 
 def comparable(out):
-    """results.json's rows without wall-clock times and folder names; the table above the per-run list
-    (which has wall times); the leaderboard files."""
-    rows = [{key: value for key, value in row.items() if key not in WALL_CLOCK + PATHS}
+    """results.json's rows without the machine's measurements and folder names; the tables above the
+    per-run list, the cost table aside (both have the machine's measurements); the leaderboard files."""
+    rows = [{key: value for key, value in row.items() if key not in MEASURED_FIELDS + PATHS}
             for row in json.loads((out / "results.json").read_text())["runs"]]
-    table = (out / "results.md").read_text().split("## Every run")[0]
+    table = re.sub(r"## Cost\n.*?(?=## |\Z)", "", (out / "results.md").read_text().split("## Every run")[0], flags=re.S)
     predictions = {str(path.relative_to(out)): path.read_text() for path in sorted((out / "predictions").rglob("*.tsv"))}
     return rows, table, predictions
 

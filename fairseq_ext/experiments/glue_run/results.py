@@ -126,6 +126,11 @@ class Cell:
     seeds: int
 
 
+# A row's measurements of the machine, not of the training's outcome: two runs that give the same
+# results differ in them (and a delta's size in the path lengths its header records).
+MEASURED_FIELDS = ("wall_time_s", "epoch_train_s", "peak_memory_bytes", "delta_bytes")
+
+
 @dataclass
 class Cost:
     """What a mode's best runs cost: the stored task, the training time, the memory."""
