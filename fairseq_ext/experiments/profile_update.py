@@ -33,9 +33,9 @@ from ..plugin.data.glue_prepare import prepare_task
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir, package_model_folder
 from ..training.glue_recipe import LENGTH_GROUP_BATCHES, Recipe, train_command
-from ..training.hf_reference_loop import ReferenceLoop
+from ..training.hf_reference_loop import ReferenceLoop, check_loop_modes
 from ..training.main import cli_main
-from ..training.options import BITFIT_PREFIX, FULL, mode_flags
+from ..training.options import BITFIT_PREFIX, FULL
 from ..training.trainer import BitFitTrainer
 
 SCOPES = ("forward", "backward", "reduce-grads", "multiply-grads", "clip-grads", "optimizer")
@@ -163,10 +163,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     glue_dir = check_glue_dir(args.glue_dir)
     spec = get_task_spec(args.task)
-    for mode in args.modes:
-        if mode != FULL and not mode.startswith(BITFIT_PREFIX):
-            raise UserError(f"--modes {mode}: expected full or bitfit-<terms> (the transformers loop has no other)")
-        mode_flags(mode)
+    check_loop_modes(args.modes)
     if args.warmup < 1 or args.updates < 1:
         raise UserError("--warmup and --updates: expected positive integers")
     model = load_model_dir(default_model_dir())

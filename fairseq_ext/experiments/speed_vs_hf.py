@@ -47,10 +47,10 @@ from ..plugin.models import hf_import
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir, package_model_folder
 from ..training.glue_recipe import LENGTH_GROUP_BATCHES, Recipe, train_command
-from ..training.hf_reference_loop import ReferenceLoop
+from ..training.hf_reference_loop import ReferenceLoop, check_loop_modes
 from ..training.main import cli_main
 from ..training.launch import cpu_native_bf16
-from ..training.options import BITFIT_PREFIX, FULL, mode_flags
+from ..training.options import BITFIT_PREFIX, FULL
 from ..training.trainer import BitFitTrainer
 
 SYSTEMS = ("transformers", "transformers grouped", "train.py", "train.py grouped")
@@ -148,10 +148,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     glue_dir = check_glue_dir(args.glue_dir)
     spec = get_task_spec(args.task)
-    for mode in args.modes:
-        if mode.startswith("head"):
-            raise UserError("--modes: head-only has no counterpart in the transformers loop; use full or bitfit-<terms>")
-        mode_flags(mode)
+    check_loop_modes(args.modes)
     if args.epochs < 1:
         raise UserError(f"--epochs {args.epochs}: expected a positive integer")
     args.systems = set(args.systems) | {PEER}

@@ -25,8 +25,8 @@ from ..core import bitfit, glue_metrics
 from ..core.errors import UserError
 from ..core.glue_files import SplitRows
 from ..plugin.models.hf_import import fairseq_name, model_family, normalized_name, read_json
+from .options import BITFIT_PREFIX, FULL, mode_flags
 
-FULL = "full"
 HEAD_MODULES = ("classifier.", "pooler.", "bert.pooler.", "roberta.pooler.")
 
 
@@ -36,6 +36,20 @@ def _transformers():
     except ImportError:
         raise UserError("the Hugging Face reference loop needs transformers: pip install transformers") from None
     return transformers
+
+
+def check_loop_modes(modes: Sequence[str]) -> None:
+    """The modes this loop can train beside train.py: ``full`` and ``bitfit-<terms>`` (it has no head-only,
+    control or tuner counterpart); a UserError names any other."""
+    for mode in modes:
+        if mode != FULL and not mode.startswith(BITFIT_PREFIX):
+            raise UserError(f"--modes {mode}: expected full or bitfit-<terms> (the transformers loop has no other)")
+        mode_flags(mode)
+        if mode != FULL:
+            try:
+                bitfit.parse_terms(mode[len(BITFIT_PREFIX):])
+            except bitfit.SelectionError as error:
+                raise UserError(f"--modes {mode}: {error}") from None
 
 
 def select_trainable(model: torch.nn.Module, family: str, terms: str) -> Tuple[int, int]:
