@@ -201,3 +201,36 @@ def test_a_decoder_only_language_model_gets_its_row(tmp_path):
         assert 0 < row["step_ms_median"] <= row["update_ms_median"] and row["peak_mem_bytes"] > 0
     assert bitfit["ratio_to_full"] > 0 and bitfit["mem_ratio_to_full"] > 0 and full["ratio_to_full"] == 1.0
     assert "| transformer_lm_gpt2_tiny | bitfit-all |" in (tmp_path / "benchmark.md").read_text(), result.stdout
+
+
+def test_compile_cost_pairs_the_updates_and_finds_the_break_even():
+    """The same batches in order: per-update savings, their net, and when the steady saving pays the deficit back."""
+    from fairseq_ext.experiments.compile_cost import compare
+
+    eager = [0.5] * 10
+    compiled = [20.5, 0.6] + [0.4] * 8  # 20 s to compile, one recompile-ish update, then 0.1 s saved each
+    row = compare(eager, compiled, run_updates=1000)
+    assert row["net_s"] == round(-20.0 - 0.1 + 0.8, 1) and row["steady_saving_ms"] == 100.0
+    assert row["break_even_updates"] == 10 + 193 and row["pays"]  # 19.3 s more at 0.1 s an update
+    assert not compare(eager, compiled, run_updates=200)["pays"]
+    slower = compare(eager, [20.5] + [0.6] * 9, run_updates=10**6)
+    assert slower["break_even_updates"] is None and not slower["pays"]
+    assert compare(eager, [0.4] * 10, run_updates=10)["break_even_updates"] == 1
+
+
+@pytest.mark.skipif(not tiny.REAL_GLUE.is_dir(), reason="no real GLUE files")
+def test_compile_cost_trains_eagerly_and_compiled_on_the_same_batches(tmp_path):
+    """The embedded MiniLM compiled in place inside train.py (dynamo with the eager backend: no C++ compiler
+    needed) trains the same number of updates as the eager run, and the report has the paired row."""
+    glue = tmp_path / "glue" / "STS-B"
+    glue.mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        lines = (tiny.REAL_GLUE / "STS-B" / f"{split}.tsv").read_text().split("\n")[:81]
+        (glue / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    result = tiny.run(["-m", "fairseq_ext.experiments.compile_cost", "--glue-dir", str(glue.parent), "--task",
+                       "STS-B", "--modes", "bitfit-all", "--updates", "4", "--backend", "eager",
+                       "--output-dir", str(tmp_path / "out")])
+    (row,) = json.loads((tmp_path / "out" / "compile_cost.json").read_text())
+    assert len(row["eager_s"]) == len(row["compiled_s"]) == row["updates"] == 4, result.stderr
+    assert row["run_updates"] == 10 * 3  # the runner's BitFit recipe on 80 rows: 10 epochs of 3 batches of 32
+    assert "| STS-B | bitfit-all | eager |" in (tmp_path / "out" / "compile_cost.md").read_text()

@@ -443,14 +443,17 @@ def test_line_endings_are_not_a_change_of_data_but_an_edited_row_is(glue, tmp_pa
     assert len(errors) == 1 and "trained with other settings: the training data" in errors[0], changed.stderr
 
 
-def test_comparison_modes_run_beside_bitfit_with_their_cost(glue, tmp_path):
-    """MODE with LoRA and adapters: each trains from its sourced recipe, predicts the test set (adapters
-    unmerged, in memory), and the table gets each mode's delta size, epoch time and peak memory."""
+def test_comparison_modes_run_beside_bitfit_with_their_cost(glue, glue_output, tmp_path):
+    """MODE with LoRA and adapters added to a finished BitFit job, as a comparison table grows from an existing
+    one: each trains from its sourced recipe, predicts the test set (adapters unmerged, in memory), and the
+    table gets each mode's delta size, epoch time and peak memory beside BitFit's reused row."""
     out = tmp_path / "compare"
-    glue_script({"GLUE_DIR": str(glue), "OUTPUT_DIR": str(out), "TASKS": "STS-B", "MODE": "bitfit-all lora adapter"},
-                "--max-update", "4")
-    runs = {row["mode"]: row for row in json.loads((out / "results.json").read_text())["runs"]}
-    assert set(runs) == {"bitfit-all", "lora", "adapter"}
+    shutil.copytree(glue_output[0], out)
+    result = glue_script({"GLUE_DIR": str(glue), "OUTPUT_DIR": str(out), "TASKS": "STS-B",
+                          "MODE": "bitfit-ofa lora adapter"}, "--max-update", "4")
+    assert "STS-B bitfit-ofa lr 0.001 seed 1: done earlier" in result.stdout
+    runs = {row["mode"]: row for row in json.loads((out / "results.json").read_text())["runs"] if row["task"] == "STS-B"}
+    assert set(runs) == {"bitfit-ofa", "lora", "adapter"}
     for mode, row in runs.items():
         assert row["delta_bytes"] > 0 and row["peak_memory_bytes"] > 0 and row["epoch_train_s"] is not None, mode
         assert set(row["dev"]) >= {"pearson", "spearman"}
@@ -458,7 +461,7 @@ def test_comparison_modes_run_beside_bitfit_with_their_cost(glue, tmp_path):
     assert "Hu et al. 2022" in runs["lora"]["recipe"]["rule"] and runs["lora"]["lr"] == 4e-4
     assert "Houlsby et al. 2019" in runs["adapter"]["recipe"]["rule"]
     # r 8 on q and v of 6 layers, against two 64-wide adapters per layer: both far above BitFit's biases.
-    assert runs["bitfit-all"]["trainable"] < runs["lora"]["trainable"] < runs["adapter"]["trainable"]
+    assert runs["bitfit-ofa"]["trainable"] < runs["lora"]["trainable"] < runs["adapter"]["trainable"]
     table = (out / "results.md").read_text()
     cost = table.split("## Cost", 1)[1]
     assert "| lora |" in cost and "| adapter |" in cost and "STS-B s / epoch" in cost

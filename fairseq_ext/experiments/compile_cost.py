@@ -1,0 +1,152 @@
+"""Does ``torch.compile`` pay for its compile time within a train.py run?
+
+For each mode, train.py trains the same real GLUE task twice in one process, as the GLUE
+runner starts it (length-grouped batches, the same seed, so the same batches in the same
+order): eagerly, and with the model compiled in place (``nn.Module.compile``: parameter
+names, checkpoints and deltas stay as they are) before its first update.  Each update is
+timed on its own; with the batches paired, ``eager - compiled`` per update is what
+compiling saved on that batch (negative while it compiles, and on any recompile later).
+
+Reported per mode: the eager and compiled steady update (median of the second half),
+the net seconds gained over the measured window, the steady saving per update, the
+updates needed to pay back the window's deficit, and the runner's default run on that
+task (its epochs × updates per epoch), so the verdict reads: pays within a typical run,
+or not.  Validation is off in the window; a real run compiles its evaluation graph once
+more on top.
+
+    python -m fairseq_ext.experiments.compile_cost --glue-dir glue_data --task STS-B \\
+        --modes bitfit-all full --updates 200 --output-dir outputs/compile_cost
+"""
+import argparse
+import gc
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..core.errors import UserError, exit_on_user_error
+from ..core.files import write_report
+from ..core.glue_files import check_glue_dir
+from ..core.glue_tasks import get_task_spec
+from ..plugin.data.glue_prepare import prepare_task
+from ..plugin.models.model_dir import load_model_dir
+from ..plugin.models.pretrained import default_model_dir
+from ..plugin.checkpoints import checkpoint_parameter_count
+from ..training.glue_recipe import Recipe, default_recipe, train_command
+from ..training.main import cli_main
+from ..training.options import FULL
+from ..training.trainer import BitFitTrainer
+
+BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def timed_updates(spec, model, data_dir: Path, workdir: Path, mode: str, recipe: Recipe, train_rows: int,
+                  updates: int, compile_backend: Optional[str], extra: Sequence[str]) -> List[float]:
+    """Seconds of each of ``updates`` train.py updates; the model compiled first when ``compile_backend``."""
+    seconds: List[float] = []
+
+    class TimedTrainer(BitFitTrainer):
+        def train_step(self, samples, raise_oom=False):
+            if compile_backend and not seconds:
+                self._model.compile(backend=compile_backend, dynamic=True)
+            start = time.perf_counter()
+            output = super().train_step(samples, raise_oom)
+            seconds.append(time.perf_counter() - start)
+            return output
+
+    label = f"{mode}-{compile_backend or 'eager'}"
+    argv = train_command(spec, model, data_dir, workdir / label, mode, recipe, recipe.lrs[0], 1, train_rows, 1,
+                         list(extra), 128).args
+    cli_main(argv + ["--no-save", "--disable-validation", "--log-interval", "1000", "--max-update", str(updates)],
+             trainer_class=TimedTrainer)
+    torch._dynamo.reset()
+    return seconds
+
+
+def compare(eager: Sequence[float], compiled: Sequence[float], run_updates: int) -> dict:
+    """The paired comparison of one mode's two runs (seconds per update, the same batches in order)."""
+    if len(eager) != len(compiled) or len(eager) < 4:
+        raise UserError(f"expected two equal runs of at least 4 updates, got {len(eager)} and {len(compiled)}")
+    saved = [e - c for e, c in zip(eager, compiled)]
+    half = len(saved) // 2
+    steady_saving = statistics.median(saved[half:])
+    net = sum(saved)
+    if net >= 0:
+        break_even: Optional[int] = next(i + 1 for i in range(len(saved)) if sum(saved[:i + 1]) >= 0)
+    elif steady_saving > 0:
+        break_even = len(saved) + math.ceil(-net / steady_saving)
+    else:
+        break_even = None  # compiled is not faster once warm: it never pays back
+    return {"updates": len(saved), "eager_steady_ms": round(1000 * statistics.median(eager[half:]), 1),
+            "compiled_steady_ms": round(1000 * statistics.median(compiled[half:]), 1),
+            "first_update_s": round(compiled[0], 1), "net_s": round(net, 1),
+            "steady_saving_ms": round(1000 * steady_saving, 1), "break_even_updates": break_even,
+            "run_updates": run_updates, "pays": break_even is not None and break_even <= run_updates}
+
+
+def markdown(rows: List[dict]) -> str:
+    lines = ["| task | mode | backend | eager update (ms) | compiled update (ms) | first compiled update (s) | "
+             "net over the window (s) | steady saving (ms/update) | pays back after | runner's run | pays |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        even = "never" if row["break_even_updates"] is None else f"{row['break_even_updates']:,} updates"
+        lines.append(f"| {row['task']} | {row['mode']} | {row['backend']} | {row['eager_steady_ms']:.1f} | "
+                     f"{row['compiled_steady_ms']:.1f} | {row['first_update_s']:.1f} | {row['net_s']:+.1f} | "
+                     f"{row['steady_saving_ms']:+.1f} | {even} | {row['run_updates']:,} updates | "
+                     f"{'yes' if row['pays'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="compile_cost", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--glue-dir", default="glue_data")
+    parser.add_argument("--task", default="STS-B")
+    parser.add_argument("--modes", nargs="+", default=["bitfit-all", FULL])
+    parser.add_argument("--updates", type=int, default=200, help="updates timed in each run")
+    parser.add_argument("--backend", default="inductor", choices=BACKENDS,
+                        help="torch.compile's backend (inductor: what a user gets by default)")
+    parser.add_argument("--train-py-args", default="",
+                        help="extra train.py arguments, one string: --train-py-args=--bf16")
+    parser.add_argument("--output-dir", default="outputs/compile_cost")
+    return parser
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    glue_dir = check_glue_dir(args.glue_dir)
+    spec = get_task_spec(args.task)
+    if args.updates < 4:
+        raise UserError("--updates: expected at least 4")
+    model = load_model_dir(default_model_dir())
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="compile-cost-") as tmp:
+        workdir = Path(tmp)
+        manifest = prepare_task(spec, glue_dir, model, model.dictionary, workdir / "data", 1)
+        train_rows = manifest["splits"]["train"]["rows_written"]
+        for mode in args.modes:
+            recipe = default_recipe(mode, spec.name, train_rows, checkpoint_parameter_count(model.checkpoint))
+            runs = {}
+            for backend in (None, args.backend):
+                print(f"{spec.name} {mode}: {backend or 'eager'}, {args.updates} updates ...", file=sys.stderr,
+                      flush=True)
+                runs[backend] = timed_updates(spec, model, workdir / "data", workdir, mode, recipe, train_rows,
+                                              args.updates, backend, args.train_py_args.split())
+                gc.collect()
+            run_updates = recipe.epochs * math.ceil(train_rows / recipe.batch)
+            rows.append({"task": spec.name, "mode": mode, "backend": args.backend, "threads": torch.get_num_threads(),
+                         "train_py_args": args.train_py_args, **compare(runs[None], runs[args.backend], run_updates),
+                         "eager_s": [round(s, 4) for s in runs[None]],
+                         "compiled_s": [round(s, 4) for s in runs[args.backend]]})
+    written = write_report(args.output_dir, "compile_cost", rows, markdown(rows))
+    print(markdown(rows))
+    print(written)
+
+
+if __name__ == "__main__":
+    main()
