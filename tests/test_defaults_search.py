@@ -30,20 +30,27 @@ def test_the_best_mean_wins_and_ties_go_to_fewer_updates():
     assert chosen == {"bitfit-all": near, "full": full}  # `partial` has no mean: not a candidate
 
 
-def test_a_cell_trains_each_lr_on_the_three_tasks_and_resumes(tmp_path):
+def test_a_cell_trains_each_lr_on_the_three_tasks_and_resumes(tmp_path, monkeypatch, capfd):
+    """The search CLI over one cell, narrowed to two of its learning rates (the grid's own are checked above;
+    each run is a MiniLM process): every setting on every task, the summary and winner, and a second
+    invocation that trains nothing and writes the same summary."""
+    narrowed = search.Cell("full", 4, False, search.FULL_LRS[:2])
+    monkeypatch.setattr(search, "GRID", (narrowed,))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as tiny.run gives every training process beside the other worker
     glue = make_glue_dir(tmp_path / "glue", rows_per_split=24, train_rows=64)
     out = tmp_path / "search"
-    command = ["-m", "fairseq_ext.experiments.defaults_search", "--glue-dir", str(glue), "--output-dir", str(out),
-               "--cells", "full-e4", "--", "--max-update", "2"]
-    first = tiny.run(command, timeout=1200)
-    assert "defaults search: cell 1 of 1: full-e4 (lr 2e-05, 5e-05, 0.0001; 4 epochs, early stopping off)" in first.stdout
+    argv = ["--glue-dir", str(glue), "--output-dir", str(out), "--cells", "full-e4", "--", "--max-update", "2"]
+    search.main(argv)
+    first = capfd.readouterr().out
+    assert "defaults search: cell 1 of 1: full-e4 (lr 2e-05, 5e-05; 4 epochs, early stopping off)" in first
     summary = json.loads((out / "defaults_search.json").read_text())
-    assert summary["finished"] == summary["planned"] == 3
-    assert {s["lr"] for s in summary["settings"]} == set(search.FULL_LRS)
+    assert summary["finished"] == summary["planned"] == 2
+    assert {s["lr"] for s in summary["settings"]} == set(search.FULL_LRS[:2])
     assert all(set(s["scores"]) == set(search.TASKS) and s["mean"] is not None for s in summary["settings"])
     assert summary["winners"]["full"]["cell"] == "full-e4"
     runs = json.loads((out / "full-e4" / "results.json").read_text())["runs"]
-    assert all("--patience" in r["settings"]["train_args"] for r in runs)
-    again = tiny.run(command, timeout=1200)
-    assert "training (" not in again.stdout and "done earlier" in again.stdout
+    assert len(runs) == 2 * len(search.TASKS) and all("--patience" in r["settings"]["train_args"] for r in runs)
+    search.main(argv)
+    again = capfd.readouterr().out  # the runner jobs' output too: they inherit the file descriptors
+    assert "training (" not in again and "done earlier" in again
     assert json.loads((out / "defaults_search.json").read_text()) == summary
