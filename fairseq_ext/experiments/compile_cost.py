@@ -17,7 +17,6 @@ more on top.
     python -m fairseq_ext.experiments.compile_cost --glue-dir glue_data --task STS-B \\
         --modes bitfit-all full --updates 200 --output-dir outputs/compile_cost
 """
-import argparse
 import gc
 import math
 import statistics
@@ -31,16 +30,15 @@ import torch
 
 from ..core.errors import UserError, exit_on_user_error
 from ..core.files import write_report
-from ..core.glue_files import check_glue_dir
-from ..core.glue_tasks import get_task_spec
 from ..plugin.data.glue_prepare import prepare_task
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir
 from ..plugin.checkpoints import checkpoint_parameter_count
 from ..training.glue_recipe import Recipe, default_recipe, train_command
 from ..training.main import cli_main
-from ..training.options import FULL
+from ..training.options import FULL, mode_flags
 from ..training.trainer import BitFitTrainer
+from ..core.timing_cli import glue_task, timing_parser
 
 BACKENDS = ("inductor", "aot_eager", "eager")
 
@@ -103,24 +101,22 @@ def markdown(rows: List[dict]) -> str:
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="compile_cost", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--glue-dir", default="glue_data")
-    parser.add_argument("--task", default="STS-B")
-    parser.add_argument("--modes", nargs="+", default=["bitfit-all", FULL])
+    parser = timing_parser("compile_cost", __doc__, ["bitfit-all", FULL])
     parser.add_argument("--updates", type=int, default=200, help="updates timed in each run")
     parser.add_argument("--backend", default="inductor", choices=BACKENDS,
                         help="torch.compile's backend (inductor: what a user gets by default)")
-    parser.add_argument("--train-py-args", default="",
-                        help="extra train.py arguments, one string: --train-py-args=--bf16")
-    parser.add_argument("--output-dir", default="outputs/compile_cost")
     return parser
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    glue_dir = check_glue_dir(args.glue_dir)
-    spec = get_task_spec(args.task)
+    glue_dir, spec = glue_task(args)
+    for mode in args.modes:  # any train.py mode: this compares train.py with itself
+        try:
+            mode_flags(mode)
+        except UserError as error:
+            raise UserError(f"--modes: {error}") from None
     if args.updates < 4:
         raise UserError("--updates: expected at least 4")
     model = load_model_dir(default_model_dir())

@@ -13,7 +13,6 @@ the number of operator calls, and the operators with the most self time.
     python -m fairseq_ext.experiments.profile_update --glue-dir glue_data --task STS-B \\
         --modes bitfit-all full --output-dir outputs/profile_update
 """
-import argparse
 import gc
 import sys
 import tempfile
@@ -27,8 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ..core.errors import UserError, exit_on_user_error
 from ..core.files import write_report
-from ..core.glue_files import check_glue_dir, read_split
-from ..core.glue_tasks import get_task_spec
+from ..core.glue_files import read_split
 from ..plugin.data.glue_prepare import prepare_task
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir, package_model_folder
@@ -37,6 +35,7 @@ from ..training.hf_reference_loop import ReferenceLoop, check_loop_modes
 from ..training.main import cli_main
 from ..training.options import BITFIT_PREFIX, FULL
 from ..training.trainer import BitFitTrainer
+from ..core.timing_cli import glue_task, timing_parser
 
 SCOPES = ("forward", "backward", "reduce-grads", "multiply-grads", "clip-grads", "optimizer")
 TOP_OPERATORS = 12
@@ -145,24 +144,17 @@ def markdown(rows: List[dict]) -> str:
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="profile_update", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--glue-dir", default="glue_data")
-    parser.add_argument("--task", default="STS-B")
-    parser.add_argument("--modes", nargs="+", default=["bitfit-all", FULL])
+    parser = timing_parser("profile_update", __doc__, ["bitfit-all", FULL])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--updates", type=int, default=20)
-    parser.add_argument("--train-py-args", default="",
-                        help="extra train.py arguments, one string: --train-py-args=--bf16")
-    parser.add_argument("--output-dir", default="outputs/profile_update")
     return parser
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    glue_dir = check_glue_dir(args.glue_dir)
-    spec = get_task_spec(args.task)
+    glue_dir, spec = glue_task(args)
     check_loop_modes(args.modes)
     if args.warmup < 1 or args.updates < 1:
         raise UserError("--warmup and --updates: expected positive integers")

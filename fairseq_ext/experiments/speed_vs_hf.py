@@ -24,7 +24,6 @@ grouped one's.
     python -m fairseq_ext.experiments.speed_vs_hf --glue-dir glue_data --task STS-B --epochs 3 \\
         --modes full bitfit-all --output-dir outputs/speed_vs_hf
 """
-import argparse
 import gc
 import json
 import statistics
@@ -38,8 +37,7 @@ import torch
 
 from ..core.errors import UserError, exit_on_user_error
 from ..core.files import write_report
-from ..core.glue_files import check_glue_dir, read_split
-from ..core.glue_tasks import get_task_spec
+from ..core.glue_files import read_split
 from ..core.progress import format_duration
 from ..core.run_record import RECORD_NAME, epoch_stats, read_run_record
 from ..plugin.data.glue_prepare import prepare_task
@@ -52,6 +50,7 @@ from ..training.main import cli_main
 from ..training.launch import cpu_native_bf16
 from ..training.options import BITFIT_PREFIX, FULL
 from ..training.trainer import BitFitTrainer
+from ..core.timing_cli import glue_task, timing_parser
 
 SYSTEMS = ("transformers", "transformers grouped", "train.py", "train.py grouped")
 PEER = "transformers grouped"  # what a transformers user runs at best: the speed claim's reference
@@ -121,33 +120,26 @@ def markdown(rows: List[dict]) -> str:
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="speed_vs_hf", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--glue-dir", default="glue_data")
+    parser = timing_parser("speed_vs_hf", __doc__, [FULL, "bitfit-all"])
     parser.add_argument("--model", default=None, help="a Hugging Face BERT/RoBERTa folder (imported for train.py); "
                         "default: the embedded MiniLM")
     parser.add_argument("--fp16", action="store_true", help="on a GPU: train.py --fp16, the transformers loop with "
                         "fp16 AMP (autocast and a gradient scaler)")
-    parser.add_argument("--task", default="STS-B")
-    parser.add_argument("--modes", nargs="+", default=[FULL, "bitfit-all"])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr-full", type=float, default=5e-5)
     parser.add_argument("--lr-bitfit", type=float, default=1e-3)
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS + (BF16_BASE,), default=list(SYSTEMS + (BF16_BASE,)),
                         metavar="SYSTEM", help="a subset of the systems (default: all); the peer is always included")
-    parser.add_argument("--train-py-args", default="", help="extra train.py arguments for its rows, one string: "
-                        "--train-py-args=--fused-adam")
     parser.add_argument("--bf16-base", choices=("auto", "on", "off"), default="auto",
                         help="the BitFit row with --bf16: auto where the CPU has native bf16, as the GLUE runner")
-    parser.add_argument("--output-dir", default="outputs/speed_vs_hf")
     return parser
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    glue_dir = check_glue_dir(args.glue_dir)
-    spec = get_task_spec(args.task)
+    glue_dir, spec = glue_task(args)
     check_loop_modes(args.modes)
     if args.epochs < 1:
         raise UserError(f"--epochs {args.epochs}: expected a positive integer")
