@@ -18,6 +18,7 @@ more on top.
         --modes bitfit-all full --updates 200 --output-dir outputs/compile_cost
 """
 import gc
+import itertools
 import math
 import statistics
 import sys
@@ -30,6 +31,7 @@ import torch
 
 from ..core.errors import UserError, exit_on_user_error
 from ..core.files import write_report
+from ..core.timing_cli import glue_task, timing_parser
 from ..plugin.data.glue_prepare import prepare_task
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir
@@ -38,7 +40,6 @@ from ..training.glue_recipe import Recipe, default_recipe, train_command
 from ..training.main import cli_main
 from ..training.options import FULL, mode_flags
 from ..training.trainer import BitFitTrainer
-from ..core.timing_cli import glue_task, timing_parser
 
 BACKENDS = ("inductor", "aot_eager", "eager")
 
@@ -73,9 +74,10 @@ def compare(eager: Sequence[float], compiled: Sequence[float], run_updates: int)
     saved = [e - c for e, c in zip(eager, compiled)]
     half = len(saved) // 2
     steady_saving = statistics.median(saved[half:])
-    net = sum(saved)
+    running = list(itertools.accumulate(saved))
+    net = running[-1]
     if net >= 0:
-        break_even: Optional[int] = next(i + 1 for i in range(len(saved)) if sum(saved[:i + 1]) >= 0)
+        break_even: Optional[int] = next(i + 1 for i, total in enumerate(running) if total >= 0)
     elif steady_saving > 0:
         break_even = len(saved) + math.ceil(-net / steady_saving)
     else:
@@ -125,8 +127,9 @@ def main(argv=None) -> None:
         workdir = Path(tmp)
         manifest = prepare_task(spec, glue_dir, model, model.dictionary, workdir / "data", 1)
         train_rows = manifest["splits"]["train"]["rows_written"]
+        model_params = checkpoint_parameter_count(model.checkpoint)
         for mode in args.modes:
-            recipe = default_recipe(mode, spec.name, train_rows, checkpoint_parameter_count(model.checkpoint))
+            recipe = default_recipe(mode, spec.name, train_rows, model_params)
             runs = {}
             for backend in (None, args.backend):
                 print(f"{spec.name} {mode}: {backend or 'eager'}, {args.updates} updates ...", file=sys.stderr,

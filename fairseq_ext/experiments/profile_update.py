@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from ..core.errors import UserError, exit_on_user_error
 from ..core.files import write_report
 from ..core.glue_files import read_split
+from ..core.timing_cli import glue_task, timing_parser
 from ..plugin.data.glue_prepare import prepare_task
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir, package_model_folder
@@ -35,7 +36,6 @@ from ..training.hf_reference_loop import ReferenceLoop, check_loop_modes
 from ..training.main import cli_main
 from ..training.options import BITFIT_PREFIX, FULL
 from ..training.trainer import BitFitTrainer
-from ..core.timing_cli import glue_task, timing_parser
 
 SCOPES = ("forward", "backward", "reduce-grads", "multiply-grads", "clip-grads", "optimizer")
 TOP_OPERATORS = 12

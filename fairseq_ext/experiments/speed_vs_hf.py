@@ -40,6 +40,7 @@ from ..core.files import write_report
 from ..core.glue_files import read_split
 from ..core.progress import format_duration
 from ..core.run_record import RECORD_NAME, epoch_stats, read_run_record
+from ..core.timing_cli import glue_task, timing_parser
 from ..plugin.data.glue_prepare import prepare_task
 from ..plugin.models import hf_import
 from ..plugin.models.model_dir import load_model_dir
@@ -50,7 +51,6 @@ from ..training.main import cli_main
 from ..training.launch import cpu_native_bf16
 from ..training.options import BITFIT_PREFIX, FULL
 from ..training.trainer import BitFitTrainer
-from ..core.timing_cli import glue_task, timing_parser
 
 SYSTEMS = ("transformers", "transformers grouped", "train.py", "train.py grouped")
 PEER = "transformers grouped"  # what a transformers user runs at best: the speed claim's reference
