@@ -1,6 +1,7 @@
 """run_scripts/glue_bitfit.sh end to end on the embedded MiniLM: on GLUE folders the tests write
 (synthetic_glue: every clone runs these), and on the real GLUE files where they exist (an extra layer)."""
 import json
+import logging
 import os
 import re
 import shutil
@@ -10,6 +11,8 @@ import subprocess
 import pytest
 
 import tiny
+from fairseq_ext.experiments import glue_run
+from fairseq_ext.experiments.glue_run import settings
 from fairseq_ext.experiments.glue_run.results import MEASURED_FIELDS
 from synthetic_glue import make_glue_dir
 
@@ -25,6 +28,28 @@ def glue_script(env, *args, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+@pytest.fixture
+def runner_in_process(monkeypatch, capsys):
+    """The runner's checks without a new process: the main() the script execs, given the script's
+    environment; returns its exit status and stderr. The script's own boundary (exec, exit status, one
+    line) is tested through bash below; these cases test what the checks say, at no interpreter start."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+
+    def run(env, *args):
+        for setting in settings.SETTINGS:
+            monkeypatch.delenv(setting.env, raising=False)
+        monkeypatch.setenv("GLUE_BITFIT_SCRIPT", str(SCRIPT))
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as stop:
+            glue_run.main(["--from-env", "--", *args])
+        return stop.value.code, capsys.readouterr().err
+
+    yield run
+    root.handlers[:], root.level = handlers, level  # main() configures logging for its process
 
 
 @pytest.fixture(scope="module")
@@ -122,23 +147,25 @@ def test_the_real_glue_files_end_to_end(tmp_path):
         ({"GLUE_DIR": "{glue}", "MODE": "full rand_gauss"}, "modes: full, head, bitfit (with BITFIT_TERMS"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(glue, tmp_path, env, needle):
+def test_bad_input_is_one_line_and_exit_2(glue, tmp_path, monkeypatch, runner_in_process, env, needle):
     out = tmp_path / "out"
     env = {name: value.format(glue=glue) for name, value in env.items()}
-    result = glue_script(dict(env, OUTPUT_DIR=str(out)), check=False)
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], result.stderr
+    monkeypatch.chdir(tmp_path)  # where no glue_data folder is
+    status, stderr = runner_in_process(dict(env, OUTPUT_DIR=str(out)))
+    assert status == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("glue_bitfit: error: ") and needle in lines[0], stderr
     assert not out.exists()  # a failed start leaves no empty OUTPUT_DIR behind
 
 
-def test_an_output_dir_that_is_a_file_is_one_line_and_exit_2(glue, tmp_path):
+def test_the_script_s_bad_input_is_one_line_and_exit_2(glue, tmp_path):
+    """Through bash and a fresh interpreter, as a user meets it: no traceback, nothing else on stderr."""
     taken = tmp_path / "results"
     taken.write_text("not a folder")
     result = glue_script({"GLUE_DIR": str(glue), "TASKS": "CoLA", "OUTPUT_DIR": str(taken)}, check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"OUTPUT_DIR {taken}: is a file" in lines[0], result.stderr
+    assert lines == [f"glue_bitfit: error: OUTPUT_DIR {taken}: is a file, not a folder"], result.stderr
 
 
 def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes_mid_epoch(glue, tmp_path):
@@ -199,13 +226,13 @@ def _latin1(task, split, lines):
 
 @pytest.mark.parametrize("edit, needle", [(_bad_score, "STS-B/train.tsv:5:"),
                                           (_latin1, "STS-B/train.tsv:3: not UTF-8")])
-def test_a_bad_file_in_a_later_task_stops_before_any_training(tmp_path, edit, needle):
+def test_a_bad_file_in_a_later_task_stops_before_any_training(tmp_path, runner_in_process, edit, needle):
     glue = small_glue_dir(tmp_path / "glue", edit=edit)
     out = tmp_path / "out"
-    result = glue_script({"GLUE_DIR": str(glue), "TASKS": "CoLA STS-B", "OUTPUT_DIR": str(out)}, check=False)
-    assert result.returncode == 2, result.stdout + result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
-    assert len(errors) == 1 and needle in errors[0], result.stderr  # CoLA's preparation logs before it
+    status, stderr = runner_in_process({"GLUE_DIR": str(glue), "TASKS": "CoLA STS-B", "OUTPUT_DIR": str(out)})
+    assert status == 2, stderr
+    errors = [line for line in stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1 and needle in errors[0], stderr  # CoLA's preparation logs before it
     assert not (out / "runs").exists()
 
 
@@ -222,13 +249,12 @@ def test_a_bad_file_in_a_later_task_stops_before_any_training(tmp_path, edit, ne
     ({}, ["--max-update", "abc"], "argument --max-update: invalid int value: 'abc'"),
     ({}, ["--update-freq", "0"], "--update-freq '0'"),
 ])
-def test_bad_settings_are_one_line_before_anything_is_written(glue, tmp_path, env, args, needle):
+def test_bad_settings_are_one_line_before_anything_is_written(glue, tmp_path, runner_in_process, env, args, needle):
     out = tmp_path / "out"
-    result = glue_script(dict(env, GLUE_DIR=str(glue), TASKS="CoLA", OUTPUT_DIR=str(out)), *args,
-                         check=False)
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], result.stderr
+    status, stderr = runner_in_process(dict(env, GLUE_DIR=str(glue), TASKS="CoLA", OUTPUT_DIR=str(out)), *args)
+    assert status == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], stderr
     assert not out.exists()
 
 
