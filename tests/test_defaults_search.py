@@ -1,9 +1,13 @@
 """The defaults search: the declared grid, its winner rule, and a cell run through the GLUE runner."""
 import json
+import subprocess
+import sys
 
+import pytest
 from synthetic_glue import make_glue_dir
 
 import tiny
+from fairseq_ext.core.errors import UserError
 from fairseq_ext.experiments import defaults_search as search
 
 
@@ -12,7 +16,10 @@ def test_the_grid_is_the_one_docs_declare():
     assert len(names) == len(set(names)) == 10
     assert sum(len(cell.lrs) for cell in search.GRID) == 30  # docs/defaults_search.md: 30 settings
     declared = (tiny.REPO / "docs" / "defaults_search.md").read_text()
-    assert "30 settings, 90 runs" in declared and f"within {search.TIE_POINTS} points" in declared
+    trainings = sum(len(cell.lrs) for cell in {cell.trained_as for cell in search.GRID}) * len(search.TASKS)
+    assert trainings == 54 and all(cell.trained_as in search.GRID for cell in search.GRID)
+    assert "30 settings, 90 runs' results, from 54 trainings" in declared
+    assert f"within {search.TIE_POINTS} points" in declared and f"`--patience {search.PATIENCE}`" in declared
 
 
 def setting(family, epochs, lr, scores, updates, early_stop=False):
@@ -30,26 +37,63 @@ def test_the_best_mean_wins_and_ties_go_to_fewer_updates():
     assert chosen == {"bitfit-all": near, "full": full}  # `partial` has no mean: not a candidate
 
 
-def test_a_cell_trains_each_lr_on_the_three_tasks_and_resumes(tmp_path, monkeypatch, capfd):
-    """The search CLI over one cell, narrowed to two of its learning rates (the grid's own are checked above;
-    each run is a MiniLM process): every setting on every task, the summary and winner, and a second
-    invocation that trains nothing and writes the same summary."""
-    narrowed = search.Cell("full", 4, False, search.FULL_LRS[:2])
-    monkeypatch.setattr(search, "GRID", (narrowed,))
+def curve_row(scores, updates_per_epoch=10, metric="mcc", maximize=True):
+    """A runner row trained without early stopping, with these dev scores epoch by epoch."""
+    args = ["DATA", "--best-checkpoint-metric", metric] + (["--maximize-best-checkpoint-metric"] if maximize else [])
+    return {"run_dir": "runs/CoLA", "primary_metric": "mcc", "settings": {"train_args": args},
+            "updates": updates_per_epoch * len(scores),
+            "curve": {str(epoch): {"mcc": score, "glue_score": score} for epoch, score in enumerate(scores, 1)}}
+
+
+def test_early_stopping_cuts_a_run_where_fairseq_s_patience_stops():
+    # Epoch 4 ties the best (12.0): not better, so 3, 4 and 5 are three validations without improvement.
+    cut = search.with_early_stopping(curve_row([10.0, 12.0, 11.0, 12.0, 11.0, 30.0]), patience=3)
+    assert cut["updates"] == 50 and sorted(cut["curve"]) == ["1", "2", "3", "4", "5"]
+    assert cut["best_epoch"] == 2 and cut["dev"]["mcc"] == 12.0
+    kept = search.with_early_stopping(curve_row([10.0, 9.0, 9.5, 11.0, 10.0, 10.5]), patience=3)
+    assert kept["updates"] == 60 and kept["best_epoch"] == 4  # never three in a row: the whole run
+    lower_is_better = search.with_early_stopping(curve_row([5.0, 4.0, 6.0], metric="mcc", maximize=False), 2)
+    assert lower_is_better["updates"] == 30 and lower_is_better["best_epoch"] == 3  # the runner's best: by mcc
+    with pytest.raises(UserError, match="runs/CoLA: its epochs' loss scores"):
+        search.with_early_stopping(curve_row([1.0, 2.0], metric="loss"), 3)  # no loss in the curve
+
+
+def test_a_cell_trains_on_the_three_tasks_resumes_and_its_early_stopping_twin_is_cut_not_trained(
+        tmp_path, monkeypatch, capfd):
+    """The search CLI over a narrowed grid: a BitFit cell of 6 epochs at a learning rate too small to move
+    any score (1e-9: every validation ties the first) and its early-stopping twin. Every task is trained
+    once; the twin's settings are those runs cut at epoch 4 (--patience 3), and a run trained with early
+    stopping on gives the same row; with equal scores the twin wins on fewer updates. A second invocation
+    trains nothing and writes the same summary."""
+    without, twin = search.Cell("bitfit-all", 6, False, (1e-9,)), search.Cell("bitfit-all", 6, True, (1e-9,))
+    monkeypatch.setattr(search, "GRID", (twin, without))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as tiny.run gives every training process beside the other worker
-    glue = make_glue_dir(tmp_path / "glue", rows_per_split=24, train_rows=64)
+    glue = make_glue_dir(tmp_path / "glue", rows_per_split=24, train_rows=64)  # 2 updates an epoch
     out = tmp_path / "search"
-    argv = ["--glue-dir", str(glue), "--output-dir", str(out), "--cells", "full-e4", "--", "--max-update", "2"]
+    argv = ["--glue-dir", str(glue), "--output-dir", str(out)]
     search.main(argv)
     first = capfd.readouterr().out
-    assert "defaults search: cell 1 of 1: full-e4 (lr 2e-05, 5e-05; 4 epochs, early stopping off)" in first
+    assert ("defaults search: cell 1 of 1: bitfit-all-e6 (lr 1e-09; 6 epochs, early stopping off; bitfit-all-e6-es: "
+            "these runs cut where --patience 3 stops)") in first
+    assert not (out / twin.name).exists()
     summary = json.loads((out / "defaults_search.json").read_text())
     assert summary["finished"] == summary["planned"] == 2
-    assert {s["lr"] for s in summary["settings"]} == set(search.FULL_LRS[:2])
-    assert all(set(s["scores"]) == set(search.TASKS) and s["mean"] is not None for s in summary["settings"])
-    assert summary["winners"]["full"]["cell"] == "full-e4"
-    runs = json.loads((out / "full-e4" / "results.json").read_text())["runs"]
-    assert len(runs) == 2 * len(search.TASKS) and all("--patience" in r["settings"]["train_args"] for r in runs)
+    by_cell = {s["cell"]: s for s in summary["settings"]}
+    assert by_cell[without.name]["updates"] == 3 * 12 and by_cell[twin.name]["updates"] == 3 * 8
+    assert by_cell[twin.name]["scores"] == by_cell[without.name]["scores"] and set(by_cell[twin.name]["scores"]) == set(search.TASKS)
+    assert summary["winners"]["bitfit-all"]["cell"] == twin.name
+
+    # The twin's CoLA run trained for real, with --patience 3, is the cut run.
+    command = [sys.executable, "-m", "fairseq_ext.experiments.glue_run", *twin.runner_args(glue, out, "CoLA", None, [])]
+    assert subprocess.call(command, cwd=tiny.REPO) == 0
+    trained = json.loads((out / twin.name / "results.json").read_text())["runs"][0]
+    straight = next(r for r in json.loads((out / without.name / "results.json").read_text())["runs"]
+                    if r["task"] == "CoLA")
+    cut = search.with_early_stopping(straight, search.PATIENCE)
+    assert trained["updates"] == cut["updates"] == 8
+    assert (trained["best_epoch"], trained["dev"], trained["curve"]) == (cut["best_epoch"], cut["dev"], cut["curve"])
+    capfd.readouterr()
+
     search.main(argv)
     again = capfd.readouterr().out  # the runner jobs' output too: they inherit the file descriptors
     assert "training (" not in again and "done earlier" in again

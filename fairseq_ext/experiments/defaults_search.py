@@ -9,6 +9,13 @@ Every cell (a family, its epochs, early stopping on or off) is one OUTPUT_DIR of
 trains each of the cell's learning rates; a stopped search resumes where it stopped (finished runs
 are the runner's ledger), so it may span sessions.  After each cell, and with ``--summarize`` alone,
 ``defaults_search.md`` and ``.json`` hold every setting tried and the winners so far.
+
+A cell with early stopping on is not trained: its runs are the same setting's runs without it, cut
+where fairseq's ``--patience`` would have stopped them (``with_early_stopping``).  Up to that stop
+the two trainings are one computation (the seed, the data order and the learning-rate schedule do
+not depend on patience, and CPU training is deterministic), so the cut run's best epoch, dev scores
+and updates are what the early-stopped run gives; tests/test_defaults_search.py trains both and
+compares them.
 """
 import argparse
 import json
@@ -16,7 +23,7 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -46,6 +53,12 @@ class Cell:
     def name(self) -> str:
         return f"{self.family}-e{self.epochs}{'-es' if self.early_stop else ''}"
 
+    @property
+    def trained_as(self) -> "Cell":
+        """The cell whose runs are trained for this one: itself, or with early stopping on, the same
+        setting without it (see the module's docstring)."""
+        return replace(self, early_stop=False) if self.early_stop else self
+
     def runner_args(self, glue_dir: Path, output_dir: Path, tasks: str, subset: Optional[int],
                     passthrough: Sequence[str]) -> List[str]:
         """The runner's command line for one of the cell's task jobs."""
@@ -54,8 +67,7 @@ class Cell:
                 "--epochs", str(self.epochs)]
         if subset is not None:
             args += ["--train-subset", str(subset)]
-        patience = ["--patience", str(PATIENCE) if self.early_stop else "-1"]
-        return args + ["--", *patience, *passthrough]
+        return args + ["--", "--patience", str(PATIENCE) if self.early_stop else "-1", *passthrough]
 
 
 GRID: Tuple[Cell, ...] = (
@@ -79,14 +91,52 @@ class Setting:
         return sum(self.scores[t] for t in TASKS) / len(TASKS) if set(TASKS) <= set(self.scores) else None
 
 
+def with_early_stopping(row: dict, patience: int) -> dict:
+    """A runner row trained without early stopping, as the same run with fairseq's ``--patience`` ends:
+    cut after the validation that ran out of patience (fairseq's ``should_stop_early``: a score that
+    does not beat the best so far, ``patience`` times in a row), its best epoch and dev scores among the
+    epochs kept, and the updates trained up to the cut."""
+    train_args = row["settings"]["train_args"]
+    metric = "loss"  # fairseq's default
+    for flag, value in zip(train_args, train_args[1:]):
+        if flag == "--best-checkpoint-metric":
+            metric = value
+        elif flag.startswith("--best-checkpoint-metric="):
+            metric = flag.split("=", 1)[1]
+    sign = 1 if "--maximize-best-checkpoint-metric" in train_args else -1
+    curve = {int(epoch): values for epoch, values in row["curve"].items()}
+    epochs = sorted(curve)
+    if epochs != list(range(1, len(epochs) + 1)) or row["updates"] % len(epochs) or \
+            any(metric not in values for values in curve.values()):
+        raise UserError(f"{row['run_dir']}: its epochs' {metric} scores or updates cannot say where --patience "
+                        "would have stopped it; train the cell with early stopping on instead")
+    best, without, stop = None, 0, epochs[-1]
+    for epoch in epochs:
+        score = sign * curve[epoch][metric]
+        if best is None or score > best:
+            best, without = score, 0
+            continue
+        without += 1
+        if without >= patience:
+            stop = epoch
+            break
+    kept = {epoch: curve[epoch] for epoch in epochs[:stop]}
+    best_epoch = max(kept, key=lambda epoch: (kept[epoch][row["primary_metric"]], -epoch))  # as the runner picks
+    return dict(row, curve={str(epoch): values for epoch, values in kept.items()}, best_epoch=best_epoch,
+                dev=kept[best_epoch], updates=row["updates"] // len(epochs) * stop)
+
+
 def read_settings(root: Path, cells: Sequence[Cell] = GRID) -> List[Setting]:
-    """Every finished setting under ``root``, from each cell's results.json."""
+    """Every finished setting under ``root``, from each cell's results.json (early stopping on: from the
+    runs of the cell trained for it, cut where patience would have stopped them)."""
     settings = []
     for cell in cells:
-        results = root / cell.name / "results.json"
+        results = root / cell.trained_as.name / "results.json"
         if not results.exists():
             continue
         rows = json.loads(results.read_text()).get("runs", [])
+        if cell.early_stop:
+            rows = [with_early_stopping(row, PATIENCE) for row in rows if "curve" in row]
         for lr in cell.lrs:
             mine = [r for r in rows if abs(r["lr"] - lr) <= 1e-12 * lr and r["seed"] == SEED
                     and not r.get("size_curve")]
@@ -122,7 +172,9 @@ def summary(settings: Sequence[Setting], planned: Sequence[Cell]) -> Tuple[dict,
              f"{len(done)} of {total} settings finished (seed {SEED}; the grid and the criterion are declared in "
              "docs/defaults_search.md). Scores: each task's GLUE score (the mean of its official metrics) at the "
              f"run's best epoch; `mean` over {', '.join(TASKS)}; ties within {TIE_POINTS} points go to the setting "
-             "that trained fewer updates.", "",
+             "that trained fewer updates. A `-es` setting (early stopping on) is its cell's runs without early "
+             f"stopping, cut where `--patience {PATIENCE}` stops them: its scores and updates are the "
+             "early-stopped run's.", "",
              "| setting | lr | " + " | ".join(TASKS) + " | mean | updates | winner |",
              "|---|---|" + "---:|" * len(TASKS) + "---:|---:|---|"]
     for s in sorted(settings, key=lambda s: (s.cell.family, s.cell.epochs, not s.cell.early_stop, s.lr)):
@@ -141,10 +193,12 @@ def run(glue_dir: Path, root: Path, cells: Sequence[Cell], passthrough: Sequence
     """Each cell's runner jobs in turn (finished runs are reused), the summary rewritten after each cell;
     ``resume``: the command a stopped search is continued with (the runner prints it when stopped)."""
     environment = dict(os.environ, GLUE_BITFIT_COMMAND=resume)
-    for number, cell in enumerate(cells, 1):
-        print(f"defaults search: cell {number} of {len(cells)}: {cell.name} (lr {', '.join(f'{lr:g}' for lr in cell.lrs)};"
-              f" {cell.epochs} epochs, early stopping {'on, --patience ' + str(PATIENCE) if cell.early_stop else 'off'})",
-              flush=True)
+    trained = list(dict.fromkeys(cell.trained_as for cell in cells))
+    for number, cell in enumerate(trained, 1):
+        cut = [other.name for other in cells if other.early_stop and other.trained_as == cell]
+        print(f"defaults search: cell {number} of {len(trained)}: {cell.name} (lr {', '.join(f'{lr:g}' for lr in cell.lrs)};"
+              f" {cell.epochs} epochs, early stopping off" + (f"; {', '.join(cut)}: these runs cut where --patience "
+              f"{PATIENCE} stops" if cut else "") + ")", flush=True)
         for tasks, subset in TASK_JOBS:
             command = [sys.executable, "-m", "fairseq_ext.experiments.glue_run",
                        *cell.runner_args(glue_dir, root, tasks, subset, passthrough)]
