@@ -44,9 +44,8 @@ def runner_in_process(monkeypatch, capsys):
         monkeypatch.setenv("GLUE_BITFIT_SCRIPT", str(SCRIPT))
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        with pytest.raises(SystemExit) as stop:
-            glue_run.main(["--from-env", "--", *args])
-        return stop.value.code, capsys.readouterr().err
+        status, _, stderr = tiny.run_main(glue_run.main, capsys, "--from-env", "--", *args)
+        return status, stderr
 
     yield run
     root.handlers[:], root.level = handlers, level  # main() configures logging for its process

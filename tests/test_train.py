@@ -12,6 +12,7 @@ import torch
 import fairseq_ext  # noqa: F401  (allow-lists fairseq checkpoint types for torch.load)
 import tiny
 from fairseq_ext.core.run_record import epoch_stats, read_run_record
+from fairseq_ext.training.main import cli_main
 
 
 def load(path):
@@ -138,16 +139,14 @@ def test_sigterm_mid_epoch_then_the_same_command_ends_bit_identical(tiny_data, t
         assert torch.equal(tensor, b["model"][name]), name
 
 
-def test_resume_with_another_selection_is_refused(tiny_data, tiny_pretrained, tmp_path):
+def test_resume_with_another_selection_is_refused(tiny_data, tiny_pretrained, tmp_path, capsys):
     tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=2, extra=["--bitfit"]))
     for extra, message in (
         (["--bitfit", "--bitfit-terms", "q,m2"], "--bitfit-terms 'q,m2'"),
         ([], "resume with the same --bitfit flags"),
     ):
-        result = tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=4, extra=extra), check=False)
-        assert result.returncode == 2, result.stderr[-2000:]
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], result.stderr
+        args = tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=4, extra=extra)
+        tiny.assert_one_line_error(tiny.run_main(cli_main, capsys, *args[1:]), message)
         launch = read_run_record(tmp_path / "run_record.json")["launches"][-1]
         assert launch["status"] == "failed" and message in launch["error"]
 
@@ -184,17 +183,20 @@ def test_without_bitfit_matches_fairseq_train_exactly(tiny_data, tiny_pretrained
             torch.cuda.is_available(), reason="--amp is valid on a GPU")),
     ],
 )
-def test_bad_input_gets_one_line_and_exit_2(tiny_data, tiny_pretrained, tmp_path, extra, needle):
+def test_bad_input_gets_one_line_and_exit_2(tiny_data, tiny_pretrained, tmp_path, capsys, extra, needle):
+    """train.py's main in this process (what these checks say, at no interpreter start); the next test runs
+    train.py itself, for what a fresh interpreter adds to stderr."""
     args = tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=2, extra=extra)
-    result = tiny.run(args, check=False)
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("train.py: error:") and needle in lines[0], result.stderr
+    status, _, stderr = tiny.run_main(cli_main, capsys, *args[1:])
+    assert status == 2, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error:") and needle in lines[0], stderr
     assert not (tmp_path / "checkpoint_last.pt").exists()
 
 
 def test_no_batch_size_is_one_line_and_exit_2(tiny_data, tiny_pretrained, tmp_path):
-    """fairseq-train asserts (a traceback) when neither --batch-size nor --max-tokens is given."""
+    """fairseq-train asserts (a traceback) when neither --batch-size nor --max-tokens is given. Through
+    train.py in a fresh interpreter: nothing else reaches stderr."""
     args = tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=2)
     at = args.index("--batch-size")
     result = tiny.run(args[:at] + args[at + 2:], check=False)
@@ -203,16 +205,16 @@ def test_no_batch_size_is_one_line_and_exit_2(tiny_data, tiny_pretrained, tmp_pa
     assert len(lines) == 1 and lines[0].startswith("train.py: error: --batch-size or --max-tokens"), result.stderr
 
 
-def test_a_sentence_task_without_its_criterion_is_one_line_and_exit_2(tiny_data, tiny_pretrained, tmp_path):
+def test_a_sentence_task_without_its_criterion_is_one_line_and_exit_2(tiny_data, tiny_pretrained, tmp_path, capsys):
     """sentence_prediction reads its head name from the criterion's config: under fairseq-train's default
     criterion that is omegaconf's traceback."""
     args = tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path, updates=2)
     at = args.index("--criterion")
-    result = tiny.run(args[:at] + args[at + 2:], check=False)
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--criterion cross_entropy does not have" in lines[0], result.stderr
-    assert lines[0].endswith("use --criterion sentence_prediction"), result.stderr
+    status, _, stderr = tiny.run_main(cli_main, capsys, *args[1:at], *args[at + 2:])
+    assert status == 2, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "--criterion cross_entropy does not have" in lines[0], stderr
+    assert lines[0].endswith("use --criterion sentence_prediction"), stderr
 
 
 def test_user_dir_fairseq_ext_is_accepted(tiny_data, tiny_pretrained, tmp_path):
@@ -232,28 +234,25 @@ def test_resume_finds_the_suffixed_last_checkpoint(tiny_data, tiny_pretrained, t
     assert load(tmp_path / "checkpoint_last_x.pt")["optimizer_history"][-1]["num_updates"] == 4
 
 
-def test_broken_checkpoints_and_changed_optimizer_are_one_line_errors(tiny_data, tiny_pretrained, tmp_path):
-    def one_line_error(result, *fragments):
-        assert result.returncode == 2, result.stderr[-2000:]
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and all(f in lines[0] for f in fragments), result.stderr
+def test_broken_checkpoints_and_changed_optimizer_are_one_line_errors(tiny_data, tiny_pretrained, tmp_path, capsys):
+    def one_line_error(args, *fragments):
+        tiny.assert_one_line_error(tiny.run_main(cli_main, capsys, *args[1:]), *fragments)
 
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(tiny_pretrained.read_bytes()[:5000])
-    for broken in (truncated,):
-        one_line_error(tiny.run(tiny.glue_recipe(tiny_data, broken, tmp_path / "fresh", updates=2), check=False),
-                       f"--restore-file {broken}: not a whole PyTorch checkpoint")
+    one_line_error(tiny.glue_recipe(tiny_data, truncated, tmp_path / "fresh", updates=2),
+                   f"--restore-file {truncated}: not a whole PyTorch checkpoint")
 
     run = tmp_path / "run"
     tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, run, updates=2, extra=["--bitfit"]))
     sgd = tiny.glue_recipe(tiny_data, tiny_pretrained, run, updates=4, extra=["--bitfit"])
     sgd[sgd.index("adam")] = "sgd"
-    one_line_error(tiny.run(sgd, check=False), "trained with the optimizer", "--optimizer")
+    one_line_error(sgd, "trained with the optimizer", "--optimizer")
 
     last = run / "checkpoint_last.pt"
     last.write_bytes(last.read_bytes()[:5000])
-    one_line_error(tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, run, updates=4, extra=["--bitfit"]),
-                            check=False), f"resuming from {last}: not a whole PyTorch checkpoint")
+    one_line_error(tiny.glue_recipe(tiny_data, tiny_pretrained, run, updates=4, extra=["--bitfit"]),
+                   f"resuming from {last}: not a whole PyTorch checkpoint")
 
 
 class RunsCode:
