@@ -234,3 +234,40 @@ def test_compile_cost_trains_eagerly_and_compiled_on_the_same_batches(tmp_path):
     assert len(row["eager_s"]) == len(row["compiled_s"]) == row["updates"] == 4, result.stderr
     assert row["run_updates"] == 10 * 3  # the runner's BitFit recipe on 80 rows: 10 epochs of 3 batches of 32
     assert "| STS-B | bitfit-all | eager |" in (tmp_path / "out" / "compile_cost.md").read_text()
+
+
+def test_parallel_throughput_counts_only_while_every_run_trains():
+    from fairseq_ext.core.errors import UserError
+    from fairseq_ext.experiments.parallel_throughput import machine_rate
+    from fairseq_ext.training.timed_updates import UpdateTime
+
+    def timeline(ends):
+        return [UpdateTime(end - 0.5, end) for end in ends]
+
+    fast, slow = timeline([1, 2, 3, 4, 5, 6]), timeline([1.5, 3, 4.5, 6, 7.5])
+    # From 1.5 s (both past one warm-up update) to 6 s (the fast run's last): 5 and 3 updates in 4.5 s.
+    total, each = machine_rate([fast, slow], warmup=1)
+    assert each == [5 / 4.5, 3 / 4.5] and total == pytest.approx(8 / 4.5)
+    assert machine_rate([fast], warmup=2)[0] == 4 / 4  # one run: updates 3 to 6, from 2 s to 6 s
+    with pytest.raises(UserError, match="did not train side by side"):
+        machine_rate([timeline([1, 2]), timeline([3, 4])], warmup=1)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="side by side needs 2 cores")
+def test_parallel_throughput_times_one_run_and_runs_side_by_side(tmp_path):
+    """Train.py processes on synthetic STS-B with the embedded MiniLM: one 2-thread run, then two 1-thread
+    runs at once; every rate is positive and the ratio is theirs."""
+    from synthetic_glue import make_glue_dir
+
+    glue = make_glue_dir(tmp_path / "glue", ("STS-B",), rows_per_split=24, train_rows=200)
+    tiny.run(["-m", "fairseq_ext.experiments.parallel_throughput", "--glue-dir", str(glue), "--task", "STS-B",
+              "--modes", "bitfit-all", "--runs", "2", "--rounds", "1", "--updates", "6", "--warmup", "2",
+              "--output-dir", str(tmp_path / "out")])
+    measured = json.loads((tmp_path / "out" / "parallel_throughput.json").read_text())
+    (row,) = measured["rows"]
+    cores = len(os.sched_getaffinity(0))
+    assert (row["threads"], row["runs"], row["threads_each"]) == (cores, 2, cores // 2)
+    assert row["one_run"] > 0 and len(row["side_by_side_each"]) == 2 and all(r > 0 for r in row["side_by_side_each"])
+    assert abs(row["side_by_side"] - sum(row["side_by_side_each"])) < 1e-3
+    assert abs(row["ratio"] - row["side_by_side"] / row["one_run"]) < 1e-3
+    assert measured["summary"] == [{"mode": "bitfit-all", "ratio": row["ratio"]}]

@@ -37,6 +37,12 @@ def test_the_best_mean_wins_and_ties_go_to_fewer_updates():
     assert chosen == {"bitfit-all": near, "full": full}  # `partial` has no mean: not a candidate
 
 
+def test_bad_flags_are_one_line(capsys):
+    tiny.assert_one_line_error(tiny.run_main(search.main, capsys, "--parallel", "0"), "--parallel 0")
+    tiny.assert_one_line_error(tiny.run_main(search.main, capsys, "--cells", "bitfit-all-e30"),
+                               "--cells bitfit-all-e30: no such cell")
+
+
 def curve_row(scores, updates_per_epoch=10, metric="mcc", maximize=True):
     """A runner row trained without early stopping, with these dev scores epoch by epoch."""
     args = ["DATA", "--best-checkpoint-metric", metric] + (["--maximize-best-checkpoint-metric"] if maximize else [])
@@ -70,7 +76,7 @@ def test_a_cell_trains_on_the_three_tasks_resumes_and_its_early_stopping_twin_is
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as tiny.run gives every training process beside the other worker
     glue = make_glue_dir(tmp_path / "glue", rows_per_split=24, train_rows=64)  # 2 updates an epoch
     out = tmp_path / "search"
-    argv = ["--glue-dir", str(glue), "--output-dir", str(out)]
+    argv = ["--glue-dir", str(glue), "--output-dir", str(out), "--parallel", "2"]  # CoLA and STS-B side by side
     search.main(argv)
     first = capfd.readouterr().out
     assert ("defaults search: cell 1 of 1: bitfit-all-e6 (lr 1e-09; 6 epochs, early stopping off; bitfit-all-e6-es: "

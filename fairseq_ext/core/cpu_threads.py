@@ -1,4 +1,4 @@
-"""How torch's CPU threads wait for work: set before torch loads.
+"""How torch's CPU threads wait for work (set before torch loads), and how many cores there are.
 
 torch's CPU wheels run their threads on GNU OpenMP (libgomp), which keeps a thread that has
 finished its share of an operation spinning for a while before it sleeps.  Where other processes
@@ -17,3 +17,8 @@ WAIT_POLICY = "PASSIVE"
 
 def prefer_sleeping_threads() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

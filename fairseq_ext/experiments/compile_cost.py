@@ -23,7 +23,6 @@ import math
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -37,9 +36,8 @@ from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir
 from ..plugin.checkpoints import checkpoint_parameter_count
 from ..training.glue_recipe import Recipe, default_recipe, train_command
-from ..training.main import cli_main
 from ..training.options import FULL, mode_flags
-from ..training.trainer import BitFitTrainer
+from ..training.timed_updates import train_timed
 
 BACKENDS = ("inductor", "aot_eager", "eager")
 
@@ -47,24 +45,15 @@ BACKENDS = ("inductor", "aot_eager", "eager")
 def timed_updates(spec, model, data_dir: Path, workdir: Path, mode: str, recipe: Recipe, train_rows: int,
                   updates: int, compile_backend: Optional[str], extra: Sequence[str]) -> List[float]:
     """Seconds of each of ``updates`` train.py updates; the model compiled first when ``compile_backend``."""
-    seconds: List[float] = []
-
-    class TimedTrainer(BitFitTrainer):
-        def train_step(self, samples, raise_oom=False):
-            if compile_backend and not seconds:
-                self._model.compile(backend=compile_backend, dynamic=True)
-            start = time.perf_counter()
-            output = super().train_step(samples, raise_oom)
-            seconds.append(time.perf_counter() - start)
-            return output
+    def compile_model(trainer):
+        trainer.model.compile(backend=compile_backend, dynamic=True)
 
     label = f"{mode}-{compile_backend or 'eager'}"
     argv = train_command(spec, model, data_dir, workdir / label, mode, recipe, recipe.lrs[0], 1, train_rows, 1,
                          list(extra), 128).args
-    cli_main(argv + ["--no-save", "--disable-validation", "--log-interval", "1000", "--max-update", str(updates)],
-             trainer_class=TimedTrainer)
+    times = train_timed(argv, updates, compile_model if compile_backend else None)
     torch._dynamo.reset()
-    return seconds
+    return [update.seconds for update in times]
 
 
 def compare(eager: Sequence[float], compiled: Sequence[float], run_updates: int) -> dict:

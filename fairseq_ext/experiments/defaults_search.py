@@ -3,7 +3,7 @@ stopping per mode family, each setting a GLUE runner job on CoLA, SST-2 (a seede
 and STS-B with seed 1, and the rule that picks each family's winner.
 
     python -m fairseq_ext.experiments.defaults_search --glue-dir glue_data [--output-dir outputs/defaults_search]
-        [--cells bitfit-all-e10-es ...] [--summarize] [-- train.py arguments]
+        [--cells bitfit-all-e10-es ...] [--parallel N] [--summarize] [-- train.py arguments]
 
 Every cell (a family, its epochs, early stopping on or off) is one OUTPUT_DIR of the runner, which
 trains each of the cell's learning rates; a stopped search resumes where it stopped (finished runs
@@ -60,11 +60,11 @@ class Cell:
         return replace(self, early_stop=False) if self.early_stop else self
 
     def runner_args(self, glue_dir: Path, output_dir: Path, tasks: str, subset: Optional[int],
-                    passthrough: Sequence[str]) -> List[str]:
+                    passthrough: Sequence[str], parallel: int = 1) -> List[str]:
         """The runner's command line for one of the cell's task jobs."""
         args = ["--glue-dir", str(glue_dir), "--output-dir", str(output_dir / self.name), "--tasks", tasks,
                 "--mode", self.family, "--seeds", str(SEED), "--lrs", " ".join(f"{lr:g}" for lr in self.lrs),
-                "--epochs", str(self.epochs)]
+                "--epochs", str(self.epochs), "--parallel", str(parallel)]
         if subset is not None:
             args += ["--train-subset", str(subset)]
         return args + ["--", "--patience", str(PATIENCE) if self.early_stop else "-1", *passthrough]
@@ -189,7 +189,8 @@ def summary(settings: Sequence[Setting], planned: Sequence[Cell]) -> Tuple[dict,
     return data, "\n".join(lines) + "\n"
 
 
-def run(glue_dir: Path, root: Path, cells: Sequence[Cell], passthrough: Sequence[str], resume: str) -> None:
+def run(glue_dir: Path, root: Path, cells: Sequence[Cell], passthrough: Sequence[str], resume: str,
+        parallel: int = 1) -> None:
     """Each cell's runner jobs in turn (finished runs are reused), the summary rewritten after each cell;
     ``resume``: the command a stopped search is continued with (the runner prints it when stopped)."""
     environment = dict(os.environ, GLUE_BITFIT_COMMAND=resume)
@@ -201,7 +202,7 @@ def run(glue_dir: Path, root: Path, cells: Sequence[Cell], passthrough: Sequence
               f"{PATIENCE} stops" if cut else "") + ")", flush=True)
         for tasks, subset in TASK_JOBS:
             command = [sys.executable, "-m", "fairseq_ext.experiments.glue_run",
-                       *cell.runner_args(glue_dir, root, tasks, subset, passthrough)]
+                       *cell.runner_args(glue_dir, root, tasks, subset, passthrough, parallel)]
             status = subprocess.call(command, env=environment)
             if status != 0:
                 sys.exit(status)  # the runner said why, and how its job goes on; this search goes on the same way
@@ -224,8 +225,13 @@ def main(argv=None) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/defaults_search"))
     parser.add_argument("--cells", nargs="+", metavar="NAME", help="only these cells (default: the whole grid): "
                         + ", ".join(cell.name for cell in GRID))
+    parser.add_argument("--parallel", type=int, default=1, metavar="N",
+                        help="runs trained at once, as the runner's PARALLEL (default 1). On a CPU each gets cores / N "
+                        "threads; small models train faster as one-thread runs side by side")
     parser.add_argument("--summarize", action="store_true", help="write the summary of what has finished; train nothing")
     args = parser.parse_args(own)
+    if args.parallel < 1:
+        raise UserError(f"--parallel {args.parallel}: expected a positive integer")
     by_name = {cell.name: cell for cell in GRID}
     unknown = [name for name in args.cells or () if name not in by_name]
     if unknown:
@@ -233,7 +239,7 @@ def main(argv=None) -> None:
     cells = [by_name[name] for name in args.cells] if args.cells else list(GRID)
     if not args.summarize:
         resume = shlex.join(["python", "-m", "fairseq_ext.experiments.defaults_search", *argv])
-        run(args.glue_dir, args.output_dir, cells, passthrough, resume)
+        run(args.glue_dir, args.output_dir, cells, passthrough, resume, args.parallel)
     print(write_summary(args.output_dir, cells))
 
 

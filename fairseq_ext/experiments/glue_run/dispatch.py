@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from ...core import interrupts
+from ...core.cpu_threads import available_cores
 from ...core.errors import UserError
 from ...core.glue_files import write_leaderboard_tsv
 from ...core.progress import DEFAULT_INTERVAL_S, ConsoleProgress
@@ -152,10 +153,6 @@ def visible_gpus() -> List[str]:
     count = torch.cuda.device_count()
     listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return (listed or [str(i) for i in range(count)])[:count]
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def import_submitit():

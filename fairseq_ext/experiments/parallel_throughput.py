@@ -1,0 +1,156 @@
+"""How many train.py runs at once give a CPU the most updates a second (the GLUE runner's PARALLEL)?
+
+For each mode and round: one run with every core's thread, then ``--runs`` runs side by side with
+cores / runs threads each (as ``PARALLEL`` gives them), each a train.py process on the same real GLUE
+task as the runner starts it.  Every update's start and end is recorded on the machine's one
+monotonic clock, so the side-by-side rate is counted only while every run is past its warm-up and
+none has finished: the machine's updates a second with all runs training, against one run's.
+
+    python -m fairseq_ext.experiments.parallel_throughput --glue-dir glue_data --task STS-B \\
+        --modes bitfit-all full --runs 2 --rounds 2 --output-dir outputs/parallel_throughput
+
+A job of many runs finishes sooner at the higher rate; a single run finishes sooner alone.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+from ..core.cpu_threads import available_cores
+from ..core.errors import UserError, exit_on_user_error
+from ..core.files import write_report, write_text_atomically
+from ..core.timing_cli import glue_task, timing_parser
+from ..plugin.checkpoints import checkpoint_parameter_count
+from ..plugin.data.glue_prepare import prepare_task
+from ..plugin.models.model_dir import load_model_dir
+from ..plugin.models.pretrained import default_model_dir
+from ..training.glue_recipe import default_recipe, train_command
+from ..training.options import FULL, mode_flags
+from ..training.timed_updates import UpdateTime, train_timed
+
+PROG = "parallel_throughput"
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """One train.py run a worker process trains and times."""
+
+    argv: List[str]
+    updates: int
+    times_file: str  # where the worker writes each update's [start, end]
+
+
+def machine_rate(timelines: Sequence[Sequence[UpdateTime]], warmup: int) -> Tuple[float, List[float]]:
+    """Updates a second of runs trained side by side (and of each), counted from when the last one is past
+    its ``warmup`` updates to when the first one finishes."""
+    start = max(timeline[warmup - 1].end for timeline in timelines)
+    end = min(timeline[-1].end for timeline in timelines)
+    if end <= start:
+        raise UserError(f"--updates: the runs did not train side by side after their {warmup} warm-up updates; "
+                        "give more updates")
+    per_run = [sum(1 for update in timeline if start < update.end <= end) / (end - start) for timeline in timelines]
+    return sum(per_run), per_run
+
+
+def train_side_by_side(jobs: Sequence[WorkerJob], threads: int) -> List[List[UpdateTime]]:
+    """Start a worker process for each job at once, ``threads`` threads each; every update's times."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    workers = []
+    for job in jobs:
+        spec = Path(job.times_file).with_suffix(".job.json")
+        spec.write_text(json.dumps(asdict(job)))
+        workers.append(subprocess.Popen([sys.executable, "-m", f"fairseq_ext.experiments.{PROG}", "--worker", str(spec)],
+                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    errors = [worker.communicate()[1] for worker in workers]
+    for worker, error in zip(workers, errors):
+        if worker.returncode != 0:
+            raise RuntimeError(f"a timed train.py run failed (exit {worker.returncode}):\n{error[-3000:]}")
+    return [[UpdateTime(*pair) for pair in json.loads(Path(job.times_file).read_text())] for job in jobs]
+
+
+def markdown(rows: List[dict], summary: List[dict]) -> str:
+    lines = ["| task | mode | round | one run: threads | updates/s | side by side: runs × threads | updates/s "
+             "(each run) | side by side / one run |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        each = " + ".join(f"{rate:.3f}" for rate in row["side_by_side_each"])
+        lines.append(f"| {row['task']} | {row['mode']} | {row['round']} | {row['threads']} | {row['one_run']:.3f} | "
+                     f"{row['runs']} × {row['threads_each']} | {row['side_by_side']:.3f} ({each}) | "
+                     f"{row['ratio']:.2f} |")
+    lines += ["", "| mode | side by side / one run (median over rounds) |", "|---|---:|"]
+    lines += [f"| {entry['mode']} | **{entry['ratio']:.2f}** |" for entry in summary]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser():
+    parser = timing_parser(PROG, __doc__, ["bitfit-all", FULL])
+    parser.add_argument("--runs", type=int, default=available_cores(), help="runs side by side (default: the cores)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--updates", type=int, default=120, help="updates each run trains")
+    parser.add_argument("--warmup", type=int, default=20, help="updates of each run not counted")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # a run this measurement started: its job file
+    return parser
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.worker:  # a process the measurement started: train, and write the times
+        job = WorkerJob(**json.loads(Path(args.worker).read_text()))
+        times = train_timed(job.argv, job.updates)
+        write_text_atomically(job.times_file, json.dumps([[update.start, update.end] for update in times]))
+        return
+    glue_dir, spec = glue_task(args)
+    for mode in args.modes:
+        try:
+            mode_flags(mode)
+        except UserError as error:
+            raise UserError(f"--modes: {error}") from None
+    cores = available_cores()
+    if not 2 <= args.runs <= cores:
+        raise UserError(f"--runs {args.runs}: expected 2 to {cores} (this machine's cores)")
+    if args.rounds < 1 or args.warmup < 1 or args.updates < args.warmup + 2:
+        raise UserError("--rounds and --warmup: expected positive integers, and --updates at least --warmup + 2")
+    model = load_model_dir(default_model_dir())
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="parallel-throughput-") as tmp:
+        workdir = Path(tmp)
+        manifest = prepare_task(spec, glue_dir, model, model.dictionary, workdir / "data", 1)
+        train_rows = manifest["splits"]["train"]["rows_written"]
+        model_params = checkpoint_parameter_count(model.checkpoint)
+        for round_number in range(1, args.rounds + 1):
+            for mode in args.modes:
+                recipe = default_recipe(mode, spec.name, train_rows, model_params)
+
+                def jobs(count: int) -> List[WorkerJob]:
+                    return [WorkerJob(train_command(spec, model, workdir / "data", workdir / f"{mode}-{i}", mode,
+                                                    recipe, recipe.lrs[0], 1, train_rows, 1,
+                                                    args.train_py_args.split(), 128).args,
+                                      args.updates, str(workdir / f"{mode}-{i}.times.json")) for i in range(count)]
+
+                threads_each = max(1, cores // args.runs)
+                print(f"{spec.name} {mode}, round {round_number}: one run, {cores} threads ...", file=sys.stderr, flush=True)
+                one, _ = machine_rate(train_side_by_side(jobs(1), cores), args.warmup)
+                print(f"{spec.name} {mode}, round {round_number}: {args.runs} runs × {threads_each} threads ...",
+                      file=sys.stderr, flush=True)
+                together, each = machine_rate(train_side_by_side(jobs(args.runs), threads_each), args.warmup)
+                rows.append({"task": spec.name, "mode": mode, "round": round_number, "threads": cores,
+                             "one_run": round(one, 4), "runs": args.runs, "threads_each": threads_each,
+                             "side_by_side": round(together, 4), "side_by_side_each": [round(r, 4) for r in each],
+                             "ratio": round(together / one, 4), "updates": args.updates, "warmup": args.warmup,
+                             "train_py_args": args.train_py_args})
+    summary = [{"mode": mode, "ratio": round(statistics.median(r["ratio"] for r in rows if r["mode"] == mode), 4)}
+               for mode in args.modes]
+    report = markdown(rows, summary)
+    written = write_report(args.output_dir, PROG, {"rows": rows, "summary": summary}, report)
+    print(report)
+    print(written)
+
+
+if __name__ == "__main__":
+    main()
