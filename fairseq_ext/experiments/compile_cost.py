@@ -22,8 +22,6 @@ import itertools
 import math
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
@@ -31,26 +29,22 @@ import torch
 from ..core.errors import UserError, exit_on_user_error
 from ..core.files import write_report
 from ..core.timing_cli import glue_task, timing_parser
-from ..plugin.data.glue_prepare import prepare_task
-from ..plugin.models.model_dir import load_model_dir
-from ..plugin.models.pretrained import default_model_dir
-from ..plugin.checkpoints import checkpoint_parameter_count
 from ..training.glue_recipe import Recipe, default_recipe, train_command
-from ..training.options import FULL, mode_flags
-from ..training.timed_updates import train_timed
+from ..training.options import FULL
+from ..training.timed_updates import TimingTask, check_train_py_modes, prepared_timing_task, train_timed
 
 BACKENDS = ("inductor", "aot_eager", "eager")
 
 
-def timed_updates(spec, model, data_dir: Path, workdir: Path, mode: str, recipe: Recipe, train_rows: int,
-                  updates: int, compile_backend: Optional[str], extra: Sequence[str]) -> List[float]:
+def timed_updates(task: TimingTask, mode: str, recipe: Recipe, updates: int, compile_backend: Optional[str],
+                  extra: Sequence[str]) -> List[float]:
     """Seconds of each of ``updates`` train.py updates; the model compiled first when ``compile_backend``."""
     def compile_model(trainer):
         trainer.model.compile(backend=compile_backend, dynamic=True)
 
     label = f"{mode}-{compile_backend or 'eager'}"
-    argv = train_command(spec, model, data_dir, workdir / label, mode, recipe, recipe.lrs[0], 1, train_rows, 1,
-                         list(extra), 128).args
+    argv = train_command(task.spec, task.model, task.data_dir, task.workdir / label, mode, recipe, recipe.lrs[0], 1,
+                         task.train_rows, 1, list(extra), 128).args
     times = train_timed(argv, updates, compile_model if compile_backend else None)
     torch._dynamo.reset()
     return [update.seconds for update in times]
@@ -103,30 +97,20 @@ def build_parser():
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     glue_dir, spec = glue_task(args)
-    for mode in args.modes:  # any train.py mode: this compares train.py with itself
-        try:
-            mode_flags(mode)
-        except UserError as error:
-            raise UserError(f"--modes: {error}") from None
+    check_train_py_modes(args.modes)  # any train.py mode: this compares train.py with itself
     if args.updates < 4:
         raise UserError("--updates: expected at least 4")
-    model = load_model_dir(default_model_dir())
     rows = []
-    with tempfile.TemporaryDirectory(prefix="compile-cost-") as tmp:
-        workdir = Path(tmp)
-        manifest = prepare_task(spec, glue_dir, model, model.dictionary, workdir / "data", 1)
-        train_rows = manifest["splits"]["train"]["rows_written"]
-        model_params = checkpoint_parameter_count(model.checkpoint)
+    with prepared_timing_task(glue_dir, spec, "compile-cost-") as task:
         for mode in args.modes:
-            recipe = default_recipe(mode, spec.name, train_rows, model_params)
+            recipe = default_recipe(mode, spec.name, task.train_rows, task.model_params)
             runs = {}
             for backend in (None, args.backend):
                 print(f"{spec.name} {mode}: {backend or 'eager'}, {args.updates} updates ...", file=sys.stderr,
                       flush=True)
-                runs[backend] = timed_updates(spec, model, workdir / "data", workdir, mode, recipe, train_rows,
-                                              args.updates, backend, args.train_py_args.split())
+                runs[backend] = timed_updates(task, mode, recipe, args.updates, backend, args.train_py_args.split())
                 gc.collect()
-            run_updates = recipe.epochs * math.ceil(train_rows / recipe.batch)
+            run_updates = recipe.epochs * math.ceil(task.train_rows / recipe.batch)
             rows.append({"task": spec.name, "mode": mode, "backend": args.backend, "threads": torch.get_num_threads(),
                          "train_py_args": args.train_py_args, **compare(runs[None], runs[args.backend], run_updates),
                          "eager_s": [round(s, 4) for s in runs[None]],

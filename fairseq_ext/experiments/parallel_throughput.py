@@ -17,7 +17,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Sequence, Tuple
@@ -26,13 +25,9 @@ from ..core.cpu_threads import available_cores
 from ..core.errors import UserError, exit_on_user_error
 from ..core.files import write_report, write_text_atomically
 from ..core.timing_cli import glue_task, timing_parser
-from ..plugin.checkpoints import checkpoint_parameter_count
-from ..plugin.data.glue_prepare import prepare_task
-from ..plugin.models.model_dir import load_model_dir
-from ..plugin.models.pretrained import default_model_dir
 from ..training.glue_recipe import default_recipe, train_command
-from ..training.options import FULL, mode_flags
-from ..training.timed_updates import UpdateTime, train_timed
+from ..training.options import FULL
+from ..training.timed_updates import UpdateTime, check_train_py_modes, prepared_timing_task, train_timed
 
 PROG = "parallel_throughput"
 
@@ -106,39 +101,27 @@ def main(argv=None) -> None:
         write_text_atomically(job.times_file, json.dumps([[update.start, update.end] for update in times]))
         return
     glue_dir, spec = glue_task(args)
-    for mode in args.modes:
-        try:
-            mode_flags(mode)
-        except UserError as error:
-            raise UserError(f"--modes: {error}") from None
+    check_train_py_modes(args.modes)
     cores = available_cores()
     if not 2 <= args.runs <= cores:
         raise UserError(f"--runs {args.runs}: expected 2 to {cores} (this machine's cores)")
     if args.rounds < 1 or args.warmup < 1 or args.updates < args.warmup + 2:
         raise UserError("--rounds and --warmup: expected positive integers, and --updates at least --warmup + 2")
-    model = load_model_dir(default_model_dir())
     rows = []
-    with tempfile.TemporaryDirectory(prefix="parallel-throughput-") as tmp:
-        workdir = Path(tmp)
-        manifest = prepare_task(spec, glue_dir, model, model.dictionary, workdir / "data", 1)
-        train_rows = manifest["splits"]["train"]["rows_written"]
-        model_params = checkpoint_parameter_count(model.checkpoint)
+    with prepared_timing_task(glue_dir, spec, "parallel-throughput-") as task:
         for round_number in range(1, args.rounds + 1):
             for mode in args.modes:
-                recipe = default_recipe(mode, spec.name, train_rows, model_params)
-
-                def jobs(count: int) -> List[WorkerJob]:
-                    return [WorkerJob(train_command(spec, model, workdir / "data", workdir / f"{mode}-{i}", mode,
-                                                    recipe, recipe.lrs[0], 1, train_rows, 1,
-                                                    args.train_py_args.split(), 128).args,
-                                      args.updates, str(workdir / f"{mode}-{i}.times.json")) for i in range(count)]
-
+                recipe = default_recipe(mode, spec.name, task.train_rows, task.model_params)
+                jobs = [WorkerJob(train_command(spec, task.model, task.data_dir, task.workdir / f"{mode}-{i}", mode,
+                                                recipe, recipe.lrs[0], 1, task.train_rows, 1,
+                                                args.train_py_args.split(), 128).args,
+                                  args.updates, str(task.workdir / f"{mode}-{i}.times.json")) for i in range(args.runs)]
                 threads_each = max(1, cores // args.runs)
                 print(f"{spec.name} {mode}, round {round_number}: one run, {cores} threads ...", file=sys.stderr, flush=True)
-                one, _ = machine_rate(train_side_by_side(jobs(1), cores), args.warmup)
+                one, _ = machine_rate(train_side_by_side(jobs[:1], cores), args.warmup)
                 print(f"{spec.name} {mode}, round {round_number}: {args.runs} runs × {threads_each} threads ...",
                       file=sys.stderr, flush=True)
-                together, each = machine_rate(train_side_by_side(jobs(args.runs), threads_each), args.warmup)
+                together, each = machine_rate(train_side_by_side(jobs, threads_each), args.warmup)
                 rows.append({"task": spec.name, "mode": mode, "round": round_number, "threads": cores,
                              "one_run": round(one, 4), "runs": args.runs, "threads_each": threads_each,
                              "side_by_side": round(together, 4), "side_by_side_each": [round(r, 4) for r in each],

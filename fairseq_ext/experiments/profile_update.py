@@ -15,7 +15,6 @@ the number of operator calls, and the operators with the most self time.
 """
 import gc
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,13 +27,12 @@ from ..core.errors import UserError, exit_on_user_error
 from ..core.files import write_report
 from ..core.glue_files import read_split
 from ..core.timing_cli import glue_task, timing_parser
-from ..plugin.data.glue_prepare import prepare_task
-from ..plugin.models.model_dir import load_model_dir
-from ..plugin.models.pretrained import default_model_dir, package_model_folder
+from ..plugin.models.pretrained import package_model_folder
 from ..training.glue_recipe import LENGTH_GROUP_BATCHES, Recipe, train_command
 from ..training.hf_reference_loop import ReferenceLoop, check_loop_modes
 from ..training.main import cli_main
 from ..training.options import BITFIT_PREFIX, FULL
+from ..training.timed_updates import TimingTask, prepared_timing_task
 from ..training.trainer import BitFitTrainer
 
 SCOPES = ("forward", "backward", "reduce-grads", "multiply-grads", "clip-grads", "optimizer")
@@ -87,16 +85,15 @@ class ProfileWindow:
                                 sorted(operators.items(), key=lambda item: -item[1])[:TOP_OPERATORS]}}
 
 
-def profile_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe: Recipe, train_rows: int,
-                     window: ProfileWindow, extra: Sequence[str]) -> dict:
+def profile_train_py(task: TimingTask, mode: str, recipe: Recipe, window: ProfileWindow, extra: Sequence[str]) -> dict:
     class ProfiledTrainer(BitFitTrainer):
         def train_step(self, samples, raise_oom=False):
             output = super().train_step(samples, raise_oom)
             window.after_update(int(samples[0]["net_input"]["src_tokens"].numel()))
             return output
 
-    argv = train_command(spec, model, data_dir, workdir / mode, mode, recipe, recipe.lrs[0], 1, train_rows, 1,
-                         list(extra), 128).args
+    argv = train_command(task.spec, task.model, task.data_dir, task.workdir / mode, mode, recipe, recipe.lrs[0], 1,
+                         task.train_rows, 1, list(extra), 128).args
     cli_main(argv + ["--no-save", "--disable-validation", "--log-interval", "1000",
                      "--max-update", str(window.warmup + window.updates)], trainer_class=ProfiledTrainer)
     return window.summary()
@@ -158,20 +155,15 @@ def main(argv=None) -> None:
     check_loop_modes(args.modes)
     if args.warmup < 1 or args.updates < 1:
         raise UserError("--warmup and --updates: expected positive integers")
-    model = load_model_dir(default_model_dir())
     rows = []
-    with tempfile.TemporaryDirectory(prefix="profile-update-") as tmp:
-        workdir = Path(tmp)
-        manifest = prepare_task(spec, glue_dir, model, model.dictionary, workdir / "data", 1)
-        train_rows = manifest["splits"]["train"]["rows_written"]
+    with prepared_timing_task(glue_dir, spec, "profile-update-") as task:
         for mode in args.modes:
             recipe = Recipe((5e-5 if mode == FULL else 1e-3,), args.batch, 1, 0.0, None, "profile_update")
             for system in ("transformers grouped", "train.py grouped"):
                 print(f"{spec.name} {mode}: {system} ...", file=sys.stderr, flush=True)
                 window = ProfileWindow(args.warmup, args.updates)
                 if system == "train.py grouped":
-                    summary = profile_train_py(spec, model, workdir / "data", workdir, mode, recipe, train_rows,
-                                               window, args.train_py_args.split())
+                    summary = profile_train_py(task, mode, recipe, window, args.train_py_args.split())
                 else:
                     summary = profile_transformers(spec, glue_dir, mode, recipe, window)
                 rows.append({"task": spec.name, "mode": mode, "system": system, "threads": torch.get_num_threads(),

@@ -1,13 +1,58 @@
-"""train.py in this process with every update timed: what the side-by-side timing scripts measure.
+"""What the timing scripts on a real GLUE task share (compile_cost, parallel_throughput,
+profile_update): the task prepared for the embedded model in a temporary folder, and train.py in
+this process with every update timed.
 
 Times are ``time.perf_counter()`` (CLOCK_MONOTONIC on Linux: one clock for all of a machine's
 processes, so updates of runs trained side by side can be put on one time line)."""
+import contextlib
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence
 
+from ..core.errors import UserError
+from ..plugin.checkpoints import checkpoint_parameter_count
+from ..plugin.data.glue_prepare import prepare_task
+from ..plugin.models.model_dir import ModelDir, load_model_dir
+from ..plugin.models.pretrained import default_model_dir
 from .main import cli_main
+from .options import mode_flags
 from .trainer import BitFitTrainer
+
+
+@dataclass(frozen=True)
+class TimingTask:
+    """A real GLUE task prepared for the embedded model, in a folder that lasts as long as the ``with``."""
+
+    spec: object  # core.glue_tasks.TaskSpec
+    model: ModelDir
+    workdir: Path
+    train_rows: int
+    model_params: int
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+
+@contextlib.contextmanager
+def prepared_timing_task(glue_dir: Path, spec, prefix: str) -> Iterator[TimingTask]:
+    model = load_model_dir(default_model_dir())
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        workdir = Path(tmp)
+        manifest = prepare_task(spec, glue_dir, model, model.dictionary, workdir / "data", 1)
+        yield TimingTask(spec, model, workdir, manifest["splits"]["train"]["rows_written"],
+                         checkpoint_parameter_count(model.checkpoint))
+
+
+def check_train_py_modes(modes: Sequence[str]) -> None:
+    """Every mode is one train.py trains (``--modes``' one-line error otherwise)."""
+    for mode in modes:
+        try:
+            mode_flags(mode)
+        except UserError as error:
+            raise UserError(f"--modes: {error}") from None
 
 
 @dataclass(frozen=True)
