@@ -136,22 +136,23 @@ def test_trains_saves_resumes_and_exports_a_delta(pair_name, terms, datasets, ba
     base = load(base_path)["model"]
     final = load(straight / "checkpoint_last.pt")
     check_selection_trained(pair, terms, base, final, straight)
-    # Resumed in a new process from the update-2 save: the straight run's tensors and deltas.
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copyfile(straight / "checkpoint_1_2.pt", resumed / "checkpoint_last.pt")
-    second = tiny.run(command(pair, data, base_path, resumed, terms))
-    assert "resuming the interrupted run" in second.stdout
-    again = load(resumed / "checkpoint_last.pt")
-    assert again["optimizer_history"][-1]["num_updates"] == 4
     straight_delta = read_delta(straight / f"checkpoint_last{DELTA_SUFFIX}")
-    resumed_delta = read_delta(resumed / f"checkpoint_last{DELTA_SUFFIX}")
-    assert straight_delta.tensors.keys() == resumed_delta.tensors.keys()
-    if pair.resumes_exactly:
-        assert all(torch.equal(again["model"][name], tensor) for name, tensor in final["model"].items())
-        assert all(torch.equal(resumed_delta.tensors[name], t) for name, t in straight_delta.tensors.items())
-    else:
-        check_selection_trained(pair, terms, base, again, resumed)
+    if terms == SELECTIONS[0]:  # resuming does not depend on the selection: once per family
+        # Resumed in a new process from the update-2 save: the straight run's tensors and deltas.
+        resumed = tmp_path / "resumed"
+        resumed.mkdir()
+        shutil.copyfile(straight / "checkpoint_1_2.pt", resumed / "checkpoint_last.pt")
+        second = tiny.run(command(pair, data, base_path, resumed, terms))
+        assert "resuming the interrupted run" in second.stdout
+        again = load(resumed / "checkpoint_last.pt")
+        assert again["optimizer_history"][-1]["num_updates"] == 4
+        resumed_delta = read_delta(resumed / f"checkpoint_last{DELTA_SUFFIX}")
+        assert straight_delta.tensors.keys() == resumed_delta.tensors.keys()
+        if pair.resumes_exactly:
+            assert all(torch.equal(again["model"][name], tensor) for name, tensor in final["model"].items())
+            assert all(torch.equal(resumed_delta.tensors[name], t) for name, t in straight_delta.tensors.items())
+        else:
+            check_selection_trained(pair, terms, base, again, resumed)
 
     # The delta records the task family and the dictionary; apply rebuilds the checkpoint exactly.
     assert straight_delta.kind == task_families.task_kind_of_name(pair.args[pair.args.index("--task") + 1])
