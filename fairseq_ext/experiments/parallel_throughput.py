@@ -58,14 +58,14 @@ def train_side_by_side(jobs: Sequence[WorkerJob], threads: int) -> List[List[Upd
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     workers = []
     for job in jobs:
-        spec = Path(job.times_file).with_suffix(".job.json")
+        spec, log = Path(job.times_file).with_suffix(".job.json"), Path(job.times_file).with_suffix(".log")
         spec.write_text(json.dumps(asdict(job)))
-        workers.append(subprocess.Popen([sys.executable, "-m", f"fairseq_ext.experiments.{PROG}", "--worker", str(spec)],
-                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    errors = [worker.communicate()[1] for worker in workers]
-    for worker, error in zip(workers, errors):
-        if worker.returncode != 0:
-            raise RuntimeError(f"a timed train.py run failed (exit {worker.returncode}):\n{error[-3000:]}")
+        with open(log, "w") as output:  # a file, not a pipe: a full pipe would stall a run while it is timed
+            workers.append((subprocess.Popen([sys.executable, "-m", f"fairseq_ext.experiments.{PROG}", "--worker",
+                                              str(spec)], env=env, stdout=output, stderr=subprocess.STDOUT), log))
+    for worker, log in workers:
+        if worker.wait() != 0:
+            raise RuntimeError(f"a timed train.py run failed (exit {worker.returncode}):\n{log.read_text()[-3000:]}")
     return [[UpdateTime(*pair) for pair in json.loads(Path(job.times_file).read_text())] for job in jobs]
 
 
