@@ -50,3 +50,18 @@ def test_latex_table_has_the_markdown_cells_with_each_metrics_best_mean_in_bold(
 def test_latex_table_is_left_out_without_full_data_runs():
     rows = [dict(row("bitfit-ofa", 1e-3, 1, 20.0), size_curve=True, train_subset=100)]
     assert results_latex(rows, {"CoLA": get_task_spec("CoLA")}) is None
+
+
+def test_each_mode_is_shown_as_a_fraction_of_full_fine_tuning():
+    full = [30.0, 27.5, 29.0]
+    rows = [row("full", 5e-5, seed, mcc) for seed, mcc in zip((1, 2, 3), full)]
+    rows += [row("bitfit-ofa", 1e-3, seed, mcc) for seed, mcc in ((1, 20.0), (2, 17.0))]
+    markdown = results_markdown(rows, {"CoLA": get_task_spec("CoLA")})
+    relative = markdown.split("## Relative to full fine-tuning", 1)[1].split("\n## ", 1)[0]
+    fraction = f"{18.5 / statistics.fmean(full):.3f}×"
+    assert "| mode | CoLA (mcc) | mean |" in relative and f"| bitfit-ofa | {fraction} | {fraction} |" in relative
+    assert "| full |" not in relative
+    # A full fine-tuning score at or below zero has no fraction; without a full row there is no section.
+    negative = [row("full", 5e-5, 1, -2.0), row("bitfit-ofa", 1e-3, 1, 3.0)]
+    assert "| bitfit-ofa | – | – |" in results_markdown(negative, {"CoLA": get_task_spec("CoLA")})
+    assert "## Relative" not in results_markdown(rows[3:], {"CoLA": get_task_spec("CoLA")})

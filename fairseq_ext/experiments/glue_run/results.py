@@ -229,6 +229,7 @@ def summary_markdown(rows: List[dict], specs: dict) -> str:
             delta = "full model" if line.mode == "full" else _fmt(cost.delta_kib, 0)
             lines.append(f"| {line.mode} | {delta} | " + " | ".join(_fmt(s, 1) for s in cost.epoch_s)
                          + f" | {_fmt(cost.peak_mib, 0)} |")
+    lines += relative_to_full_markdown(table, specs)
     best = table.best
     recipes = {}
     chosen = {**{key[:2]: runs for key, runs in best_rows(curve_rows(rows), by_size=True).items()}, **best}
@@ -257,6 +258,36 @@ def summary_markdown(rows: List[dict], specs: dict) -> str:
                              + _seeds_note(len(runs), len(seeds)) if runs else "–")
             lines.append(f"| {task} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def relative_to_full_markdown(table: Summary, specs: dict) -> List[str]:
+    """Each mode's score as a fraction of full fine-tuning's (means over seeds, each task's primary metric and
+    the mean GLUE score): how much of full fine-tuning a method keeps. Nothing without a full row."""
+    full = next((line for line in table.lines if line.mode == "full"), None)
+    if full is None or len(table.lines) < 2:
+        return []
+
+    def primary_mean(line: SummaryLine, index: int) -> Optional[float]:
+        runs = table.best.get((table.tasks[index], line.mode))
+        return _mean([r["dev"].get(specs[table.tasks[index]].primary_metric) for r in runs]) if runs else None
+
+    def ratio(value: Optional[float], reference: Optional[float]) -> str:
+        return "–" if value is None or reference is None or reference <= 0 else f"{value / reference:.3f}×"
+
+    def mean_score(line: SummaryLine) -> Optional[float]:
+        return line.mean.spreads[0][0] if line.mean else None
+
+    lines = ["", "## Relative to full fine-tuning", "",
+             "Each mode's mean dev score over full fine-tuning's, on each task's primary metric and on the mean "
+             "GLUE score.", "",
+             "| mode | " + " | ".join(f"{t} ({specs[t].primary_metric})" for t in table.tasks) + " | mean |",
+             "|---|" + "---:|" * len(table.tasks) + "---:|"]
+    for line in table.lines:
+        if line.mode != "full":
+            lines.append(f"| {line.mode} | " + " | ".join(ratio(primary_mean(line, i), primary_mean(full, i))
+                                                          for i in range(len(table.tasks)))
+                         + f" | {ratio(mean_score(line), mean_score(full))} |")
+    return lines
 
 
 def every_run_markdown(rows: List[dict]) -> str:
