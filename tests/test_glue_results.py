@@ -65,3 +65,19 @@ def test_each_mode_is_shown_as_a_fraction_of_full_fine_tuning():
     negative = [row("full", 5e-5, 1, -2.0), row("bitfit-ofa", 1e-3, 1, 3.0)]
     assert "| bitfit-ofa | – | – |" in results_markdown(negative, {"CoLA": get_task_spec("CoLA")})
     assert "## Relative" not in results_markdown(rows[3:], {"CoLA": get_task_spec("CoLA")})
+
+
+def test_cost_says_what_one_seed_over_every_task_took():
+    def sts(mode, seed, updates, wall):
+        return {**row(mode, 1e-3, seed, 50.0), "task": "STS-B", "primary_metric": "spearman",
+                "dev": {"pearson": 50.0, "spearman": 50.0, "glue_score": 50.0}, "updates": updates, "wall_time_s": wall}
+
+    rows = [dict(row("full", 5e-5, seed, 30.0), updates=100, wall_time_s=600.0) for seed in (1, 2, 3)]
+    rows += [sts("full", 1, 50, 300.0), sts("full", 2, 70, 420.0)]  # seed 3 of STS-B not run yet
+    rows += [dict(row("head", 1e-3, 1, 5.0), updates=40, wall_time_s=60.0)]  # no STS-B run: no per-seed total
+    markdown = results_markdown(rows, {"CoLA": get_task_spec("CoLA"), "STS-B": get_task_spec("STS-B")})
+    cost = markdown.split("## Cost", 1)[1].split("\n## ", 1)[0]
+    assert "| updates, one seed | wall min, one seed |" in cost
+    # Seeds 1 and 2 ran both tasks: 150 and 170 updates, 15 and 17 minutes.
+    assert table_line(cost.split("|---|", 1)[1], "full").endswith("| 160 | 16.0 |")
+    assert table_line(cost.split("|---|", 1)[1], "head").endswith("| – | – |")

@@ -137,6 +137,8 @@ class Cost:
     delta_kib: Optional[float]  # mean size of the best checkpoint's delta; None: full fine-tuning (no delta)
     epoch_s: List[Optional[float]]  # per task: mean seconds of training steps per epoch
     peak_mib: Optional[float]  # the largest peak memory of a run (resident set on CPU, allocated on CUDA)
+    seed_updates: Optional[float]  # one seed's updates over every task (mean over seeds); None unless all tasks ran
+    seed_wall_min: Optional[float]  # one seed's wall time over every task, minutes, likewise
 
 
 @dataclass
@@ -186,7 +188,15 @@ def _cost(runs_by_task: List[Optional[List[dict]]]) -> Cost:
     peaks = [r["peak_memory_bytes"] / 2**20 for r in runs if r.get("peak_memory_bytes")]
     epoch_s = [_mean([r["epoch_train_s"] for r in task_runs or [] if r.get("epoch_train_s") is not None])
                for task_runs in runs_by_task]
-    return Cost(_mean(deltas), epoch_s, max(peaks) if peaks else None)
+    per_task = [{r["seed"]: r for r in task_runs} for task_runs in runs_by_task if task_runs]
+    seeds = set.intersection(*(set(by_seed) for by_seed in per_task)) if len(per_task) == len(runs_by_task) else set()
+
+    def per_seed(field: str, scale: float = 1.0) -> Optional[float]:
+        totals = [sum(by_seed[seed].get(field) or 0 for by_seed in per_task) / scale for seed in sorted(seeds)]
+        return _mean(totals) if totals else None
+
+    return Cost(_mean(deltas), epoch_s, max(peaks) if peaks else None, per_seed("updates"),
+                per_seed("wall_time_s", 60.0))
 
 
 def results_markdown(rows: List[dict], specs: dict) -> str:
@@ -216,19 +226,23 @@ def summary_markdown(rows: List[dict], specs: dict) -> str:
     for line in table.lines:
         lines.append(f"| {line.mode} | {_fmt(line.trainable_percent, 3)} | "
                      + " | ".join(cell(c) for c in line.cells) + f" | {cell(line.mean)} |")
-    if any(line.cost and (line.cost.peak_mib or any(line.cost.epoch_s)) for line in table.lines):
+    if any(line.cost and (line.cost.peak_mib or any(line.cost.epoch_s) or line.cost.seed_updates)
+           for line in table.lines):
         lines += ["", "## Cost", "",
                   "Per mode, over the runs in the table above: the size of the best checkpoint's delta (what storing "
                   "one task takes), the seconds of training steps per epoch (fairseq's train_wall; validation and "
-                  "saving aside) and the largest peak memory of a run (the process's resident set on CPU, CUDA's "
-                  "most allocated on a GPU).", "",
-                  "| mode | delta (KiB) | " + " | ".join(f"{t} s / epoch" for t in tasks) + " | peak memory (MiB) |",
-                  "|---|---:|" + "---:|" * len(tasks) + "---:|"]
+                  "saving aside), the largest peak memory of a run (the process's resident set on CPU, CUDA's "
+                  "most allocated on a GPU), and what one seed's runs over every task took: updates trained and "
+                  "wall minutes (validation, saving and any pause included; mean over seeds).", "",
+                  "| mode | delta (KiB) | " + " | ".join(f"{t} s / epoch" for t in tasks)
+                  + " | peak memory (MiB) | updates, one seed | wall min, one seed |",
+                  "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|"]
         for line in table.lines:
             cost = line.cost
             delta = "full model" if line.mode == "full" else _fmt(cost.delta_kib, 0)
             lines.append(f"| {line.mode} | {delta} | " + " | ".join(_fmt(s, 1) for s in cost.epoch_s)
-                         + f" | {_fmt(cost.peak_mib, 0)} |")
+                         + f" | {_fmt(cost.peak_mib, 0)} | {'–' if cost.seed_updates is None else f'{cost.seed_updates:,.0f}'}"
+                         f" | {_fmt(cost.seed_wall_min, 1)} |")
     lines += relative_to_full_markdown(table, specs)
     best = table.best
     recipes = {}
