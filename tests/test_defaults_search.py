@@ -79,8 +79,9 @@ def test_a_cell_trains_on_the_three_tasks_resumes_and_its_early_stopping_twin_is
     argv = ["--glue-dir", str(glue), "--output-dir", str(out), "--parallel", "2"]  # CoLA and STS-B side by side
     search.main(argv)
     first = capfd.readouterr().out
+    assert "defaults search: 1 cell to train, 3 runs (0 done earlier, 3 to go;" in first
     assert ("defaults search: cell 1 of 1: bitfit-all-e6 (lr 1e-09; 6 epochs, early stopping off; bitfit-all-e6-es: "
-            "these runs cut where --patience 3 stops)") in first
+            "these runs cut where --patience 3 stops; 0 of 3 runs done earlier)") in first
     assert not (out / twin.name).exists()
     summary = json.loads((out / "defaults_search.json").read_text())
     assert summary["finished"] == summary["planned"] == 2
@@ -102,5 +103,5 @@ def test_a_cell_trains_on_the_three_tasks_resumes_and_its_early_stopping_twin_is
 
     search.main(argv)
     again = capfd.readouterr().out  # the runner jobs' output too: they inherit the file descriptors
-    assert "training (" not in again and "done earlier" in again
+    assert "training (" not in again and "(3 done earlier, 0 to go;" in again
     assert json.loads((out / "defaults_search.json").read_text()) == summary

@@ -189,17 +189,30 @@ def summary(settings: Sequence[Setting], planned: Sequence[Cell]) -> Tuple[dict,
     return data, "\n".join(lines) + "\n"
 
 
+def finished_runs(root: Path, cell: Cell) -> int:
+    """How many of a trained cell's runs (its learning rates on every task, seed SEED) its ledger holds."""
+    results = root / cell.name / "results.json"
+    rows = json.loads(results.read_text()).get("runs", []) if results.exists() else []
+    return len({(r["task"], r["lr"]) for r in rows if r["seed"] == SEED and r["task"] in TASKS
+                and not r.get("size_curve") and any(abs(r["lr"] - lr) <= 1e-12 * lr for lr in cell.lrs)})
+
+
 def run(glue_dir: Path, root: Path, cells: Sequence[Cell], passthrough: Sequence[str], resume: str,
         parallel: int = 1) -> None:
     """Each cell's runner jobs in turn (finished runs are reused), the summary rewritten after each cell;
     ``resume``: the command a stopped search is continued with (the runner prints it when stopped)."""
     environment = dict(os.environ, GLUE_BITFIT_COMMAND=resume)
     trained = list(dict.fromkeys(cell.trained_as for cell in cells))
+    done = {cell: finished_runs(root, cell) for cell in trained}
+    total = sum(len(cell.lrs) * len(TASKS) for cell in trained)
+    print(f"defaults search: {len(trained)} cell{'s' if len(trained) != 1 else ''} to train, {total} runs ({sum(done.values())} done earlier, "
+          f"{total - sum(done.values())} to go; each cell's runner job shows its progress and ETA)", flush=True)
     for number, cell in enumerate(trained, 1):
         cut = [other.name for other in cells if other.early_stop and other.trained_as == cell]
         print(f"defaults search: cell {number} of {len(trained)}: {cell.name} (lr {', '.join(f'{lr:g}' for lr in cell.lrs)};"
               f" {cell.epochs} epochs, early stopping off" + (f"; {', '.join(cut)}: these runs cut where --patience "
-              f"{PATIENCE} stops" if cut else "") + ")", flush=True)
+              f"{PATIENCE} stops" if cut else "") + f"; {done[cell]} of {len(cell.lrs) * len(TASKS)} runs done earlier)",
+              flush=True)
         for tasks, subset in TASK_JOBS:
             command = [sys.executable, "-m", "fairseq_ext.experiments.glue_run",
                        *cell.runner_args(glue_dir, root, tasks, subset, passthrough, parallel)]
