@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence
 
 from ..core.errors import UserError
+from ..core.glue_tasks import GlueTaskSpec
 from ..plugin.checkpoints import checkpoint_parameter_count
 from ..plugin.data.glue_prepare import prepare_task
 from ..plugin.models.model_dir import ModelDir, load_model_dir
@@ -25,7 +26,7 @@ from .trainer import BitFitTrainer
 class TimingTask:
     """A real GLUE task prepared for the embedded model, in a folder that lasts as long as the ``with``."""
 
-    spec: object  # core.glue_tasks.TaskSpec
+    spec: GlueTaskSpec
     model: ModelDir
     workdir: Path
     train_rows: int
@@ -37,7 +38,7 @@ class TimingTask:
 
 
 @contextlib.contextmanager
-def prepared_timing_task(glue_dir: Path, spec, prefix: str) -> Iterator[TimingTask]:
+def prepared_timing_task(glue_dir: Path, spec: GlueTaskSpec, prefix: str) -> Iterator[TimingTask]:
     model = load_model_dir(default_model_dir())
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         workdir = Path(tmp)
