@@ -1,6 +1,7 @@
 """fairseq patches (fairseq_ext.plugin.patches): each target still exists in the installed fairseq,
 with the code shape the patch assumes, and the patches do what they say."""
 import functools
+import gc
 import inspect
 import pickle
 import textwrap
@@ -182,6 +183,9 @@ def test_train_py_steps_with_foreach_adam_or_fused_adam(tiny_data, tiny_pretrain
     cli_main(tiny.glue_recipe(tiny_data, tiny_pretrained, tmp_path / "fused", updates=2, extra=["--fused-adam"])[1:],
              trainer_class=Recording)
     assert built and all(kind is patches.FusedFairseqAdam for kind in built)
+    # Nothing keeps a finished run's trainer (and its model) alive: not the checkpoint-copy hook either.
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, Recording)]
 
 
 def test_bf16_batches_keep_float_targets():
