@@ -254,6 +254,8 @@ def test_parallel_throughput_counts_only_while_every_run_trains():
     assert machine_rate([fast], warmup=2)[0] == 4 / 4  # one run: updates 3 to 6, from 2 s to 6 s
     with pytest.raises(UserError, match="did not train side by side"):
         machine_rate([timeline([1, 2]), timeline([3, 4])], warmup=1)
+    with pytest.raises(UserError, match="a run trained no update while all trained"):
+        machine_rate([fast, timeline([5.5, 5.9, 20])], warmup=2)  # 5.9 s to 6 s: only the fast run's last
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="side by side needs 2 cores")

@@ -2,9 +2,10 @@
 
 For each mode and round: one run with every core's thread, then ``--runs`` runs side by side with
 cores / runs threads each (as ``PARALLEL`` gives them), each a train.py process on the same real GLUE
-task as the runner starts it.  Every update's start and end is recorded on the machine's one
-monotonic clock, so the side-by-side rate is counted only while every run is past its warm-up and
-none has finished: the machine's updates a second with all runs training, against one run's.
+task as the runner starts it.  Runs started together wait for each other before their first
+update.  Every update's start and end is recorded on the machine's one monotonic clock, so the
+side-by-side rate is counted only while every run is past its warm-up and none has finished: the
+machine's updates a second with all runs training, against one run's.
 
     python -m fairseq_ext.experiments.parallel_throughput --glue-dir glue_data --task STS-B \\
         --modes bitfit-all full --runs 2 --rounds 2 --output-dir outputs/parallel_throughput
@@ -17,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Sequence, Tuple
@@ -30,6 +32,7 @@ from ..training.options import FULL
 from ..training.timed_updates import UpdateTime, check_train_py_modes, prepared_timing_task, train_timed
 
 PROG = "parallel_throughput"
+READY = ".ready"  # beside a run's times file: the run is ready for its first update
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,11 @@ class WorkerJob:
     argv: List[str]
     updates: int
     times_file: str  # where the worker writes each update's [start, end]
+    ready_files: List[str]  # one per run started together: each run's first update waits for all of them
+
+    @property
+    def ready_file(self) -> str:
+        return self.times_file + READY
 
 
 def machine_rate(timelines: Sequence[Sequence[UpdateTime]], warmup: int) -> Tuple[float, List[float]]:
@@ -49,8 +57,23 @@ def machine_rate(timelines: Sequence[Sequence[UpdateTime]], warmup: int) -> Tupl
     if end <= start:
         raise UserError(f"--updates: the runs did not train side by side after their {warmup} warm-up updates; "
                         "give more updates")
-    per_run = [sum(1 for update in timeline if start < update.end <= end) / (end - start) for timeline in timelines]
+    counts = [sum(1 for update in timeline if start < update.end <= end) for timeline in timelines]
+    if 0 in counts:
+        raise UserError(f"--updates: a run trained no update while all trained after their {warmup} warm-up "
+                        "updates; give more updates")
+    per_run = [count / (end - start) for count in counts]
     return sum(per_run), per_run
+
+
+def wait_for_every_run(job: WorkerJob, timeout_s: float = 600.0) -> None:
+    """Say this run is ready for its first update, and wait until every run started with it is: interpreter
+    starts and model loading differ by seconds, and the timed updates should overlap from the first."""
+    Path(job.ready_file).touch()
+    deadline = time.monotonic() + timeout_s
+    while not all(Path(name).exists() for name in job.ready_files):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the runs started with {job.times_file} were not all ready within {timeout_s:.0f} s")
+        time.sleep(0.01)
 
 
 def train_side_by_side(jobs: Sequence[WorkerJob], threads: int) -> List[List[UpdateTime]]:
@@ -97,7 +120,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.worker:  # a process the measurement started: train, and write the times
         job = WorkerJob(**json.loads(Path(args.worker).read_text()))
-        times = train_timed(job.argv, job.updates)
+        times = train_timed(job.argv, job.updates, lambda trainer: wait_for_every_run(job))
         write_text_atomically(job.times_file, json.dumps([[update.start, update.end] for update in times]))
         return
     glue_dir, spec = glue_task(args)
@@ -112,16 +135,19 @@ def main(argv=None) -> None:
         for round_number in range(1, args.rounds + 1):
             for mode in args.modes:
                 recipe = default_recipe(mode, spec.name, task.train_rows, task.model_params)
-                jobs = [WorkerJob(train_command(spec, task.model, task.data_dir, task.workdir / f"{mode}-{i}", mode,
-                                                recipe, recipe.lrs[0], 1, task.train_rows, 1,
-                                                args.train_py_args.split(), 128).args,
-                                  args.updates, str(task.workdir / f"{mode}-{i}.times.json")) for i in range(args.runs)]
+                def jobs(count: int, name: str) -> List[WorkerJob]:
+                    times = [str(task.workdir / f"{mode}-{round_number}-{name}-{i}.times.json") for i in range(count)]
+                    return [WorkerJob(train_command(spec, task.model, task.data_dir, task.workdir / f"{mode}-{name}-{i}",
+                                                    mode, recipe, recipe.lrs[0], 1, task.train_rows, 1,
+                                                    args.train_py_args.split(), 128).args,
+                                      args.updates, times[i], [t + READY for t in times]) for i in range(count)]
+
                 threads_each = max(1, cores // args.runs)
                 print(f"{spec.name} {mode}, round {round_number}: one run, {cores} threads ...", file=sys.stderr, flush=True)
-                one, _ = machine_rate(train_side_by_side(jobs[:1], cores), args.warmup)
+                one, _ = machine_rate(train_side_by_side(jobs(1, "alone"), cores), args.warmup)
                 print(f"{spec.name} {mode}, round {round_number}: {args.runs} runs × {threads_each} threads ...",
                       file=sys.stderr, flush=True)
-                together, each = machine_rate(train_side_by_side(jobs, threads_each), args.warmup)
+                together, each = machine_rate(train_side_by_side(jobs(args.runs, "together"), threads_each), args.warmup)
                 rows.append({"task": spec.name, "mode": mode, "round": round_number, "threads": cores,
                              "one_run": round(one, 4), "runs": args.runs, "threads_each": threads_each,
                              "side_by_side": round(together, 4), "side_by_side_each": [round(r, 4) for r in each],
