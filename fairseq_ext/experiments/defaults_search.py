@@ -126,20 +126,23 @@ def with_early_stopping(row: dict, patience: int) -> dict:
                 dev=kept[best_epoch], updates=row["updates"] // len(epochs) * stop)
 
 
+def runs_by_lr(root: Path, cell: Cell) -> Dict[float, List[dict]]:
+    """The search's rows (seed SEED, full training data) of each of the cell's learning rates, from the ledger
+    of the cell trained for it."""
+    results = root / cell.trained_as.name / "results.json"
+    rows = json.loads(results.read_text()).get("runs", []) if results.exists() else []
+    return {lr: [r for r in rows if abs(r["lr"] - lr) <= 1e-12 * lr and r["seed"] == SEED and not r.get("size_curve")]
+            for lr in cell.lrs}
+
+
 def read_settings(root: Path, cells: Sequence[Cell] = GRID) -> List[Setting]:
     """Every finished setting under ``root``, from each cell's results.json (early stopping on: from the
     runs of the cell trained for it, cut where patience would have stopped them)."""
     settings = []
     for cell in cells:
-        results = root / cell.trained_as.name / "results.json"
-        if not results.exists():
-            continue
-        rows = json.loads(results.read_text()).get("runs", [])
-        if cell.early_stop:
-            rows = [with_early_stopping(row, PATIENCE) for row in rows if "curve" in row]
-        for lr in cell.lrs:
-            mine = [r for r in rows if abs(r["lr"] - lr) <= 1e-12 * lr and r["seed"] == SEED
-                    and not r.get("size_curve")]
+        for lr, mine in runs_by_lr(root, cell).items():
+            if cell.early_stop:
+                mine = [with_early_stopping(row, PATIENCE) for row in mine if "curve" in row]
             scores = {r["task"]: r["dev"]["glue_score"] for r in mine if "glue_score" in r.get("dev", {})}
             if scores:
                 settings.append(Setting(cell, lr, scores, sum(int(r.get("updates") or 0) for r in mine)))
@@ -189,21 +192,14 @@ def summary(settings: Sequence[Setting], planned: Sequence[Cell]) -> Tuple[dict,
     return data, "\n".join(lines) + "\n"
 
 
-def finished_runs(root: Path, cell: Cell) -> int:
-    """How many of a trained cell's runs (its learning rates on every task, seed SEED) its ledger holds."""
-    results = root / cell.name / "results.json"
-    rows = json.loads(results.read_text()).get("runs", []) if results.exists() else []
-    return len({(r["task"], r["lr"]) for r in rows if r["seed"] == SEED and r["task"] in TASKS
-                and not r.get("size_curve") and any(abs(r["lr"] - lr) <= 1e-12 * lr for lr in cell.lrs)})
-
-
 def run(glue_dir: Path, root: Path, cells: Sequence[Cell], passthrough: Sequence[str], resume: str,
         parallel: int = 1) -> None:
     """Each cell's runner jobs in turn (finished runs are reused), the summary rewritten after each cell;
     ``resume``: the command a stopped search is continued with (the runner prints it when stopped)."""
     environment = dict(os.environ, GLUE_BITFIT_COMMAND=resume)
     trained = list(dict.fromkeys(cell.trained_as for cell in cells))
-    done = {cell: finished_runs(root, cell) for cell in trained}
+    done = {cell: sum(len({r["task"] for r in rows} & set(TASKS)) for rows in runs_by_lr(root, cell).values())
+            for cell in trained}
     total = sum(len(cell.lrs) * len(TASKS) for cell in trained)
     print(f"defaults search: {len(trained)} cell{'s' if len(trained) != 1 else ''} to train, {total} runs ({sum(done.values())} done earlier, "
           f"{total - sum(done.values())} to go; each cell's runner job shows its progress and ETA)", flush=True)

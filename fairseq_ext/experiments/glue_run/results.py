@@ -282,8 +282,8 @@ def relative_to_full_markdown(table: Summary, specs: dict) -> List[str]:
         return []
 
     def primary_mean(line: SummaryLine, index: int) -> Optional[float]:
-        runs = table.best.get((table.tasks[index], line.mode))
-        return _mean([r["dev"].get(specs[table.tasks[index]].primary_metric) for r in runs]) if runs else None
+        task, cell = table.tasks[index], line.cells[index]
+        return cell.spreads[table.metrics[task].index(specs[task].primary_metric)][0] if cell else None
 
     def ratio(value: Optional[float], reference: Optional[float]) -> str:
         return "–" if value is None or reference is None or reference <= 0 else f"{value / reference:.3f}×"
