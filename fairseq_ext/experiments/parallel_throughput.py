@@ -32,7 +32,11 @@ from ..training.options import FULL
 from ..training.timed_updates import UpdateTime, check_train_py_modes, prepared_timing_task, train_timed
 
 PROG = "parallel_throughput"
-READY = ".ready"  # beside a run's times file: the run is ready for its first update
+
+
+def ready_file(times_file: str) -> str:
+    """Beside a run's times file: the run is ready for its first update."""
+    return times_file + ".ready"
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class WorkerJob:
 
     @property
     def ready_file(self) -> str:
-        return self.times_file + READY
+        return ready_file(self.times_file)
 
 
 def machine_rate(timelines: Sequence[Sequence[UpdateTime]], warmup: int) -> Tuple[float, List[float]]:
@@ -140,7 +144,7 @@ def main(argv=None) -> None:
                     return [WorkerJob(train_command(spec, task.model, task.data_dir, task.workdir / f"{mode}-{name}-{i}",
                                                     mode, recipe, recipe.lrs[0], 1, task.train_rows, 1,
                                                     args.train_py_args.split(), 128).args,
-                                      args.updates, times[i], [t + READY for t in times]) for i in range(count)]
+                                      args.updates, times[i], [ready_file(t) for t in times]) for i in range(count)]
 
                 threads_each = max(1, cores // args.runs)
                 print(f"{spec.name} {mode}, round {round_number}: one run, {cores} threads ...", file=sys.stderr, flush=True)
