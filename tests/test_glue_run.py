@@ -13,7 +13,8 @@ import pytest
 import tiny
 from fairseq_ext.experiments import glue_run
 from fairseq_ext.experiments.glue_run import settings
-from fairseq_ext.experiments.glue_run.results import MEASURED_FIELDS
+from fairseq_ext.core.glue_tasks import TASK_NAMES, TASKS
+from fairseq_ext.experiments.glue_run.results import MEASURED_FIELDS, results_markdown
 from synthetic_glue import make_glue_dir
 
 SCRIPT = tiny.REPO / "run_scripts" / "glue_bitfit.sh"
@@ -195,6 +196,21 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes_mid_epoch(glue,
     assert json.loads((run_dir / "run.json").read_text())["result"]["updates"] == 40
 
 
+def test_a_stopped_job_keeps_the_rows_of_the_runs_it_finished(glue, tmp_path):
+    """results.json is written as each run finishes, not only when the job ends: stopped during its second
+    run, a job's ledger holds its first run's row, as that run's folder recorded it."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLUE_DIR=str(glue), TASKS="CoLA", OUTPUT_DIR=str(out),
+               TRAIN_SUBSET="48", SEEDS="1 2")
+    job = subprocess.Popen(["bash", str(SCRIPT), "--batch-size", "8", "--max-update", "12"], env=env, cwd=tiny.REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = out / "runs" / "CoLA" / "bitfit-ofa"
+    tiny.interrupt_when(job, lambda: (runs / "lr0.001-seed2" / "run_record.json").exists())
+    first = json.loads((runs / "lr0.001-seed1" / "run.json").read_text())["result"]
+    assert json.loads((out / "results.json").read_text())["runs"] == [first]
+    assert (out / "results.md").read_text() == results_markdown([first], {name: TASKS[name] for name in TASK_NAMES})
+
+
 def read_last_launch(record):
     return json.loads(record.read_text())["launches"][-1]
 
@@ -347,6 +363,37 @@ def test_a_run_whose_folder_was_deleted_is_done_by_its_row_in_results_json(glue,
     assert refused.returncode == 2, refused.stdout + refused.stderr
     errors = [line for line in refused.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "results.json holds a row" in errors[0] and "--batch-size 16 -> 8" in errors[0]
+
+
+def test_a_ledger_is_reused_where_the_base_model_lives_elsewhere(glue, cola_subset_run, tmp_path):
+    """A row names its base checkpoint by its bytes, not its path: results.json copied to a machine whose
+    model cache is another folder is reused as it is; a row recorded with the path (before digests) is
+    reused where that file is, and a row of another base is refused in one line."""
+    out = tmp_path / "out"
+    shutil.copytree(cola_subset_run / "data", out / "data")
+    shutil.copy(cola_subset_run / "results.json", out / "results.json")
+    results = json.loads((out / "results.json").read_text())
+    settings_recorded = results["runs"][0]["settings"]
+    assert "BASE" in settings_recorded["train_args"] and settings_recorded["base"].startswith("sha256:")
+    elsewhere = dict(SUBSET_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(out), FAIRSEQ_EXT_CACHE=str(tmp_path / "cache"))
+    again = glue_script(elsewhere, *SUBSET_ARGS)
+    assert str(tmp_path / "cache") in again.stdout  # the model was converted into the other cache, and used
+    assert "done earlier (its row in results.json)" in again.stdout and ": training (" not in again.stdout
+
+    checkpoint = tmp_path / "cache" / "all-minilm-l6-v2" / "model.pt"
+    train_args = settings_recorded["train_args"]
+    train_args[train_args.index("BASE")] = str(checkpoint)
+    del settings_recorded["base"]  # as rows were recorded before the digest
+    (out / "results.json").write_text(json.dumps(results))
+    assert "done earlier (its row in results.json)" in glue_script(elsewhere, *SUBSET_ARGS).stdout
+
+    settings_recorded["base"] = "sha256:" + "0" * 64
+    train_args[train_args.index(str(checkpoint))] = "BASE"
+    (out / "results.json").write_text(json.dumps(results))
+    refused = glue_script(elsewhere, *SUBSET_ARGS, check=False)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "the base model (its checkpoint: sha256:000" in errors[0], refused.stderr
 
 
 def test_delta_only_runs_still_write_the_leaderboard_files(glue, cola_subset_run, tmp_path):

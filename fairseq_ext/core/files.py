@@ -1,4 +1,5 @@
 """Write a file so that it is either the old one or the whole new one, never half of it."""
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,15 @@ def write_atomically(path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def file_sha256(path) -> str:
+    """The hex sha256 of a file's bytes, read a block at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text_atomically(path, text: str) -> None:

@@ -80,6 +80,15 @@ def wait_for_every_run(job: WorkerJob, timeout_s: float = 600.0) -> None:
         time.sleep(0.01)
 
 
+def worker_jobs(task, spec, mode: str, label: str, count: int, args) -> List[WorkerJob]:
+    """``count`` runs of ``mode`` at its default recipe, started together (``label`` names their files)."""
+    recipe = default_recipe(mode, spec.name, task.train_rows, task.model_params)
+    times = [str(task.workdir / f"{mode}-{label}-{i}.times.json") for i in range(count)]
+    return [WorkerJob(train_command(spec, task.model, task.data_dir, task.workdir / f"{mode}-{label}-{i}", mode, recipe,
+                                    recipe.lrs[0], 1, task.train_rows, 1, args.train_py_args.split(), 128).args,
+                      args.updates, times[i], [ready_file(t) for t in times]) for i in range(count)]
+
+
 def train_side_by_side(jobs: Sequence[WorkerJob], threads: int) -> List[List[UpdateTime]]:
     """Start a worker process for each job at once, ``threads`` threads each; every update's times."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -138,20 +147,14 @@ def main(argv=None) -> None:
     with prepared_timing_task(glue_dir, spec, "parallel-throughput-") as task:
         for round_number in range(1, args.rounds + 1):
             for mode in args.modes:
-                recipe = default_recipe(mode, spec.name, task.train_rows, task.model_params)
-                def jobs(count: int, name: str) -> List[WorkerJob]:
-                    times = [str(task.workdir / f"{mode}-{round_number}-{name}-{i}.times.json") for i in range(count)]
-                    return [WorkerJob(train_command(spec, task.model, task.data_dir, task.workdir / f"{mode}-{name}-{i}",
-                                                    mode, recipe, recipe.lrs[0], 1, task.train_rows, 1,
-                                                    args.train_py_args.split(), 128).args,
-                                      args.updates, times[i], [ready_file(t) for t in times]) for i in range(count)]
-
                 threads_each = max(1, cores // args.runs)
                 print(f"{spec.name} {mode}, round {round_number}: one run, {cores} threads ...", file=sys.stderr, flush=True)
-                one, _ = machine_rate(train_side_by_side(jobs(1, "alone"), cores), args.warmup)
+                alone = worker_jobs(task, spec, mode, f"{round_number}-alone", 1, args)
+                one, _ = machine_rate(train_side_by_side(alone, cores), args.warmup)
                 print(f"{spec.name} {mode}, round {round_number}: {args.runs} runs × {threads_each} threads ...",
                       file=sys.stderr, flush=True)
-                together, each = machine_rate(train_side_by_side(jobs(args.runs, "together"), threads_each), args.warmup)
+                side_by_side = worker_jobs(task, spec, mode, f"{round_number}-together", args.runs, args)
+                together, each = machine_rate(train_side_by_side(side_by_side, threads_each), args.warmup)
                 rows.append({"task": spec.name, "mode": mode, "round": round_number, "threads": cores,
                              "one_run": round(one, 4), "runs": args.runs, "threads_each": threads_each,
                              "side_by_side": round(together, 4), "side_by_side_each": [round(r, 4) for r in each],

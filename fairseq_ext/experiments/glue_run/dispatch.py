@@ -19,6 +19,7 @@ from ...plugin.data.glue_prepare import read_test_indices
 from ...plugin.glue_split_predictions import load_base_and_delta, load_checkpoint, predict_prepared_split
 from ...training.options import TRAIN_COMMAND, TRAIN_MODULE
 from .plan import PlannedRun
+from .results import write_results
 from .run_file import RUN_FILE, RunFile
 from .console import JobProgress, finished_line, say
 from .runs import JobStage, LocalTraining, StartTraining, SubmititTraining, launch_train_py
@@ -103,6 +104,7 @@ def _train_and_collect(run: PlannedRun, args, job: JobProgress, stage: "JobStage
     run_file = RunFile.read(run_dir)
     run_file.result = row
     run_file.write(run_dir)
+    write_results(Path(args.output_dir), [row])
     job.finished(run, parsed["updates"], wall)
     say(f"  {run.label}: {finished_line(row, parsed['early_stop'])}")
     return row

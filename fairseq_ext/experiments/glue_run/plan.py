@@ -17,6 +17,7 @@ from ...plugin.models.pretrained import default_model_dir
 from ...training.glue_recipe import Recipe, TrainCommand, train_command
 from ...training.launch import PRECISION_FLAGS, cpu_native_bf16
 from ...training.options import BITFIT_PREFIX, HEAD_ONLY, mode_flags, mode_label, parse_options
+from .base_identity import BASE, base_change, base_digest, comparable_settings
 from .results import Ledger
 from .console import saved_updates
 from .run_file import RunFile, finished_result
@@ -129,12 +130,13 @@ def choose_bf16_base(setting: str, modes: Sequence[str], passthrough: Sequence[s
     return BaseChoice(True, on_line + f": this CPU has {native}; BF16_BASE=off for fp32)")
 
 
-def run_settings(command: TrainCommand, prepared: Path, run_dir: Path, manifest: dict) -> dict:
-    """What a run's result depends on: train.py's arguments (folders as placeholders, logging and saving
-    flags aside) and the prepared data's key."""
-    folders = {str(prepared): "DATA", str(run_dir): "RUN_DIR"}
-    return {"train_args": [folders.get(arg, arg) for arg in command.settings_args],
-            "data": manifest.get("cache_key") or manifest["splits"]}
+def run_settings(command: TrainCommand, prepared: Path, run_dir: Path, checkpoint: str, manifest: dict) -> dict:
+    """What a run's result depends on: train.py's arguments (folders and the base checkpoint as placeholders,
+    logging and saving flags aside), the prepared data's key and the base checkpoint's digest."""
+    places = {str(prepared): "DATA", str(run_dir): "RUN_DIR", str(checkpoint): BASE}
+    return {"train_args": [places.get(arg, arg) for arg in command.settings_args],
+            "data": manifest.get("cache_key") or manifest["splits"],
+            "base": base_digest(checkpoint)}
 
 
 # train.py options that only log and save: a run trained with other values of them is the same run.
@@ -148,11 +150,16 @@ def _trained_options(train_args: List[str]) -> Dict[str, object]:
 
 def settings_change(before: dict, settings: dict, manifest: dict) -> Optional[str]:
     """What differs between the settings a run was trained with and ``settings`` (of data prepared as
-    ``manifest`` says); None if nothing.  Arguments are compared as train.py reads them: their order, a
-    flag's spelling and flags given twice do not matter, a changed value does."""
+    ``manifest`` says); None if nothing.  The base model is compared by its checkpoint's digest, the
+    arguments as train.py reads them: their order, a flag's spelling and flags given twice do not matter,
+    a changed value does."""
+    before = comparable_settings(before)
     recorded_data = settings["data"] if same_data(before["data"], manifest) else before["data"]
     if recorded_data != settings["data"]:  # the data's key: its rows, or the file key it was recorded under
         return "the training data (GLUE files, TRAIN_SUBSET or the model's tokenizer)"
+    base = base_change(before, settings)
+    if base:
+        return base
     if before["train_args"] == settings["train_args"]:
         return None
     try:
@@ -224,7 +231,7 @@ def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, m
     world_size = args.nproc * args.nnodes
     command = train_command(spec, model, prepared, run_dir, mode, recipe, lr, seed, train_rows, world_size,
                             passthrough, args.max_seq_len, bookkeeping)
-    settings = run_settings(command, prepared, run_dir, manifest)
+    settings = run_settings(command, prepared, run_dir, model.checkpoint, manifest)
     row = ledger.row(spec.name, mode, lr, seed, train_subset if curve else None)
     check_same_settings(run_dir, settings, manifest, row, ledger.path)
     recorded = row if row is not None and row.get("settings") is not None and \

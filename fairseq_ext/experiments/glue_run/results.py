@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import statistics
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -22,6 +23,7 @@ from ...plugin.analysis import delta_bias_change, write_bias_change
 from ...plugin.checkpoints import load_checkpoint_file
 from ...plugin.models.hf_export import export
 from ...training.options import BITFIT_PREFIX
+from .base_identity import comparable_settings
 
 logger = logging.getLogger(__name__)
 
@@ -386,10 +388,26 @@ def results_latex(rows: List[dict], specs: dict) -> Optional[str]:
     ]) + "\n"
 
 
+def _with_comparable_settings(row: dict) -> dict:
+    """A row as the ledger keeps it: its base checkpoint named by digest where it was recorded by path."""
+    return {**row, "settings": comparable_settings(row["settings"])} if row.get("settings") else row
+
+
+_writing = threading.Lock()  # runs trained side by side finish in threads of one job: they add their rows in turn
+
+
 def write_results(output_dir: Path, new_rows: List[dict]) -> List[dict]:
+    """results.json (the ledger), results.md and results.tex with ``new_rows`` added or replaced: written after
+    each finished run, so a job that stops keeps its finished runs' rows."""
+    with _writing:
+        return _write_results(output_dir, new_rows)
+
+
+def _write_results(output_dir: Path, new_rows: List[dict]) -> List[dict]:
     path = output_dir / "results.json"
     rows = {run_key(r): r for r in load_results(path)}
     rows.update({run_key(r): r for r in new_rows})
+    rows = {key: _with_comparable_settings(row) for key, row in rows.items()}
     rows = sorted(rows.values(), key=run_key)
     specs = {name: TASKS[name] for name in TASK_NAMES}
     write_text_atomically(path, json.dumps({"how_chosen": HOW_CHOSEN, "runs": rows}, indent=1) + "\n")

@@ -39,7 +39,7 @@ from fairseq.binarizer import BinarizeSummary, VocabularyDatasetBinarizer
 from fairseq.data import Dictionary, indexed_dataset
 
 from ...core.errors import UserError
-from ...core.files import write_text_atomically
+from ...core.files import file_sha256, write_text_atomically
 from ...core.glue_files import SplitRows, check_glue_dir, missing_file_error, read_tsv, task_file
 from ...core.glue_tasks import GlueTaskSpec, get_task_spec
 from ...core.progress import eta_seconds, format_duration
@@ -66,21 +66,13 @@ class _Tokenizer:
     fingerprint: Optional[dict]  # None: the tokenizer cannot be identified, so no caching
 
 
-def _file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _resolve_tokenizer(model_dir_or_bpe, dictionary, tokenizer_files: Sequence) -> _Tokenizer:
     is_model_dir = isinstance(model_dir_or_bpe, (str, os.PathLike)) or hasattr(model_dir_or_bpe, "bpe_args")
     if not is_model_dir:  # a BPE object
         if not hasattr(model_dir_or_bpe, "encode"):
             raise TypeError(f"expected a model directory or a BPE object with .encode(), got {model_dir_or_bpe!r}")
         bpe, model_dir = model_dir_or_bpe, None
-        files = {str(f): _file_sha256(f) for f in tokenizer_files}
+        files = {str(f): file_sha256(f) for f in tokenizer_files}
         fingerprint = {"bpe": f"{type(bpe).__module__}.{type(bpe).__qualname__}", "files": files} if files else None
     else:
         model_dir = model_dir_or_bpe
@@ -90,7 +82,7 @@ def _resolve_tokenizer(model_dir_or_bpe, dictionary, tokenizer_files: Sequence) 
         files, settings = {}, {}
         for key, value in sorted(dict(model_dir.bpe_args).items()):
             if isinstance(value, (str, os.PathLike)) and Path(value).is_file():
-                files[key] = _file_sha256(value)
+                files[key] = file_sha256(value)
             else:
                 settings[key] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
         fingerprint = {"family": getattr(model_dir, "family", None), "bpe_args": settings, "files": files}
@@ -206,7 +198,7 @@ def prepare_task(
     if tokenizer.fingerprint is not None:
         inputs = {split: rows.digest() for split, rows in read.items()}
         cache_key = _cache_key(spec, inputs, tokenizer, train_subset, train_subset_seed)
-        file_cache_key = _cache_key(spec, {split.name: _file_sha256(path) for split, path in present}, tokenizer,
+        file_cache_key = _cache_key(spec, {split.name: file_sha256(path) for split, path in present}, tokenizer,
                                     train_subset, train_subset_seed)
         cached = _cached_manifest(out_dir, cache_key, file_cache_key)
         if cached is not None:
@@ -249,7 +241,7 @@ def _cache_key(spec, inputs: Dict[str, str], tokenizer: _Tokenizer, train_subset
         "task": spec.name,
         "inputs": inputs,
         "tokenizer": tokenizer.fingerprint,
-        "dictionary": _file_sha256(tokenizer.dictionary_path),
+        "dictionary": file_sha256(tokenizer.dictionary_path),
         "train_subset": [train_subset, train_subset_seed] if train_subset else None,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
