@@ -99,6 +99,7 @@ def test_a_cell_trains_on_the_three_tasks_resumes_and_its_early_stopping_twin_is
     cut = search.with_early_stopping(straight, search.PATIENCE)
     assert trained["updates"] == cut["updates"] == 8
     assert (trained["best_epoch"], trained["dev"], trained["curve"]) == (cut["best_epoch"], cut["dev"], cut["curve"])
+    assert trained["loss_curve"] == cut["loss_curve"] and sorted(cut["loss_curve"], key=int) == ["1", "2", "3", "4"]
     capfd.readouterr()
 
     search.main(argv)

@@ -81,6 +81,11 @@ def test_results_have_the_official_metrics_for_every_mode(glue_output):
     assert manifest["splits"]["train"]["rows_read"] == manifest["splits"]["train"]["rows_written"] == TRAIN_ROWS
     bitfit, full = by_key["CoLA", "bitfit-ofa"], by_key["CoLA", "full"]
     assert bitfit["trainable"] < 0.01 * bitfit["total"] and full["trainable"] == full["total"]
+    # Each epoch's training and dev loss, as the run's record has them.
+    record = json.loads((out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1" / "run_record.json").read_text())
+    losses = {tag: [entry["values"]["loss"] for entry in record["stats"] if entry["tag"] == tag]
+              for tag in ("train", "valid")}
+    assert bitfit["loss_curve"] == {"1": {"train": losses["train"][-1], "dev": losses["valid"][-1]}}
     assert bitfit["updates"] == full["updates"] == 4
     assert "CoLA bitfit-ofa lr 0.001 seed 1: training" in first.stdout
     # Live progress comes from each run's record: its parameter counts and dev metrics.
@@ -95,7 +100,8 @@ def test_markdown_table_compares_modes_and_plot_is_a_png(glue_output):
     table = (out / "results.md").read_text()
     assert "| full |" in table and "| bitfit-ofa |" in table
     assert "CoLA (mcc)" in table and "STS-B (pearson/spearman)" in table
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("curves.png", "loss_curves.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # results.tex holds the same numbers, mode by mode, for a paper.
     latex = (out / "results.tex").read_text()
     modes = [line.split(" | ")[0][2:] for line in table.splitlines() if line.startswith("| bitfit") or

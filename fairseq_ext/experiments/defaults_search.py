@@ -122,8 +122,11 @@ def with_early_stopping(row: dict, patience: int) -> dict:
             break
     kept = {epoch: curve[epoch] for epoch in epochs[:stop]}
     best_epoch = max(kept, key=lambda epoch: (kept[epoch][row["primary_metric"]], -epoch))  # as the runner picks
-    return dict(row, curve={str(epoch): values for epoch, values in kept.items()}, best_epoch=best_epoch,
-                dev=kept[best_epoch], updates=row["updates"] // len(epochs) * stop)
+    cut = dict(row, curve={str(epoch): values for epoch, values in kept.items()}, best_epoch=best_epoch,
+               dev=kept[best_epoch], updates=row["updates"] // len(epochs) * stop)
+    if "loss_curve" in row:
+        cut["loss_curve"] = {epoch: losses for epoch, losses in row["loss_curve"].items() if int(epoch) <= stop}
+    return cut
 
 
 def runs_by_lr(root: Path, cell: Cell) -> Dict[float, List[dict]]:

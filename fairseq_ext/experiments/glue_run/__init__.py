@@ -42,7 +42,7 @@ from ...training.glue_recipe import check_user_arguments, default_recipe
 from . import settings
 from .dispatch import Dispatch, run_summary
 from .plan import bookkeeping_args, choose_bf16_base, plan_run, present_tasks, resolve_model, run_modes
-from .plots import plot_curves, plot_size_curves
+from .plots import plot_curves, plot_loss_curves, plot_size_curves
 from .results import (Ledger, collect_predictions, export_best_runs, summary_markdown, write_bias_change_of_best_runs,
                       write_results)
 from .console import JobProgress
@@ -180,11 +180,13 @@ def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_
         return
     all_rows = write_results(output_dir, rows)
     plot_curves(all_rows, TASKS, output_dir / "curves.png")
+    plot_loss_curves(all_rows, TASKS, output_dir / "loss_curves.png")
     plot_size_curves(all_rows, TASKS, output_dir / "size_curves.png")
     collect_predictions(output_dir, all_rows)
     write_bias_change_of_best_runs(output_dir, all_rows, model.checkpoint)
     exported = export_best_runs(output_dir, all_rows, model.path) if args.export == "hf" else []
     print(f"\n{summary_markdown(all_rows, TASKS).strip()}\n", flush=True)
     written = [output_dir / name for name in ("results.json", "results.md", "results.tex", "curves.png",
-                                               "size_curves.png", "bias_change/bias_change.png", "predictions")]
+                                               "loss_curves.png", "size_curves.png", "bias_change/bias_change.png",
+                                               "predictions")]
     print("results: " + ", ".join(str(path) for path in written + exported if path.exists()))

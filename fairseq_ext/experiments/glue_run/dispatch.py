@@ -47,10 +47,30 @@ def run_summary(record: dict, spec) -> dict:
     train_walls = [float(values["train_wall"]) for values in epoch_stats(record, "train").values()
                    if "train_wall" in values]
     peaks = [launch["peak_memory_bytes"] for launch in record.get("launches", []) if "peak_memory_bytes" in launch]
-    return {"epochs": dict(sorted(epochs.items())), "trainable": parameters.get("trainable"),
+    return {"epochs": dict(sorted(epochs.items())), "losses": loss_curve(record, spec),
+            "trainable": parameters.get("trainable"),
             "total": parameters.get("total"), "updates": updates, "early_stop": record.get("early_stop"),
             "epoch_train_s": round(sum(train_walls) / len(train_walls), 1) if train_walls else None,
             "peak_memory_bytes": max(peaks) if peaks else None}
+
+
+def loss_curve(record: dict, spec) -> Dict[str, dict]:
+    """Each epoch's training loss (the epoch's mean) and dev loss, as fairseq logs them (bits per sentence for
+    classification, squared error for regression): what says whether a run was still learning."""
+    curve: Dict[str, dict] = {}
+    for key, tag in (("train", "train"), ("dev", spec.valid_subsets[0])):
+        for epoch, values in epoch_stats(record, tag).items():
+            if "loss" in values:
+                curve.setdefault(str(epoch), {})[key] = float(values["loss"])
+    return dict(sorted(curve.items(), key=lambda item: int(item[0])))
+
+
+def with_loss_curve(row: dict, run_dir: Path, spec) -> dict:
+    """A row finished before rows kept their loss curve, given it from its run record where that is kept."""
+    record = run_dir / RECORD_NAME
+    if "loss_curve" in row or not record.exists():
+        return row
+    return {**row, "loss_curve": loss_curve(read_run_record(record), spec)}
 
 
 def _best_delta_bytes(run_dir: Path) -> Optional[int]:
@@ -67,7 +87,7 @@ def best_epoch(epochs: Dict[int, dict], primary: str) -> Optional[int]:
 def train_or_reuse(run: PlannedRun, args, job: JobProgress, stage: "JobStage", start: StartTraining = LocalTraining) -> dict:
     if run.result is not None:
         say(f"  {run.label}: done earlier ({run.run_dir / RUN_FILE})")
-        return run.result
+        return with_loss_curve(run.result, run.run_dir, run.spec)
     if run.recorded is not None:  # its folder is gone, its row is kept
         say(f"  {run.label}: done earlier (its row in results.json)")
         return run.recorded
@@ -95,7 +115,7 @@ def _train_and_collect(run: PlannedRun, args, job: JobProgress, stage: "JobStage
     parsed = run_summary(read_run_record(run_dir / RECORD_NAME), spec)
     best = best_epoch(parsed["epochs"], spec.primary_metric)
     row.update(dev=parsed["epochs"].get(best, {}), best_epoch=best,
-               curve={str(e): v for e, v in sorted(parsed["epochs"].items())},
+               curve={str(e): v for e, v in sorted(parsed["epochs"].items())}, loss_curve=parsed["losses"],
                trainable=parsed["trainable"], total=parsed["total"], updates=parsed["updates"],
                epoch_train_s=parsed["epoch_train_s"], peak_memory_bytes=parsed["peak_memory_bytes"],
                delta_bytes=_best_delta_bytes(run_dir),

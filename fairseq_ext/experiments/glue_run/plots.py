@@ -1,5 +1,6 @@
-"""The GLUE job's figures: curves.png (dev score per epoch, a panel per task, a line per mode) and
-size_curves.png (dev score against training rows), each line the mean over seeds with a one-std band."""
+"""The GLUE job's figures: curves.png (dev score per epoch, a panel per task, a line per mode),
+loss_curves.png (training and dev loss per epoch) and size_curves.png (dev score against training
+rows), each line the mean over seeds (with a one-std band on the score figures)."""
 from pathlib import Path
 from typing import List
 
@@ -37,6 +38,42 @@ def plot_curves(rows: List[dict], specs: dict, path: Path) -> None:
                 ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         _label_panel(ax, task, "epoch", primary)
+    _save_figure(fig, path)
+
+
+def plot_loss_curves(rows: List[dict], specs: dict, path: Path) -> None:
+    """Training loss (solid) and dev loss (dashed) per epoch, one panel per task, one colour per mode (its
+    best lr), the mean over seeds: whether a run still learned when its budget ended, and whether it fit
+    its training data beyond what generalises.  Rows from before losses were kept are left out."""
+    best = {key: [run for run in runs if run.get("loss_curve")] for key, runs in best_rows(main_rows(rows)).items()}
+    best = {key: runs for key, runs in best.items() if runs}
+    tasks = [t for t in specs if any(k[0] == t for k in best)]
+    if not tasks:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for (t, mode), runs in sorted(best.items(), key=lambda item: _mode_order(item[0][1])):
+            if t != task:
+                continue
+            epochs = sorted({int(e) for run in runs for e in run["loss_curve"]})
+            colour = None
+            for split, style in (("train", "-"), ("dev", "--")):
+                means = [_spread([run["loss_curve"].get(str(e), {}).get(split) for run in runs])[0] for e in epochs]
+                line, = ax.plot(epochs, means, style, marker="o", markersize=2, color=colour,
+                                label=f"{mode} {split} (lr {runs[0]['lr']:g})")
+                colour = line.get_color()
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_title(task)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss (fairseq's: " + ("squared error / ln 2)" if specs[task].regression else "bits / sentence)"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     _save_figure(fig, path)
 
 
