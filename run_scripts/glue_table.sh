@@ -9,10 +9,11 @@
 #   OUTPUT_DIR  where data, runs and results go                            [outputs/glue_table]
 #   SEEDS       space-separated seeds                                      [1 2 3]
 #   MODE        the table's rows                     [full bitfit-ofa bitfit-all bitfit-q,m2 head]
+#   REUSE_RESULTS  other jobs' results.json files: runs there with the same settings are taken, not trained
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export GLUE_DIR="${GLUE_DIR:-glue_data}" OUTPUT_DIR="${OUTPUT_DIR:-outputs/glue_table}" SEEDS="${SEEDS:-1 2 3}"
 export MODE="${MODE:-full bitfit-ofa bitfit-all bitfit-q,m2 head}"
-export GLUE_BITFIT_COMMAND="GLUE_DIR=$(printf '%q' "${GLUE_DIR}") OUTPUT_DIR=$(printf '%q' "${OUTPUT_DIR}") SEEDS=$(printf '%q' "${SEEDS}") MODE=$(printf '%q' "${MODE}") bash $(printf '%q' "$0")"
+export GLUE_BITFIT_COMMAND="GLUE_DIR=$(printf '%q' "${GLUE_DIR}") OUTPUT_DIR=$(printf '%q' "${OUTPUT_DIR}") SEEDS=$(printf '%q' "${SEEDS}") MODE=$(printf '%q' "${MODE}")${REUSE_RESULTS:+ REUSE_RESULTS=$(printf '%q' "${REUSE_RESULTS}")} bash $(printf '%q' "$0")"
 TASKS="CoLA STS-B" bash "${here}/glue_bitfit.sh"
 TASKS="SST-2" TRAIN_SUBSET=8000 bash "${here}/glue_bitfit.sh"

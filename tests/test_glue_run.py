@@ -402,6 +402,28 @@ def test_a_ledger_is_reused_where_the_base_model_lives_elsewhere(glue, cola_subs
     assert len(errors) == 1 and "the base model (its checkpoint: sha256:000" in errors[0], refused.stderr
 
 
+def test_runs_of_another_job_with_the_same_settings_are_taken_from_its_results(glue, cola_subset_run, tmp_path,
+                                                                               runner_in_process):
+    """REUSE_RESULTS: a run another job trained with the same settings is copied into this job's ledger,
+    not trained; one with other settings is trained (not refused); a missing file is one line."""
+    out = tmp_path / "out"
+    shutil.copytree(cola_subset_run / "data", out / "data")
+    other = cola_subset_run / "results.json"
+    env = dict(SUBSET_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(out), REUSE_RESULTS=str(other))
+    again = glue_script(env, *SUBSET_ARGS)
+    assert f"done by another job (its row in {other}, with the same settings)" in again.stdout
+    assert ": training (" not in again.stdout and not (out / "runs").exists()
+    assert json.loads((out / "results.json").read_text()) == json.loads(other.read_text())
+
+    shutil.rmtree(out)
+    changed = glue_script(dict(env, OUTPUT_DIR=str(out)), "--batch-size", "16", "--log-interval", "1")
+    assert "done by another job" not in changed.stdout and ": training (" in changed.stdout
+    assert json.loads((out / "results.json").read_text())["runs"][0]["updates"] == 3
+
+    status, stderr = runner_in_process(dict(env, REUSE_RESULTS=str(tmp_path / "none.json")), *SUBSET_ARGS)
+    assert status == 2 and stderr.strip() == f"glue_bitfit: error: REUSE_RESULTS {tmp_path / 'none.json'}: no such file"
+
+
 def test_delta_only_runs_still_write_the_leaderboard_files(glue, cola_subset_run, tmp_path):
     """With --bitfit-delta-only there is no checkpoint_best.pt: the best delta merged into the
     base in memory predicts exactly what the full best checkpoint of the same run predicts."""

@@ -149,7 +149,7 @@ def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_
             too_many = [size for size in sizes if size > available]
             if too_many:
                 raise UserError(f"TRAIN_SUBSETS {too_many[0]}: {spec.name} has {available:,} training rows")
-    runs, ledger = [], Ledger(output_dir / "results.json")
+    runs, ledger = [], Ledger(output_dir / "results.json", [Path(path) for path in args.reuse_results.split()])
     local_cpu = args.launcher == "local" and not torch.cuda.is_available()
     base = choose_bf16_base(args.bf16_base, modes, passthrough, local_cpu, output_dir, ledger)
     for spec in specs:

@@ -88,6 +88,10 @@ def train_or_reuse(run: PlannedRun, args, job: JobProgress, stage: "JobStage", s
     if run.result is not None:
         say(f"  {run.label}: done earlier ({run.run_dir / RUN_FILE})")
         return with_loss_curve(run.result, run.run_dir, run.spec)
+    if run.reused_from is not None:
+        say(f"  {run.label}: done by another job (its row in {run.reused_from}, with the same settings)")
+        write_results(Path(args.output_dir), [run.recorded])  # this job's ledger holds it from now on
+        return run.recorded
     if run.recorded is not None:  # its folder is gone, its row is kept
         say(f"  {run.label}: done earlier (its row in results.json)")
         return run.recorded

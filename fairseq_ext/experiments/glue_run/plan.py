@@ -208,7 +208,8 @@ class PlannedRun:
     recipe: Recipe
     train_subset: Optional[int] = None  # TRAIN_SUBSET or the TRAIN_SUBSETS size; None: every row
     curve: bool = False  # one size of a TRAIN_SUBSETS training-size curve
-    recorded: Optional[dict] = None  # its row in results.json, trained with these settings
+    recorded: Optional[dict] = None  # its row in results.json (or REUSE_RESULTS), trained with these settings
+    reused_from: Optional[Path] = None  # the other job's results.json its recorded row comes from
     result: Optional[dict] = None  # its results row, if it finished (its run file's)
     updates_done: int = 0  # an interrupted run: the updates in the checkpoint it resumes from
 
@@ -232,14 +233,19 @@ def plan_run(spec, model, prepared: Path, manifest: dict, run_dir: Path, args, m
     command = train_command(spec, model, prepared, run_dir, mode, recipe, lr, seed, train_rows, world_size,
                             passthrough, args.max_seq_len, bookkeeping)
     settings = run_settings(command, prepared, run_dir, model.checkpoint, manifest)
-    row = ledger.row(spec.name, mode, lr, seed, train_subset if curve else None)
+    key = (spec.name, mode, lr, seed, train_subset if curve else None)
+    row = ledger.row(*key)
     check_same_settings(run_dir, settings, manifest, row, ledger.path)
     recorded = row if row is not None and row.get("settings") is not None and \
         settings_change(row["settings"], settings, manifest) is None else None
+    result, reused_from = finished_result(run_dir), None
+    if recorded is None and result is None:  # another job's row of the same run and settings
+        recorded, reused_from = next(((other, path) for path, other in ledger.other_rows(*key) if other.get("settings")
+                                      and settings_change(other["settings"], settings, manifest) is None), (None, None))
     return PlannedRun(spec=spec, mode=mode, lr=lr, seed=seed, prepared=prepared, run_dir=run_dir, train_args=command.args,
                       settings=settings, train_rows=train_rows, planned_updates=command.total_updates,
                       base_checkpoint=str(model.checkpoint), recipe=recipe, train_subset=train_subset, curve=curve,
-                      recorded=recorded, result=finished_result(run_dir), updates_done=saved_updates(run_dir))
+                      recorded=recorded, reused_from=reused_from, result=result, updates_done=saved_updates(run_dir))
 
 
 def bookkeeping_args(args, tensorboard_dir: Path) -> List[str]:

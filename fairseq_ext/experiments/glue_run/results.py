@@ -13,7 +13,7 @@ import statistics
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ...core import glue_metrics as gm
 from ...core.errors import UserError
@@ -38,15 +38,24 @@ def run_key(row: dict) -> tuple:
 
 
 class Ledger:
-    """results.json's rows by run, as a job found them when it was planned."""
+    """results.json's rows by run, as a job found them when it was planned, and the rows of other jobs'
+    results.json files it may take runs from (REUSE_RESULTS)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, others: Sequence[Path] = ()):
         self.path = path
         self.rows = {run_key(row): row for row in load_results(path)}
+        self.others = {Path(other): {run_key(row): row for row in load_results(Path(other), "REUSE_RESULTS")}
+                       for other in others}
 
     def row(self, task: str, mode: str, lr: float, seed: int, curve_size: Optional[int]) -> Optional[dict]:
         """The row of a run (``curve_size``: its training size, for a run of a training-size curve)."""
         return self.rows.get(key_of_run(task, mode, lr, seed, curve_size))
+
+    def other_rows(self, task: str, mode: str, lr: float, seed: int,
+                   curve_size: Optional[int]) -> List[Tuple[Path, dict]]:
+        """The same run's rows in the other jobs' files, each with the file it is in."""
+        key = key_of_run(task, mode, lr, seed, curve_size)
+        return [(path, rows[key]) for path, rows in self.others.items() if key in rows]
 
 
 def main_rows(rows: List[dict]) -> List[dict]:
@@ -57,13 +66,16 @@ def curve_rows(rows: List[dict]) -> List[dict]:
     return [row for row in rows if row.get("size_curve")]
 
 
-def load_results(path: Path) -> List[dict]:
+def load_results(path: Path, setting: Optional[str] = None) -> List[dict]:
+    """The rows of a results.json; none where it does not exist yet, unless ``setting`` named it to read."""
     if not path.exists():
+        if setting:
+            raise UserError(f"{setting} {path}: no such file")
         return []
     try:
         return json.loads(path.read_text())["runs"]
-    except (ValueError, KeyError) as error:
-        raise UserError(f"{path}: not a results file of this tool ({error})") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{(setting + ' ') if setting else ''}{path}: not a results file of this tool ({error})") from None
 
 
 def best_rows(rows: List[dict], by_size: bool = False) -> Dict[tuple, List[dict]]:

@@ -127,6 +127,9 @@ SETTINGS = (
             "every row"),
     Setting("TRAIN_SUBSETS", "", _list_of(int, "positive integers"), "training-size curves: every mode at each "
             "size, e.g. '200 500 1000' (size_curves.png)", "none"),
+    Setting("REUSE_RESULTS", "", _text, "space-separated results.json files of other jobs: a planned run whose row "
+            "there has the same settings (train.py arguments, data, base model) is taken from it, not trained",
+            "none"),
     Setting("EXPORT", "", _export, "hf: each task's best BitFit run as a transformers folder in "
             "OUTPUT_DIR/export/<TASK> (python -m fairseq_ext.tools.export_hf)", "no export"),
     Setting("BF16_BASE", "auto", _bf16_base, "bitfit-*, head, lora, ia3 and adapter runs with the frozen base "
