@@ -81,6 +81,10 @@ def test_bf16_base_auto_turns_on_only_for_new_output_dirs_on_a_native_bf16_cpu(t
     bf16_row = dict(fp32_row, settings={"train_args": ["DATA", "--bf16"]})
     (tmp_path / "results.json").write_text(json.dumps({"runs": [bf16_row]}))
     assert choose(ledger=Ledger(tmp_path / "results.json")).bf16
+    # So does a job that may take fp32 rows from another job's results.json (REUSE_RESULTS).
+    (tmp_path / "other.json").write_text(json.dumps({"runs": [fp32_row]}))
+    reusing = choose(ledger=Ledger(tmp_path / "absent.json", [tmp_path / "other.json"]))
+    assert not reusing.bf16 and "or REUSE_RESULTS holds fp32 runs" in reusing.line
     monkeypatch.setattr(plan, "cpu_native_bf16", lambda: None)
     assert not choose().bf16 and "no native bf16" in choose().line
     assert choose("on").bf16  # the user's word, native or not

@@ -95,8 +95,10 @@ class BaseChoice:
 
 
 def _fp32_runs_recorded(output_dir: Path, ledger: Ledger) -> bool:
-    """Whether OUTPUT_DIR already holds a frozen-base run trained without --bf16 (its folder or results row)."""
-    recorded = [row.get("settings") for row in ledger.rows.values() if has_frozen_base(row.get("mode", ""))]
+    """Whether OUTPUT_DIR already holds a frozen-base run trained without --bf16 (its folder or results row), or
+    REUSE_RESULTS has one to give."""
+    rows = list(ledger.rows.values()) + [row for other in ledger.others.values() for row in other.values()]
+    recorded = [row.get("settings") for row in rows if has_frozen_base(row.get("mode", ""))]
     runs = output_dir / "runs"
     if runs.is_dir():
         recorded += [RunFile.read(run_dir).settings for run_dir in runs.glob("*/*/*")
@@ -123,7 +125,8 @@ def choose_bf16_base(setting: str, modes: Sequence[str], passthrough: Sequence[s
     why_not = (f"train.py arguments after -- set {' '.join(given)}" if given
                else "runs train elsewhere than this machine's CPU" if not local_cpu
                else "this CPU has no native bf16 (AMX, AVX512-BF16)" if native is None
-               else f"{output_dir} holds fp32 runs of these modes, kept reusable; BF16_BASE=on for bf16"
+               else f"{output_dir}{' or REUSE_RESULTS' if ledger.others else ''} holds fp32 runs of these modes, kept "
+               "reusable; BF16_BASE=on for bf16"
                if _fp32_runs_recorded(output_dir, ledger) else None)
     if why_not:
         return BaseChoice(False, f"precision: fp32 (BF16_BASE=auto: {why_not})")
