@@ -12,7 +12,7 @@ import pytest
 
 import tiny
 from fairseq_ext.experiments import glue_run
-from fairseq_ext.experiments.glue_run import settings
+from fairseq_ext.experiments.glue_run import base_identity, plan, settings
 from fairseq_ext.core.glue_tasks import TASK_NAMES, TASKS
 from fairseq_ext.experiments.glue_run.results import MEASURED_FIELDS, results_markdown
 from synthetic_glue import make_glue_dir
@@ -371,10 +371,9 @@ def test_a_run_whose_folder_was_deleted_is_done_by_its_row_in_results_json(glue,
     assert len(errors) == 1 and "results.json holds a row" in errors[0] and "--batch-size 16 -> 8" in errors[0]
 
 
-def test_a_ledger_is_reused_where_the_base_model_lives_elsewhere(glue, cola_subset_run, tmp_path):
+def test_a_ledger_is_reused_where_the_base_model_lives_elsewhere(glue, cola_subset_run, tmp_path, runner_in_process):
     """A row names its base checkpoint by its bytes, not its path: results.json copied to a machine whose
-    model cache is another folder is reused as it is; a row recorded with the path (before digests) is
-    reused where that file is, and a row of another base is refused in one line."""
+    model cache is another folder is reused as it is, and a row of another base is refused in one line."""
     out = tmp_path / "out"
     shutil.copytree(cola_subset_run / "data", out / "data")
     shutil.copy(cola_subset_run / "results.json", out / "results.json")
@@ -386,20 +385,32 @@ def test_a_ledger_is_reused_where_the_base_model_lives_elsewhere(glue, cola_subs
     assert str(tmp_path / "cache") in again.stdout  # the model was converted into the other cache, and used
     assert "done earlier (its row in results.json)" in again.stdout and ": training (" not in again.stdout
 
-    checkpoint = tmp_path / "cache" / "all-minilm-l6-v2" / "model.pt"
-    train_args = settings_recorded["train_args"]
-    train_args[train_args.index("BASE")] = str(checkpoint)
-    del settings_recorded["base"]  # as rows were recorded before the digest
-    (out / "results.json").write_text(json.dumps(results))
-    assert "done earlier (its row in results.json)" in glue_script(elsewhere, *SUBSET_ARGS).stdout
-
     settings_recorded["base"] = "sha256:" + "0" * 64
-    train_args[train_args.index(str(checkpoint))] = "BASE"
     (out / "results.json").write_text(json.dumps(results))
-    refused = glue_script(elsewhere, *SUBSET_ARGS, check=False)
-    assert refused.returncode == 2, refused.stdout + refused.stderr
-    errors = [line for line in refused.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and "the base model (its checkpoint: sha256:000" in errors[0], refused.stderr
+    status, stderr = runner_in_process(elsewhere, *SUBSET_ARGS)
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert status == 2 and len(errors) == 1, stderr
+    assert "results.json holds a row" in errors[0] and "the base model (its checkpoint: sha256:000" in errors[0]
+
+
+def test_a_row_recorded_with_the_base_s_path_is_compared_by_the_file_s_digest(tmp_path):
+    """Rows from before digests hold --restore-file's path: where that file is, they compare by its bytes
+    (a copy elsewhere is the same base); where it is not, the change names the missing file."""
+    base, copy = tmp_path / "model.pt", tmp_path / "elsewhere" / "model.pt"
+    base.write_bytes(b"weights")
+    copy.parent.mkdir()
+    copy.write_bytes(b"weights")
+    manifest = {"cache_key": "rows"}
+    now = {"train_args": ["DATA", "--restore-file", "BASE", "--lr", "0.001"], "data": "rows",
+           "base": base_identity.base_digest(copy)}
+    legacy = {"train_args": ["DATA", "--restore-file", str(base), "--lr", "0.001"], "data": "rows"}
+    assert base_identity.comparable_settings(legacy) == now
+    assert plan.settings_change(legacy, now, manifest) is None
+    base.write_bytes(b"other weights")
+    assert plan.settings_change(legacy, now, manifest).startswith("the base model (its checkpoint: sha256:")
+    base.unlink()
+    assert plan.settings_change(legacy, now, manifest) == \
+        f"the base model (its checkpoint: {base}, a file this machine lacks; now {now['base']})"
 
 
 def test_runs_of_another_job_with_the_same_settings_are_taken_from_its_results(glue, cola_subset_run, tmp_path,
