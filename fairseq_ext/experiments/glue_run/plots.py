@@ -2,7 +2,7 @@
 loss_curves.png (training and dev loss per epoch) and size_curves.png (dev score against training
 rows), each line the mean over seeds (with a one-std band on the score figures)."""
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ...core.files import write_atomically
 from .results import _mode_order, _spread, best_rows, curve_rows, main_rows
@@ -11,33 +11,19 @@ from .results import _mode_order, _spread, best_rows, curve_rows, main_rows
 def plot_curves(rows: List[dict], specs: dict, path: Path) -> None:
     """Dev metric per epoch, one panel per task, one line per mode (its best lr): the mean over
     seeds, with a band of one standard deviation where there are several."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
     best = best_rows(main_rows(rows))
-    tasks = [t for t in specs if any(k[0] == t for k in best)]
-    if not tasks:
+    figure = _task_panels(best, specs)
+    if figure is None:
         return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, panels = figure
+    for ax, task in panels:
         primary = specs[task].primary_metric
-        for (t, mode), runs in sorted(best.items(), key=lambda item: _mode_order(item[0][1])):
-            if t != task:
-                continue
+        for mode, runs in _modes_of(best, task):
             epochs = sorted({int(e) for run in runs for e in run["curve"]})
             spreads = [_spread([run["curve"].get(str(e), {}).get(primary) for run in runs]) for e in epochs]
-            means = [m for m, _ in spreads]
-            line, = ax.plot(epochs, means, marker="o", markersize=3,
-                            label=f"{mode} (lr {runs[0]['lr']:g}, {len(runs)} seed{'s' if len(runs) > 1 else ''})")
-            if len(runs) > 1:
-                low = [m - (sd or 0.0) for m, sd in spreads]
-                high = [m + (sd or 0.0) for m, sd in spreads]
-                ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        _label_panel(ax, task, "epoch", primary)
+            label = f"{mode} (lr {runs[0]['lr']:g}, {len(runs)} seed{'s' if len(runs) > 1 else ''})"
+            _line_with_band(ax, epochs, spreads, label, band=len(runs) > 1)
+        _label_panel(ax, task, "epoch", f"dev {primary} (%)", integer_x=True)
     _save_figure(fig, path)
 
 
@@ -47,20 +33,12 @@ def plot_loss_curves(rows: List[dict], specs: dict, path: Path) -> None:
     its training data beyond what generalises.  Rows from before losses were kept are left out."""
     best = {key: [run for run in runs if run.get("loss_curve")] for key, runs in best_rows(main_rows(rows)).items()}
     best = {key: runs for key, runs in best.items() if runs}
-    tasks = [t for t in specs if any(k[0] == t for k in best)]
-    if not tasks:
+    figure = _task_panels(best, specs)
+    if figure is None:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for (t, mode), runs in sorted(best.items(), key=lambda item: _mode_order(item[0][1])):
-            if t != task:
-                continue
+    fig, panels = figure
+    for ax, task in panels:
+        for mode, runs in _modes_of(best, task):
             epochs = sorted({int(e) for run in runs for e in run["loss_curve"]})
             colour = None
             for split, style in (("train", "-"), ("dev", "--")):
@@ -68,12 +46,8 @@ def plot_loss_curves(rows: List[dict], specs: dict, path: Path) -> None:
                 line, = ax.plot(epochs, means, style, marker="o", markersize=2, color=colour,
                                 label=f"{mode} {split} (lr {runs[0]['lr']:g})")
                 colour = line.get_color()
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_title(task)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss (fairseq's: " + ("squared error / ln 2)" if specs[task].regression else "bits / sentence)"))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        unit = "squared error / ln 2" if specs[task].regression else "bits / sentence"
+        _label_panel(ax, task, "epoch", f"loss (fairseq's: {unit})", integer_x=True, legend_size=6)
     _save_figure(fig, path)
 
 
@@ -81,35 +55,61 @@ def plot_size_curves(rows: List[dict], specs: dict, path: Path) -> None:
     """Dev metric against training rows (log scale), one panel per task, one line per mode: the
     mean over seeds with a one-std band."""
     best = best_rows(curve_rows(rows), by_size=True)
+    figure = _task_panels(best, specs)
+    if figure is None:
+        return
+    fig, panels = figure
+    for ax, task in panels:
+        primary = specs[task].primary_metric
+        for mode in sorted({k[1] for k in best if k[0] == task}, key=_mode_order):
+            sizes = sorted(k[2] for k in best if k[:2] == (task, mode))
+            spreads = [_spread([r["dev"].get(primary) for r in best[(task, mode, size)]]) for size in sizes]
+            _line_with_band(ax, sizes, spreads, mode, band=any(sd is not None for _, sd in spreads))
+        ax.set_xscale("log")
+        _label_panel(ax, task, "training rows", f"dev {primary} (%)")
+    _save_figure(fig, path)
+
+
+def _task_panels(best: Dict[tuple, list], specs: dict):
+    """A figure with a panel for each task that ``best`` (keyed by task first) has: (figure, [(axes, task)]);
+    None when it has none."""
     tasks = [t for t in specs if any(k[0] == t for k in best)]
     if not tasks:
-        return
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        primary = specs[task].primary_metric
-        for mode in sorted({k[1] for k in best if k[0] == task}, key=_mode_order):
-            sizes = sorted(k[2] for k in best if k[:2] == (task, mode))
-            spreads = [_spread([r["dev"].get(primary) for r in best[(task, mode, size)]]) for size in sizes]
-            line, = ax.plot(sizes, [m for m, _ in spreads], marker="o", markersize=3, label=mode)
-            if any(sd is not None for _, sd in spreads):
-                ax.fill_between(sizes, [m - (sd or 0.0) for m, sd in spreads], [m + (sd or 0.0) for m, sd in spreads],
-                                color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.set_xscale("log")
-        _label_panel(ax, task, "training rows", primary)
-    _save_figure(fig, path)
+    return fig, list(zip(axes[0], tasks))
 
 
-def _label_panel(ax, task: str, xlabel: str, primary: str) -> None:
+def _modes_of(best: Dict[tuple, list], task: str) -> List[Tuple[str, list]]:
+    """(mode, its runs) of one task, in the tables' mode order."""
+    return [(mode, runs) for (t, mode), runs in sorted(best.items(), key=lambda item: _mode_order(item[0][1]))
+            if t == task]
+
+
+def _line_with_band(ax, xs: Sequence, spreads: Sequence[Tuple[float, Optional[float]]], label: str, band: bool):
+    """The means as a line, and a band of one standard deviation around them."""
+    means = [m for m, _ in spreads]
+    line, = ax.plot(xs, means, marker="o", markersize=3, label=label)
+    if band:
+        ax.fill_between(xs, [m - (sd or 0.0) for m, sd in spreads], [m + (sd or 0.0) for m, sd in spreads],
+                        color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def _label_panel(ax, task: str, xlabel: str, ylabel: str, integer_x: bool = False, legend_size: int = 7) -> None:
+    import matplotlib.ticker
+
+    if integer_x:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_title(task)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"dev {primary} (%)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
 
 
 def _save_figure(fig, path: Path) -> None:
