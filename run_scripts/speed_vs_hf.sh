@@ -14,8 +14,20 @@
 #   MODEL       a Hugging Face BERT/RoBERTa folder                         [embedded MiniLM]
 #   FP16        1: on a GPU, train.py --fp16 and the transformers loop with fp16 AMP   [unset]
 #   OUTPUT_DIR  speed_vs_hf.json and speed_vs_hf.md go here                [outputs/speed_vs_hf]
+#   RECIPE      flags (EPOCHS, batch 32, lr 5e-5 / 1e-3) or defaults (the GLUE runner's recipe)   [flags]
+#   TRAIN_SUBSET  train on the runner's seeded sample of N training rows (SST-2 8k: 8000)        [every row]
+#   SYSTEMS     comma-separated systems to train, e.g. "transformers,train.py grouped"          [all]
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${here}${PYTHONPATH:+:${PYTHONPATH}}"
-exec python -m fairseq_ext.experiments.speed_vs_hf ${MODEL:+--model "$MODEL"} ${FP16:+--fp16} --glue-dir "${GLUE_DIR:-glue_data}" --task "${TASK:-STS-B}" \
-  --modes ${MODES:-full bitfit-all} --epochs "${EPOCHS:-3}" --bf16-base "${BF16_BASE:-auto}" --output-dir "${OUTPUT_DIR:-outputs/speed_vs_hf}"
+args=(--glue-dir "${GLUE_DIR:-glue_data}" --task "${TASK:-STS-B}" --modes ${MODES:-full bitfit-all}
+      --bf16-base "${BF16_BASE:-auto}" --output-dir "${OUTPUT_DIR:-outputs/speed_vs_hf}" --recipe "${RECIPE:-flags}")
+[[ "${RECIPE:-flags}" == defaults ]] || args+=(--epochs "${EPOCHS:-3}")
+[[ -z "${TRAIN_SUBSET:-}" ]] || args+=(--train-subset "${TRAIN_SUBSET}")
+[[ -z "${MODEL:-}" ]] || args+=(--model "${MODEL}")
+[[ -z "${FP16:-}" ]] || args+=(--fp16)
+if [[ -n "${SYSTEMS:-}" ]]; then
+  IFS=, read -r -a systems <<< "${SYSTEMS}"
+  args+=(--systems "${systems[@]}")
+fi
+exec python -m fairseq_ext.experiments.speed_vs_hf "${args[@]}"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tiny
+from synthetic_glue import make_glue_dir
 from fairseq_ext.plugin.models.pretrained import package_model_folder
 
 
@@ -165,6 +166,34 @@ def test_speed_against_the_transformers_loop_runs_every_system_side_by_side(tmp_
     assert rows[0]["ratio_to_transformers"] is None and rows[1]["ratio_to_transformers"] > 0
     assert rows[1]["ratio_to_transformers_grouped"] is None and rows[3]["ratio_to_transformers_grouped"] > 0
     assert "| bitfit-all | train.py grouped |" in (tmp_path / "out" / "speed_vs_hf.md").read_text()
+
+
+def test_quality_at_the_runner_s_defaults_on_its_training_sample(tmp_path, capsys):
+    """--recipe defaults --train-subset: the plain transformers loop and train.py train the GLUE runner's default
+    recipe for full fine-tuning on the runner's seeded sample, every epoch, and the best epoch is reported as
+    the runner picks it; the flag recipe's options are refused beside it in one line."""
+    from fairseq_ext.core.glue_tasks import TASKS
+    from fairseq_ext.experiments import speed_vs_hf
+    from fairseq_ext.training.glue_recipe import default_recipe
+
+    glue = make_glue_dir(tmp_path / "glue", ("STS-B",), rows_per_split=40)
+    common = ["--glue-dir", str(glue), "--task", "STS-B", "--modes", "full", "--recipe", "defaults"]
+    tiny.assert_one_line_error(tiny.run_main(speed_vs_hf.main, capsys, *common, "--epochs", "2"),
+                               "--epochs: not with --recipe defaults")
+    tiny.run(["-m", "fairseq_ext.experiments.speed_vs_hf", *common, "--train-subset", "24",
+              "--systems", "transformers", "train.py grouped", "--output-dir", str(tmp_path / "out")])
+    rows = json.loads((tmp_path / "out" / "speed_vs_hf.json").read_text())
+    recipe = default_recipe("full", "STS-B", 24, 22_713_984)
+    primary = TASKS["STS-B"].primary_metric
+    assert [r["system"] for r in rows] == ["transformers", "train.py grouped"]
+    for row in rows:
+        assert (row["lr"], row["batch"], row["weight_decay"], row["train_rows"]) == \
+            (recipe.lrs[0], recipe.batch, recipe.weight_decay, 24)
+        assert [e["updates"] for e in row["epochs"]] == [1] * recipe.epochs  # 24 rows: one batch an epoch
+        assert row["ratio_to_transformers_grouped"] is None  # no peer trained
+        best = max(row["epochs"], key=lambda e: (e["dev"][primary], -e["epoch"]))
+        assert row["best_dev"] == {"epoch": best["epoch"], "metric": primary, "score": best["dev"][primary]}
+    assert "| full | transformers |" in (tmp_path / "out" / "speed_vs_hf.md").read_text()
 
 
 def test_the_grouped_transformers_peer_draws_length_sorted_megabatches():

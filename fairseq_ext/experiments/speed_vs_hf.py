@@ -17,9 +17,12 @@ size, learning-rate schedule and trainable set:
   default: a CPU with native bf16 (``--bf16-base auto``), or always (``on``).
 
 An epoch's time runs from its first update's start to its last update's end (batches
-and updates, no validation).  The report gives each epoch's time and dev metrics, and
-each system's median epoch time over the random-batch transformers loop's and over the
-grouped one's.
+and updates, no validation).  The report gives each epoch's time and dev metrics, the best
+epoch's score, and each system's median epoch time over the random-batch transformers loop's
+and over the grouped one's.  ``--recipe defaults`` trains each mode at the GLUE runner's
+default recipe for the model and task (lr, batch, epochs, weight decay; every epoch, the best
+one reported), and ``--train-subset`` on the runner's seeded sample of training rows: the
+dev scores then compare train.py with the plain transformers loop at the table's settings.
 
     python -m fairseq_ext.experiments.speed_vs_hf --glue-dir glue_data --task STS-B --epochs 3 \\
         --modes full bitfit-all --output-dir outputs/speed_vs_hf
@@ -31,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -41,11 +44,12 @@ from ..core.glue_files import read_split
 from ..core.progress import format_duration
 from ..core.run_record import RECORD_NAME, epoch_stats, read_run_record
 from ..core.timing_cli import glue_task, timing_parser
-from ..plugin.data.glue_prepare import prepare_task
+from ..plugin.checkpoints import checkpoint_parameter_count
+from ..plugin.data.glue_prepare import apply_train_subset, prepare_task
 from ..plugin.models import hf_import
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir, package_model_folder
-from ..training.glue_recipe import LENGTH_GROUP_BATCHES, Recipe, train_command
+from ..training.glue_recipe import LENGTH_GROUP_BATCHES, Recipe, default_recipe, train_command
 from ..training.hf_reference_loop import ReferenceLoop, check_loop_modes
 from ..training.main import cli_main
 from ..training.launch import cpu_native_bf16
@@ -55,6 +59,8 @@ from ..training.trainer import BitFitTrainer
 SYSTEMS = ("transformers", "transformers grouped", "train.py", "train.py grouped")
 PEER = "transformers grouped"  # what a transformers user runs at best: the speed claim's reference
 BF16_BASE = "train.py grouped bf16 base"
+TRAIN_SUBSET_SEED = 1  # the GLUE runner's (prepare_task's default)
+FLAG_RECIPE = (("--epochs", int, 3), ("--batch", int, 32), ("--lr-full", float, 5e-5), ("--lr-bitfit", float, 1e-3))
 
 
 def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe: Recipe, grouped: bool,
@@ -94,10 +100,12 @@ def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe:
 
 
 def time_transformers(spec, glue_dir: Path, hf_folder: Path, mode: str, recipe: Recipe,
-                      grouped: bool, fp16: bool = False) -> Tuple[List[dict], int]:
+                      grouped: bool, fp16: bool = False, train_subset: Optional[int] = None) -> Tuple[List[dict], int]:
     terms = FULL if mode == FULL else mode[len(BITFIT_PREFIX):]
     loop = ReferenceLoop(hf_folder, spec, terms, device="cuda" if torch.cuda.is_available() else "cpu", amp=fp16)
-    results = loop.train(read_split(spec.name, glue_dir, "train"), read_split(spec.name, glue_dir, "valid"),
+    train_rows = read_split(spec.name, glue_dir, "train")
+    apply_train_subset(train_rows, train_subset, TRAIN_SUBSET_SEED)  # the rows train.py's prepared data holds
+    results = loop.train(train_rows, read_split(spec.name, glue_dir, "valid"),
                          recipe.epochs, recipe.batch, recipe.lrs[0], recipe.weight_decay,
                          grouped_batches=LENGTH_GROUP_BATCHES if grouped else 0, fused_adamw=grouped)
     epochs = [{"epoch": r.epoch, "seconds": round(r.seconds, 2), "updates": r.updates,
@@ -107,16 +115,39 @@ def time_transformers(spec, glue_dir: Path, hf_folder: Path, mode: str, recipe: 
 
 def markdown(rows: List[dict]) -> str:
     lines = ["| mode | system | trained params | epoch time (s), median | / transformers | / transformers grouped "
-             "| updates / epoch | dev metrics by epoch |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| updates / epoch | best dev (epoch) | dev metrics by epoch |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
     for row in rows:
         dev = "; ".join(f"{e['epoch']}: " + ", ".join(f"{k} {v:.1f}" for k, v in e["dev"].items())
                         for e in row["epochs"])
         ratios = ["–" if row[key] is None else f"{row[key]:.2f}"
                   for key in ("ratio_to_transformers", "ratio_to_transformers_grouped")]
+        best = row["best_dev"]
+        best_text = "–" if best is None else f"{best['score']:.1f} ({best['epoch']})"
         lines.append(f"| {row['mode']} | {row['system']} | {row['trainable']:,} | {row['epoch_seconds']:.1f} "
-                     f"| {' | '.join(ratios)} | {row['epochs'][0]['updates']} | {dev} |")
+                     f"| {' | '.join(ratios)} | {row['epochs'][0]['updates']} | {best_text} | {dev} |")
     return "\n".join(lines) + "\n"
+
+
+def best_dev(epochs: List[dict], spec) -> Optional[dict]:
+    """The epoch with the best score on the task's primary metric (the earliest of equals), as the GLUE
+    runner picks a run's best checkpoint; its score."""
+    scored = [(e["dev"][spec.primary_metric], -e["epoch"]) for e in epochs if spec.primary_metric in e["dev"]]
+    if not scored:
+        return None
+    score, negative_epoch = max(scored)
+    return {"epoch": -negative_epoch, "metric": spec.primary_metric, "score": score}
+
+
+def loop_recipe(args, mode: str, task: str, train_rows: int, model_params: int) -> Recipe:
+    """What each system trains a mode with: the flags' settings, or the GLUE runner's default recipe (every
+    epoch trained: the loops have no early stopping, and the best epoch is reported)."""
+    if args.recipe == "defaults":
+        recipe = default_recipe(mode, task, train_rows, model_params)
+        return Recipe(recipe.lrs[:1], recipe.batch, recipe.epochs, recipe.weight_decay, None,
+                      f"the GLUE runner's default: {recipe.rule}")
+    lr = args.lr_full if mode == FULL else args.lr_bitfit
+    return Recipe((lr,), args.batch, args.epochs, 0.0, None, "speed_vs_hf's flags")
 
 
 def build_parser():
@@ -125,12 +156,16 @@ def build_parser():
                         "default: the embedded MiniLM")
     parser.add_argument("--fp16", action="store_true", help="on a GPU: train.py --fp16, the transformers loop with "
                         "fp16 AMP (autocast and a gradient scaler)")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr-full", type=float, default=5e-5)
-    parser.add_argument("--lr-bitfit", type=float, default=1e-3)
-    parser.add_argument("--systems", nargs="+", choices=SYSTEMS + (BF16_BASE,), default=list(SYSTEMS + (BF16_BASE,)),
-                        metavar="SYSTEM", help="a subset of the systems (default: all); the peer is always included")
+    parser.add_argument("--recipe", choices=("flags", "defaults"), default="flags",
+                        help="flags: --epochs, --batch and --lr-* with no weight decay (the speed measurement); "
+                        "defaults: each mode at the GLUE runner's default recipe for this model and task")
+    for flag, kind, default in FLAG_RECIPE:
+        parser.add_argument(flag, type=kind, default=None, help=f"with --recipe flags (default {default:g})")
+    parser.add_argument("--train-subset", type=int, default=None, metavar="N",
+                        help="train on the GLUE runner's seeded sample of N training rows (its TRAIN_SUBSET)")
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS + (BF16_BASE,), default=None, metavar="SYSTEM",
+                        help="the systems to train (default: all; the speed claim needs the peer, "
+                        "'transformers grouped')")
     parser.add_argument("--bf16-base", choices=("auto", "on", "off"), default="auto",
                         help="the BitFit row with --bf16: auto where the CPU has native bf16, as the GLUE runner")
     return parser
@@ -141,9 +176,16 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     glue_dir, spec = glue_task(args)
     check_loop_modes(args.modes)
+    for flag, _, default in FLAG_RECIPE:
+        name = flag[2:].replace("-", "_")
+        if args.recipe == "defaults" and getattr(args, name) is not None:
+            raise UserError(f"{flag}: not with --recipe defaults, whose recipe sets it")
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     if args.epochs < 1:
         raise UserError(f"--epochs {args.epochs}: expected a positive integer")
-    args.systems = set(args.systems) | {PEER}
+    if args.train_subset is not None and args.train_subset < 1:
+        raise UserError(f"--train-subset {args.train_subset}: expected a positive integer")
+    args.systems = set(args.systems or SYSTEMS + (BF16_BASE,))
     if args.fp16 and not torch.cuda.is_available():
         raise UserError("--fp16 needs a CUDA device (on CPU, --bf16-base gives BitFit its bf16 row)")
     rows: List[dict] = []
@@ -153,11 +195,14 @@ def main(argv=None) -> None:
         model = load_model_dir(hf_import.convert(hf_folder, workdir / "model", report=None) if args.model
                                else default_model_dir())
         precision = ("--fp16",) if args.fp16 else ()
-        manifest = prepare_task(spec, glue_dir, model, model.dictionary, workdir / "data", 1)
+        manifest = prepare_task(spec, glue_dir, model, model.dictionary, workdir / "data", 1,
+                                train_subset=args.train_subset, train_subset_seed=TRAIN_SUBSET_SEED)
         train_rows = manifest["splits"]["train"]["rows_written"]
         for mode in args.modes:
-            lr = args.lr_full if mode == FULL else args.lr_bitfit
-            recipe = Recipe((lr,), args.batch, args.epochs, 0.0, None, "speed_vs_hf")
+            recipe = loop_recipe(args, mode, spec.name, train_rows, checkpoint_parameter_count(model.checkpoint))
+            lr = recipe.lrs[0]
+            print(f"{spec.name} {mode}: lr {lr:g}, batch {recipe.batch}, {recipe.epochs} epochs, weight decay "
+                  f"{recipe.weight_decay:g}, {train_rows:,} training rows ({recipe.rule})", file=sys.stderr, flush=True)
             by_system: Dict[str, List[dict]] = {}
             trained: Dict[str, int] = {}
             bf16_row = mode != FULL and not torch.cuda.is_available() and (
@@ -167,10 +212,10 @@ def main(argv=None) -> None:
                 print(f"{spec.name} {mode}: {system}, {args.epochs} epochs ...", file=sys.stderr, flush=True)
                 if system == "transformers":
                     by_system[system], trained[system] = time_transformers(spec, glue_dir, hf_folder, mode, recipe,
-                                                                           grouped=False, fp16=args.fp16)
+                                                                           False, args.fp16, args.train_subset)
                 elif system == PEER:
                     by_system[system], trained[system] = time_transformers(spec, glue_dir, hf_folder, mode, recipe,
-                                                                           grouped=True, fp16=args.fp16)
+                                                                           True, args.fp16, args.train_subset)
                 else:
                     by_system[system], trained[system] = time_train_py(
                         spec, model, workdir / "data", workdir, mode, recipe, "grouped" in system, train_rows,
@@ -181,12 +226,14 @@ def main(argv=None) -> None:
             medians = {system: statistics.median(e["seconds"] for e in epochs) for system, epochs in by_system.items()}
             for system, epochs in by_system.items():
                 median = medians[system]
-                rows.append({"task": spec.name, "mode": mode, "system": system, "batch": args.batch, "lr": lr,
+                rows.append({"task": spec.name, "mode": mode, "system": system, "batch": recipe.batch, "lr": lr,
+                             "weight_decay": recipe.weight_decay, "train_rows": train_rows, "recipe": recipe.rule,
                              "trainable": trained[system], "epoch_seconds": round(median, 2), "epochs": epochs,
+                             "best_dev": best_dev(epochs, spec),
                              "train_py_args": args.train_py_args if system.startswith("train.py") else "",
                              "ratio_to_transformers": None if "transformers" not in medians or system == "transformers"
                              else round(median / medians["transformers"], 3),
-                             "ratio_to_transformers_grouped": None if system == PEER
+                             "ratio_to_transformers_grouped": None if system == PEER or PEER not in medians
                              else round(median / medians[PEER], 3),
                              "threads": torch.get_num_threads()})
     written = write_report(args.output_dir, "speed_vs_hf", rows, markdown(rows))

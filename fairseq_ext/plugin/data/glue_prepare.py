@@ -212,7 +212,7 @@ def prepare_task(
         for reason, lines in rows.skipped_lines.items():
             shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
             logger.warning(f"{rows.path}: skipped {len(lines)} rows ({reason}): lines {shown}")
-    subset_skips = _apply_train_subset(read["train"], train_subset, train_subset_seed)
+    subset_skips = apply_train_subset(read["train"], train_subset, train_subset_seed)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -277,7 +277,7 @@ def _check_replaceable(out_dir: Path, spec: GlueTaskSpec) -> None:
         raise UserError(f"--out {out_dir} holds prepared {prepared_for} data; refusing to replace it with {spec.name}")
 
 
-def _apply_train_subset(rows: SplitRows, size: Optional[int], seed: int) -> int:
+def apply_train_subset(rows: SplitRows, size: Optional[int], seed: int) -> int:
     """Keep a seeded sample of ``size`` training rows, in file order; returns how many were left out."""
     if size is None or size >= len(rows.texts):
         return 0
