@@ -91,7 +91,7 @@ def test_a_cell_trains_on_the_three_tasks_resumes_and_its_early_stopping_twin_is
     assert summary["winners"]["bitfit-all"]["cell"] == twin.name
 
     # The twin's CoLA run trained for real, with --patience 3, is the cut run.
-    command = [sys.executable, "-m", "fairseq_ext.experiments.glue_run", *twin.runner_args(glue, out, "CoLA", None, [])]
+    command = [sys.executable, "-m", "fairseq_ext.experiments.glue_run", *twin.runner_args(glue, out, [], tasks=("CoLA",))]
     assert subprocess.call(command, cwd=tiny.REPO) == 0
     trained = json.loads((out / twin.name / "results.json").read_text())["runs"][0]
     straight = next(r for r in json.loads((out / without.name / "results.json").read_text())["runs"]

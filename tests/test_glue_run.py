@@ -21,6 +21,7 @@ SCRIPT = tiny.REPO / "run_scripts" / "glue_bitfit.sh"
 needs_real_glue = pytest.mark.skipif(not tiny.REAL_GLUE.is_dir(),
                                      reason="no real GLUE files (FAIRSEQ_EXT_TEST_GLUE, default ../shared/glue)")
 TRAIN_ROWS, ROWS = 400, 40  # a synthetic task's training rows, and its dev and test rows
+STS_B_SUBSET = 300  # glue_output trains STS-B on a sample of its rows (TRAIN_SUBSET=STS-B=300), CoLA on all
 
 
 def glue_script(env, *args, check=True):
@@ -62,7 +63,7 @@ def glue(tmp_path_factory):
 def glue_output(glue, tmp_path_factory):
     out = tmp_path_factory.mktemp("glue_out")
     env = {"GLUE_DIR": str(glue), "OUTPUT_DIR": str(out)}
-    first = glue_script(dict(env, TASKS="CoLA STS-B"), "--max-update", "4")
+    first = glue_script(dict(env, TASKS="CoLA STS-B", TRAIN_SUBSET=f"STS-B={STS_B_SUBSET}"), "--max-update", "4")
     full = glue_script(dict(env, TASKS="CoLA", MODE="full"), "--max-update", "4")
     again = glue_script(dict(env, TASKS="CoLA"), "--max-update", "4")
     return out, first, full, again
@@ -75,8 +76,9 @@ def test_results_have_the_official_metrics_for_every_mode(glue_output):
     assert set(by_key) == {("CoLA", "bitfit-ofa"), ("STS-B", "bitfit-ofa"), ("CoLA", "full")}
     assert set(by_key["CoLA", "bitfit-ofa"]["dev"]) >= {"mcc", "accuracy"}
     assert set(by_key["STS-B", "bitfit-ofa"]["dev"]) >= {"pearson", "spearman"}
-    # Every training row is accounted for.
-    assert by_key["CoLA", "bitfit-ofa"]["train_rows"] == by_key["STS-B", "bitfit-ofa"]["train_rows"] == TRAIN_ROWS
+    # Every training row is accounted for; TRAIN_SUBSET=STS-B=N samples STS-B's rows only.
+    assert by_key["CoLA", "bitfit-ofa"]["train_rows"] == TRAIN_ROWS and by_key["CoLA", "bitfit-ofa"]["train_subset"] is None
+    assert by_key["STS-B", "bitfit-ofa"]["train_rows"] == by_key["STS-B", "bitfit-ofa"]["train_subset"] == STS_B_SUBSET
     manifest = json.loads((out / "data" / "CoLA" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows_read"] == manifest["splits"]["train"]["rows_written"] == TRAIN_ROWS
     bitfit, full = by_key["CoLA", "bitfit-ofa"], by_key["CoLA", "full"]
@@ -267,6 +269,10 @@ def test_a_bad_file_in_a_later_task_stops_before_any_training(tmp_path, runner_i
     ({"MAX_SEQ_LEN": "0"}, [], "MAX_SEQ_LEN '0'"),
     ({"LRS": "abc"}, [], "LRS 'abc'"),
     ({"BF16_BASE": "fast"}, [], "BF16_BASE 'fast': expected auto, on or off"),
+    ({"TRAIN_SUBSET": "SST-2=many"}, [], "TRAIN_SUBSET 'SST-2=many': expected a positive integer (every task), or"),
+    ({"TRAIN_SUBSET": "XNLI=50"}, [], "TRAIN_SUBSET 'XNLI=50'"),
+    ({"TRAIN_SUBSET": "100 SST-2=50"}, [], "TRAIN_SUBSET '100 SST-2=50'"),
+    ({"TRAIN_SUBSET": "RTE=50"}, [], "TRAIN_SUBSET names RTE, which this job does not train (TASKS: CoLA"),
     ({}, ["--max-update", "abc"], "argument --max-update: invalid int value: 'abc'"),
     ({}, ["--update-freq", "0"], "--update-freq '0'"),
 ])
@@ -561,7 +567,7 @@ def test_comparison_modes_run_beside_bitfit_with_their_cost(glue, glue_output, t
     out = tmp_path / "compare"
     shutil.copytree(glue_output[0], out)
     result = glue_script({"GLUE_DIR": str(glue), "OUTPUT_DIR": str(out), "TASKS": "STS-B",
-                          "MODE": "bitfit-ofa lora adapter"}, "--max-update", "4")
+                          "TRAIN_SUBSET": f"STS-B={STS_B_SUBSET}", "MODE": "bitfit-ofa lora adapter"}, "--max-update", "4")
     assert "STS-B bitfit-ofa lr 0.001 seed 1: done earlier" in result.stdout
     runs = {row["mode"]: row for row in json.loads((out / "results.json").read_text())["runs"] if row["task"] == "STS-B"}
     assert set(runs) == {"bitfit-ofa", "lora", "adapter"}

@@ -101,6 +101,10 @@ def main(argv=None) -> None:
                         f"{glue_dir}/<TASK>/{{train,dev,test}}.tsv. {GLUE_SOURCE_HINT}")
     specs = [get_task_spec(task) for task in tasks]
     modes = run_modes(args.mode, args.bitfit_terms)
+    not_run = [task for task in args.train_subset if task != settings.EVERY_TASK and task not in [s.name for s in specs]]
+    if not_run:
+        raise UserError(f"TRAIN_SUBSET names {not_run[0]}, which this job does not train (TASKS: "
+                        f"{' '.join(s.name for s in specs)})")
     args.train_subsets = sorted(set(args.train_subsets))
     _check_settings(args, passthrough)
     dispatch = Dispatch(args, passthrough)
@@ -142,18 +146,17 @@ def run_job(args, specs, modes, seeds, lrs, passthrough, glue_dir: Path, output_
 
     # Every task's files are read and checked before the first run trains.
     curve = bool(args.train_subsets)
-    sizes = args.train_subsets if curve else [args.train_subset]
     if curve:
         for spec in specs:
             available = len(read_split(spec.name, glue_dir, "train").texts)
-            too_many = [size for size in sizes if size > available]
+            too_many = [size for size in args.train_subsets if size > available]
             if too_many:
                 raise UserError(f"TRAIN_SUBSETS {too_many[0]}: {spec.name} has {available:,} training rows")
     runs, ledger = [], Ledger(output_dir / "results.json", [Path(path) for path in args.reuse_results.split()])
     local_cpu = args.launcher == "local" and not torch.cuda.is_available()
     base = choose_bf16_base(args.bf16_base, modes, passthrough, local_cpu, output_dir, ledger)
     for spec in specs:
-        for size in sizes:
+        for size in args.train_subsets if curve else [settings.train_subset_of(args.train_subset, spec.name)]:
             folder = f"{spec.name}-{size}rows" if curve else spec.name  # TRAIN_SUBSET keeps the task's folder
             data_dir = output_dir / "data" / folder
             manifest = prepare_task(spec, glue_dir, model, model.dictionary, data_dir, args.workers or os.cpu_count() or 1,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from ...core.errors import UserError
+from ...core.glue_tasks import get_task_spec
 
 LAUNCHERS = ("local", "submitit", "submitit_local")
 SCRIPT = "run_scripts/glue_bitfit.sh"
@@ -58,6 +59,32 @@ def _list_of(kind, expected: str) -> Callable[[str, str], list]:
             raise UserError(f"{name} {value!r}: expected space-separated {expected}")
         return items
     return parse
+
+
+EVERY_TASK = "*"
+
+
+def _train_subset(value: str, name: str) -> Dict[str, int]:
+    """'' (every row), 'N' (N rows of every task) or 'TASK=N ...' (N rows of those tasks, every row of the
+    others), as {task or EVERY_TASK: N}."""
+    sizes: Dict[str, int] = {}
+    for item in value.split():
+        task, _, size = item.rpartition("=")
+        try:
+            task = get_task_spec(task).name if task else EVERY_TASK
+            number = int(size)
+        except (UserError, ValueError):
+            number = 0
+        if number < 1 or (task == EVERY_TASK and len(value.split()) > 1):
+            raise UserError(f"{name} {value!r}: expected a positive integer (every task), or TASK=N pairs "
+                            "separated by spaces (e.g. 'SST-2=8000 MNLI=20000')")
+        sizes[task] = number
+    return sizes
+
+
+def train_subset_of(sizes: Dict[str, int], task: str) -> Optional[int]:
+    """The rows TRAIN_SUBSET samples from ``task``'s training file; None: every row."""
+    return sizes.get(task, sizes.get(EVERY_TASK))
 
 
 def _launcher(value: str, name: str) -> str:
@@ -123,8 +150,8 @@ SETTINGS = (
             "on dev reported", "by mode and model size"),
     Setting("EPOCHS", "", _integer(1, optional=True), "max epochs", "by mode, model and task size"),
     Setting("MAX_SEQ_LEN", "128", _integer(1), "tokens per example (truncated, never dropped)"),
-    Setting("TRAIN_SUBSET", "", _integer(1, optional=True), "train on a seeded sample of N training rows",
-            "every row"),
+    Setting("TRAIN_SUBSET", "", _train_subset, "train on a seeded sample of N training rows: N (every task) or "
+            "TASK=N pairs, e.g. 'SST-2=8000' (the other tasks every row)", "every row"),
     Setting("TRAIN_SUBSETS", "", _list_of(int, "positive integers"), "training-size curves: every mode at each "
             "size, e.g. '200 500 1000' (size_curves.png)", "none"),
     Setting("REUSE_RESULTS", "", _text, "space-separated results.json files of other jobs: a planned run whose row "
