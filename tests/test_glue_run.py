@@ -216,6 +216,12 @@ def test_a_stopped_job_keeps_the_rows_of_the_runs_it_finished(glue, tmp_path):
     tiny.interrupt_when(job, lambda: (runs / "lr0.001-seed2" / "run_record.json").exists())
     first = json.loads((runs / "lr0.001-seed1" / "run.json").read_text())["result"]
     assert json.loads((out / "results.json").read_text())["runs"] == [first]
+    # A run found finished in its folder goes into the ledger too, before the job trains anything else.
+    (out / "results.json").unlink()
+    job = subprocess.Popen(["bash", str(SCRIPT), "--batch-size", "8", "--max-update", "12"], env=env, cwd=tiny.REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tiny.interrupt_when(job, lambda: (out / "results.json").exists())
+    assert json.loads((out / "results.json").read_text())["runs"] == [first]
     assert (out / "results.md").read_text() == results_markdown([first], {name: TASKS[name] for name in TASK_NAMES})
 
 

@@ -85,18 +85,21 @@ def best_epoch(epochs: Dict[int, dict], primary: str) -> Optional[int]:
 
 
 def train_or_reuse(run: PlannedRun, args, job: JobProgress, stage: "JobStage", start: StartTraining = LocalTraining) -> dict:
-    if run.result is not None:
-        say(f"  {run.label}: done earlier ({run.run_dir / RUN_FILE})")
-        return with_loss_curve(run.result, run.run_dir, run.spec)
-    if run.reused_from is not None:
-        say(f"  {run.label}: done by another job (its row in {run.reused_from}, with the same settings)")
-        write_results(Path(args.output_dir), [run.recorded])  # this job's ledger holds it from now on
-        return run.recorded
-    if run.recorded is not None:  # its folder is gone, its row is kept
+    if run.result is None and run.recorded is None:
+        with stage.running(run):
+            return _train_and_collect(run, args, job, stage, start)
+    if run.reused_from is None and run.result is None:  # its folder is gone, its row is kept
         say(f"  {run.label}: done earlier (its row in results.json)")
         return run.recorded
-    with stage.running(run):
-        return _train_and_collect(run, args, job, stage, start)
+    if run.result is not None:
+        say(f"  {run.label}: done earlier ({run.run_dir / RUN_FILE})")
+        row = with_loss_curve(run.result, run.run_dir, run.spec)
+    else:
+        say(f"  {run.label}: done by another job (its row in {run.reused_from}, with the same settings)")
+        row = run.recorded
+    if args.node_rank == 0:  # the ledger holds every finished run the job knows of, whatever stops it later
+        write_results(Path(args.output_dir), [row])
+    return row
 
 
 def _train_and_collect(run: PlannedRun, args, job: JobProgress, stage: "JobStage", start: StartTraining) -> dict:
