@@ -97,7 +97,9 @@ def train_or_reuse(run: PlannedRun, args, job: JobProgress, stage: "JobStage", s
     else:
         say(f"  {run.label}: done by another job (its row in {run.reused_from}, with the same settings)")
         row = run.recorded
-    if args.node_rank == 0:  # the ledger holds every finished run the job knows of, whatever stops it later
+    # The ledger holds every finished run the job knows of, whatever stops it later; a row it holds already
+    # (planned as recorded) is not written again, so a resumed job does not rewrite it once per finished run.
+    if args.node_rank == 0 and (run.reused_from is not None or row != run.recorded):
         write_results(Path(args.output_dir), [row])
     return row
 
