@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,22 +14,40 @@ import tiny  # noqa: E402
 os.environ.setdefault("BF16_BASE", "off")
 
 
+def built_once(tmp_path_factory, name, build):
+    """What ``build(folder)`` returns, built by one pytest-xdist worker of this session while the others
+    wait, then read by all: the tiny base and runs take about 30 s of training, once, not once a worker."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock  # torch's own dependency
+
+    folder = tmp_path_factory.getbasetemp().parent / name  # the session's folder, above each worker's
+    built = folder.with_name(f"{name}.built")  # holds the returned path, relative to the folder
+    with FileLock(f"{folder}.lock"):
+        if not built.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            built.write_text(str(build(folder).relative_to(folder)))
+    return folder / built.read_text()
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """Binarized synthetic sentence-classification data, with a masked-LM copy."""
-    return tiny.make_classification_data(tmp_path_factory.mktemp("tiny_data"))
+    return built_once(tmp_path_factory, "tiny_data", tiny.make_classification_data)
 
 
 @pytest.fixture(scope="session")
 def tiny_pretrained(tiny_data, tmp_path_factory):
     """A tiny RoBERTa pretrained with the masked-LM objective by train.py."""
-    return tiny.pretrain_masked_lm(tiny_data, tmp_path_factory.mktemp("tiny_pretrained"))
+    return built_once(tmp_path_factory, "tiny_pretrained", lambda folder: tiny.pretrain_masked_lm(tiny_data, folder))
 
 
 @pytest.fixture(scope="session")
 def tiny_runs(tiny_data, tiny_pretrained, tmp_path_factory):
     """Two BitFit tasks on the tiny base: OFA's biases, and every bias (q/k/v too) with another seed."""
-    root = tmp_path_factory.mktemp("tiny_runs")
-    for name, extra in (("ofa", ["--bitfit"]), ("all", ["--bitfit", "--bitfit-terms", "all", "--seed", "2"])):
-        tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, root / name, extra=extra))
-    return root
+    def train(root):
+        for name, extra in (("ofa", ["--bitfit"]), ("all", ["--bitfit", "--bitfit-terms", "all", "--seed", "2"])):
+            tiny.run(tiny.glue_recipe(tiny_data, tiny_pretrained, root / name, extra=extra))
+        return root
+    return built_once(tmp_path_factory, "tiny_runs", train)
