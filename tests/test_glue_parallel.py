@@ -189,3 +189,21 @@ def test_after_a_resume_the_plan_and_eta_count_only_what_is_left():
     assert "60 of 100 updates done, 40 left" in job.plan_lines()[1]
     # 20 s of start-up, then updates 60 -> 70 in 10 s: 1 s an update; the run not begun adds its start-up.
     assert job.observe(runs[0], {"updates": 70, "total_updates": 100}, 30.0, 60, 20.0) == pytest.approx(30 + 100 + 20)
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_a_restarted_job_resumes_its_interrupted_runs_first_and_gives_rows_in_the_plan_s_order(monkeypatch, parallel):
+    runs = [argparse.Namespace(label=f"run {i}", updates_done=done) for i, done in enumerate((0, 30, 0, 12))]
+    trained = []
+
+    def train_or_reuse(run, *_, **__):
+        trained.append(run.label)
+        return {"run": run.label}
+    monkeypatch.setattr(dispatch, "train_or_reuse", train_or_reuse)
+    rows = _dispatch(monkeypatch, [], parallel).train(runs, parsed("--parallel", str(parallel)), None, None)
+    assert rows == [{"run": run.label} for run in runs]
+    if parallel == 1:  # the interrupted runs, in the plan's order among them, then the new ones
+        assert trained == ["run 1", "run 3", "run 0", "run 2"]
+    # Across nodes every node's runner keeps the plan's order.
+    assert dispatch.training_order(runs, nnodes=2) == [0, 1, 2, 3]
+    assert dispatch.training_order(runs, nnodes=1) == [1, 3, 0, 2]

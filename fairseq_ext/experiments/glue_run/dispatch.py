@@ -194,10 +194,19 @@ def import_submitit():
     return submitit
 
 
+def training_order(runs: List[PlannedRun], nnodes: int) -> List[int]:
+    """The plan's indices in the order to train: on one node, interrupted runs resume before new ones start,
+    so a restarted job first completes what it had half done.  Across nodes, the plan's order: each node's
+    runner starts the same run at once, and a node need not see the checkpoints another one saved."""
+    indices = list(range(len(runs)))
+    return indices if nnodes > 1 else sorted(indices, key=lambda index: runs[index].updates_done == 0)
+
+
 class Dispatch:
     """How the planned runs are trained: one after another (PARALLEL=1), up to PARALLEL at once on this
     machine (joblib threads, each driving one train.py), or each as a job through submitit (SLURM, or
-    submitit's local executor).  Rows come back in the plan's order either way."""
+    submitit's local executor).  Interrupted runs resume first (``training_order``); rows come back in the
+    plan's order either way."""
 
     def __init__(self, args, passthrough: List[str]):
         self.launcher, self.parallel = args.launcher, args.parallel
@@ -227,6 +236,11 @@ class Dispatch:
         return max(1, sum(not run.finished for run in runs)) if self.launcher != "local" else self.parallel
 
     def train(self, runs: List[PlannedRun], args, job: JobProgress, stage: JobStage) -> List[dict]:
+        order = training_order(runs, args.nnodes)
+        rows = self._train([runs[index] for index in order], args, job, stage)
+        return [row for _, row in sorted(zip(order, rows), key=lambda pair: pair[0])]
+
+    def _train(self, runs: List[PlannedRun], args, job: JobProgress, stage: JobStage) -> List[dict]:
         if self.launcher == "local" and self.parallel == 1:
             return [train_or_reuse(run, args, job, stage) for run in runs]
         if self.launcher != "local":
