@@ -264,7 +264,7 @@ def test_compile_cost_trains_eagerly_and_compiled_on_the_same_batches(tmp_path):
                        "--output-dir", str(tmp_path / "out")])
     (row,) = json.loads((tmp_path / "out" / "compile_cost.json").read_text())
     assert len(row["eager_s"]) == len(row["compiled_s"]) == row["updates"] == 4, result.stderr
-    assert row["run_updates"] == 10 * 3  # the runner's BitFit recipe on 80 rows: 10 epochs of 3 batches of 32
+    assert row["run_updates"] == 20 * 3  # the runner's BitFit recipe on 80 rows: 20 epochs of 3 batches of 32
     assert "| STS-B | bitfit-all | eager |" in (tmp_path / "out" / "compile_cost.md").read_text()
 
 

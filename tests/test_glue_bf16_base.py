@@ -13,7 +13,7 @@ def test_bf16_base_gives_frozen_base_runs_bf16_says_so_and_guards_their_folders(
     env = {"GLUE_DIR": str(glue), "TASKS": "STS-B", "MODE": "bitfit full", "OUTPUT_DIR": str(out)}
     first = glue_script(dict(env, BF16_BASE="on"), "--max-update", "2")
     assert "precision: bitfit-ofa: frozen base in bf16, trained tensors and Adam's state in fp32" in first.stdout
-    settings = {mode: json.loads((out / "runs" / "STS-B" / mode / "lr0.001-seed1" / "run.json").read_text())
+    settings = {mode: json.loads((out / "runs" / "STS-B" / mode / "lr0.003-seed1" / "run.json").read_text())
                 for mode in ("bitfit-ofa",)}
     full = json.loads(next((out / "runs" / "STS-B" / "full").glob("*/run.json")).read_text())
     assert "--bf16" in settings["bitfit-ofa"]["settings"]["train_args"]

@@ -55,7 +55,7 @@ def test_parallel_runs_give_the_sequential_results_bit_for_bit(small_glue, seque
     # With runs at once every progress line and echoed dev line names its run.
     lines = result.stdout.splitlines()
     assert sum(" updates (" in line for line in lines) >= 3
-    assert all(line.startswith("  CoLA bitfit-ofa lr 0.001 seed ") for line in lines
+    assert all(line.startswith("  CoLA bitfit-ofa lr 0.003 seed ") for line in lines
                if " updates (" in line or "valid: loss" in line or "trainable params" in line)
 
 
@@ -92,7 +92,7 @@ def test_a_stop_reaches_every_run_at_once_and_prints_one_resume_line(small_glue,
                PARALLEL="2", SAVE_MINUTES="0.01", PROGRESS_SECONDS="1")
     job = subprocess.Popen(["bash", str(SCRIPT), "--batch-size", "4", "--max-update", "200"], env=env,
                                 cwd=tiny.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    records = [out / "runs" / task / "bitfit-ofa" / "lr0.001-seed1" / "run_record.json" for task in ("CoLA", "STS-B")]
+    records = [out / "runs" / task / "bitfit-ofa" / "lr0.003-seed1" / "run_record.json" for task in ("CoLA", "STS-B")]
 
     stdout, stderr = tiny.interrupt_when(job, lambda: all(tiny.last_saved_updates(record) for record in records))
     stops = [line for line in stderr.splitlines() if "glue_bitfit: SIGINT: stopped during" in line]

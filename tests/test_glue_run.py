@@ -84,16 +84,16 @@ def test_results_have_the_official_metrics_for_every_mode(glue_output):
     bitfit, full = by_key["CoLA", "bitfit-ofa"], by_key["CoLA", "full"]
     assert bitfit["trainable"] < 0.01 * bitfit["total"] and full["trainable"] == full["total"]
     # Each epoch's training and dev loss, as the run's record has them.
-    record = json.loads((out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1" / "run_record.json").read_text())
+    record = json.loads((out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.003-seed1" / "run_record.json").read_text())
     losses = {tag: [entry["values"]["loss"] for entry in record["stats"] if entry["tag"] == tag]
               for tag in ("train", "valid")}
     assert bitfit["loss_curve"] == {"1": {"train": losses["train"][-1], "dev": losses["valid"][-1]}}
     assert bitfit["updates"] == full["updates"] == 4
-    assert "CoLA bitfit-ofa lr 0.001 seed 1: training" in first.stdout
+    assert "CoLA bitfit-ofa lr 0.003 seed 1: training" in first.stdout
     # Live progress comes from each run's record: its parameter counts and dev metrics.
     assert "trainable params: 164,738 || all params: 22,862,594" in first.stdout
     assert "epoch 1 valid: loss " in first.stdout and " mcc " in first.stdout
-    assert "CoLA bitfit-ofa lr 0.001 seed 1: done: mcc " in first.stdout and ", 4 updates, " in first.stdout
+    assert "CoLA bitfit-ofa lr 0.003 seed 1: done: mcc " in first.stdout and ", 4 updates, " in first.stdout
     assert first.stdout.strip().splitlines()[-1].endswith(f"{out / 'predictions'}")
 
 
@@ -185,12 +185,12 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes_mid_epoch(glue,
     args = ["--batch-size", "8", "--max-update", "40"]  # 50 updates an epoch
     job = subprocess.Popen(["bash", str(SCRIPT), *args], env=env, cwd=tiny.REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
-    record = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1" / "run_record.json"
+    record = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.003-seed1" / "run_record.json"
     # mid-epoch, after a few progress lines
     stdout, stderr = tiny.interrupt_when(job, lambda: (tiny.last_saved_updates(record) or 0) >= 25)
     assert " updates (" in stdout and "ETA" in stdout and "log: " in stdout  # live progress, and where the log is
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("glue_bitfit: SIGINT: stopped during CoLA bitfit-ofa lr 0.001 seed 1"), stderr
+    assert last.startswith("glue_bitfit: SIGINT: stopped during CoLA bitfit-ofa lr 0.003 seed 1"), stderr
     resume = last.split("run the same command: ", 1)[1]
     assert "TASKS=CoLA" in resume and "bash" in resume and "--max-update 40" in resume
     run_dir = record.parent
@@ -213,8 +213,8 @@ def test_a_stopped_job_keeps_the_rows_of_the_runs_it_finished(glue, tmp_path):
     job = subprocess.Popen(["bash", str(SCRIPT), "--batch-size", "8", "--max-update", "12"], env=env, cwd=tiny.REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = out / "runs" / "CoLA" / "bitfit-ofa"
-    tiny.interrupt_when(job, lambda: (runs / "lr0.001-seed2" / "run_record.json").exists())
-    first = json.loads((runs / "lr0.001-seed1" / "run.json").read_text())["result"]
+    tiny.interrupt_when(job, lambda: (runs / "lr0.003-seed2" / "run_record.json").exists())
+    first = json.loads((runs / "lr0.003-seed1" / "run.json").read_text())["result"]
     assert json.loads((out / "results.json").read_text())["runs"] == [first]
     # A run found finished in its folder goes into the ledger too, before the job trains anything else.
     (out / "results.json").unlink()
@@ -323,7 +323,7 @@ SUBSET_ARGS = ("--batch-size", "8", "--log-interval", "1")
 def cola_subset_run(glue, tmp_path_factory):
     """One epoch of 48 CoLA rows at batch 8 given after the script: 6 updates."""
     out = tmp_path_factory.mktemp("cola_subset")
-    run_dir = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1"
+    run_dir = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.003-seed1"
     run_dir.mkdir(parents=True)
     (run_dir / "elapsed.json").write_text('{"seconds": 1000.0}')  # as an interrupted launch before run.json left it
     glue_script(dict(SUBSET_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(out)), *SUBSET_ARGS)
@@ -337,10 +337,10 @@ def test_learning_rate_decays_over_the_updates_actually_run(cola_subset_run):
     run = json.loads((out / "results.json").read_text())["runs"][0]
     assert run["updates"] == 6
     assert 1000 < run["wall_time_s"] < 2000  # every launch of the run counts
-    run_dir = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1"
+    run_dir = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.003-seed1"
     assert not (run_dir / "elapsed.json").exists()  # migrated into run.json
     assert json.loads((run_dir / "run.json").read_text())["seconds"] == run["wall_time_s"]
-    log = (out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1" / "train.log").read_text()
+    log = (out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.003-seed1" / "train.log").read_text()
     assert re.findall(r"'total_num_update': (\d+)", log)[0] == "6"
     lrs = [float(json.loads(line.split("| train_inner | ", 1)[1])["lr"]) for line in log.splitlines()
            if "| train_inner | " in line]
@@ -452,7 +452,7 @@ def test_delta_only_runs_still_write_the_leaderboard_files(glue, cola_subset_run
     base in memory predicts exactly what the full best checkpoint of the same run predicts."""
     out = tmp_path / "delta"
     glue_script(dict(SUBSET_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(out)), *SUBSET_ARGS, "--bitfit-delta-only")
-    run = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1"
+    run = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.003-seed1"
     assert not (run / "checkpoint_best.pt").exists() and (run / "checkpoint_best.delta.safetensors").exists()
     assert [p for p in run.iterdir() if p.is_dir()] == []  # merged in memory: nothing written for it
     predictions = [(folder / "predictions" / "bitfit-ofa" / "CoLA.tsv").read_text()
@@ -489,7 +489,7 @@ def test_size_curves_and_controls_in_one_job(glue, tmp_path):
     table = (out / "results.md").read_text()
     assert "## Training-size curves" in table and "| CoLA | rand_uniform |" in table and "24 rows" in table
     assert (out / "size_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "CoLA 16 rows rand_uniform lr 0.001 seed 1: training" in result.stdout
+    assert "CoLA 16 rows rand_uniform lr 0.003 seed 1: training" in result.stdout
 
 
 # Early stopping that decides a run: maximizing the dev loss, every validation after the first fails to
@@ -519,7 +519,7 @@ def test_a_job_stopped_after_a_validation_that_did_not_improve_resumes_to_the_sa
     env = dict(os.environ, OMP_NUM_THREADS="1", GLUE_DIR=str(glue), OUTPUT_DIR=str(out), **PATIENCE_ENV)
     job = subprocess.Popen(["bash", str(SCRIPT), *PATIENCE_ARGS], env=env, cwd=tiny.REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
-    record = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.001-seed1" / "run_record.json"
+    record = out / "runs" / "CoLA" / "bitfit-ofa" / "lr0.003-seed1" / "run_record.json"
 
     def epoch_2_validated_and_saved():
         stats = json.loads(record.read_text())["stats"] if record.exists() else []
@@ -574,7 +574,7 @@ def test_comparison_modes_run_beside_bitfit_with_their_cost(glue, glue_output, t
     shutil.copytree(glue_output[0], out)
     result = glue_script({"GLUE_DIR": str(glue), "OUTPUT_DIR": str(out), "TASKS": "STS-B",
                           "TRAIN_SUBSET": f"STS-B={STS_B_SUBSET}", "MODE": "bitfit-ofa lora adapter"}, "--max-update", "4")
-    assert "STS-B bitfit-ofa lr 0.001 seed 1: done earlier" in result.stdout
+    assert "STS-B bitfit-ofa lr 0.003 seed 1: done earlier" in result.stdout
     runs = {row["mode"]: row for row in json.loads((out / "results.json").read_text())["runs"] if row["task"] == "STS-B"}
     assert set(runs) == {"bitfit-ofa", "lora", "adapter"}
     for mode, row in runs.items():
