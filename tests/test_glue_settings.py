@@ -88,6 +88,12 @@ def test_bf16_base_auto_turns_on_only_for_new_output_dirs_on_a_native_bf16_cpu(t
     monkeypatch.setattr(plan, "cpu_native_bf16", lambda: None)
     assert not choose().bf16 and "no native bf16" in choose().line
     assert choose("on").bf16  # the user's word, native or not
+    # A job resumed on a CPU without native bf16 keeps the bf16 of the runs it holds, or reuses: its table
+    # stays one precision, and its interrupted runs resume.
+    (tmp_path / "results.json").write_text(json.dumps({"runs": [bf16_row]}))
+    resumed = choose(ledger=Ledger(tmp_path / "results.json"))
+    assert resumed.bf16 and "holds bf16 runs of these modes, kept reusable" in resumed.line and "slower" in resumed.line
+    assert choose(ledger=Ledger(tmp_path / "absent.json", [tmp_path / "results.json"])).bf16  # as REUSE_RESULTS
     assert not plan.choose_bf16_base("auto", ["full"], [], True, tmp_path, ledger).bf16
 
 

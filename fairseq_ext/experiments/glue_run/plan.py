@@ -5,7 +5,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 from ...core.bitfit import SelectionError, parse_terms
 from ...core.errors import UserError
@@ -94,23 +94,24 @@ class BaseChoice:
         return [BF16_FLAG] if self.bf16 and has_frozen_base(mode) else []
 
 
-def _fp32_runs_recorded(output_dir: Path, ledger: Ledger) -> bool:
-    """Whether OUTPUT_DIR already holds a frozen-base run trained without --bf16 (its folder or results row), or
-    REUSE_RESULTS has one to give."""
+def _recorded_precisions(output_dir: Path, ledger: Ledger) -> Set[bool]:
+    """Whether each frozen-base run OUTPUT_DIR already holds (its folder or results row), or REUSE_RESULTS has to
+    give, was trained with --bf16: {} for none, {False} for fp32 only, {True} for bf16 only."""
     rows = list(ledger.rows.values()) + [row for other in ledger.others.values() for row in other.values()]
     recorded = [row.get("settings") for row in rows if has_frozen_base(row.get("mode", ""))]
     runs = output_dir / "runs"
     if runs.is_dir():
         recorded += [RunFile.read(run_dir).settings for run_dir in runs.glob("*/*/*")
                      if run_dir.is_dir() and has_frozen_base(run_dir.parent.name)]
-    return any(settings is not None and BF16_FLAG not in settings.get("train_args", []) for settings in recorded)
+    return {BF16_FLAG in settings.get("train_args", []) for settings in recorded if settings is not None}
 
 
 def choose_bf16_base(setting: str, modes: Sequence[str], passthrough: Sequence[str], local_cpu: bool,
                      output_dir: Path, ledger: Ledger) -> BaseChoice:
-    """BF16_BASE (auto, on, off) for this job.  auto turns it on only for a job that trains on this CPU,
-    a CPU with native bf16, and an OUTPUT_DIR without fp32 frozen-base runs: results.json rows and
-    interrupted runs from before keep being reused and resumed with the settings they were trained with."""
+    """BF16_BASE (auto, on, off) for this job.  auto follows the frozen-base runs OUTPUT_DIR (or REUSE_RESULTS)
+    holds, so that its results.json rows and interrupted runs keep being reused and resumed with the settings
+    they were trained with: fp32 if any is fp32, bf16 if all are bf16, even on a CPU without native bf16 (a
+    job resumed on another machine). With none, bf16 only for a job that trains on a CPU with native bf16."""
     frozen = [mode for mode in modes if has_frozen_base(mode)]
     on_line = (f"precision: {' '.join(frozen)}: frozen base in bf16, trained tensors and Adam's state in fp32 "
                f"(train.py {BF16_FLAG}; BF16_BASE={setting}")
@@ -121,15 +122,21 @@ def choose_bf16_base(setting: str, modes: Sequence[str], passthrough: Sequence[s
     if setting == "off":
         return BaseChoice(False, "precision: fp32 (BF16_BASE=off)")
     given = [flag for flag in passthrough if flag in PRECISION_FLAGS]
+    where = f"{output_dir}{' or REUSE_RESULTS' if ledger.others else ''}"
+    recorded = _recorded_precisions(output_dir, ledger) if local_cpu and not given else set()
     native = cpu_native_bf16()
     why_not = (f"train.py arguments after -- set {' '.join(given)}" if given
                else "runs train elsewhere than this machine's CPU" if not local_cpu
-               else "this CPU has no native bf16 (AMX, AVX512-BF16)" if native is None
-               else f"{output_dir}{' or REUSE_RESULTS' if ledger.others else ''} holds fp32 runs of these modes, kept "
-               "reusable; BF16_BASE=on for bf16"
-               if _fp32_runs_recorded(output_dir, ledger) else None)
+               else f"{where} holds fp32 runs of these modes, kept reusable; BF16_BASE=on for bf16"
+               if False in recorded
+               else None if recorded
+               else "this CPU has no native bf16 (AMX, AVX512-BF16)" if native is None else None)
     if why_not:
         return BaseChoice(False, f"precision: fp32 (BF16_BASE=auto: {why_not})")
+    if recorded:
+        slower = "; this CPU has no native bf16 (AMX, AVX512-BF16), so they train slower" if native is None else ""
+        return BaseChoice(True, on_line + f": {where} holds bf16 runs of these modes, kept reusable{slower}; "
+                                          "BF16_BASE=off for fp32)")
     return BaseChoice(True, on_line + f": this CPU has {native}; BF16_BASE=off for fp32)")
 
 
