@@ -121,22 +121,25 @@ def choose_bf16_base(setting: str, modes: Sequence[str], passthrough: Sequence[s
         return BaseChoice(True, on_line + ")")
     if setting == "off":
         return BaseChoice(False, "precision: fp32 (BF16_BASE=off)")
+
+    def fp32(why: str) -> BaseChoice:
+        return BaseChoice(False, f"precision: fp32 (BF16_BASE=auto: {why})")
+
     given = [flag for flag in passthrough if flag in PRECISION_FLAGS]
+    if given:
+        return fp32(f"train.py arguments after -- set {' '.join(given)}")
+    if not local_cpu:
+        return fp32("runs train elsewhere than this machine's CPU")
     where = f"{output_dir}{' or REUSE_RESULTS' if ledger.others else ''}"
-    recorded = _recorded_precisions(output_dir, ledger) if local_cpu and not given else set()
-    native = cpu_native_bf16()
-    why_not = (f"train.py arguments after -- set {' '.join(given)}" if given
-               else "runs train elsewhere than this machine's CPU" if not local_cpu
-               else f"{where} holds fp32 runs of these modes, kept reusable; BF16_BASE=on for bf16"
-               if False in recorded
-               else None if recorded
-               else "this CPU has no native bf16 (AMX, AVX512-BF16)" if native is None else None)
-    if why_not:
-        return BaseChoice(False, f"precision: fp32 (BF16_BASE=auto: {why_not})")
+    recorded, native = _recorded_precisions(output_dir, ledger), cpu_native_bf16()
+    if False in recorded:
+        return fp32(f"{where} holds fp32 runs of these modes, kept reusable; BF16_BASE=on for bf16")
     if recorded:
         slower = "; this CPU has no native bf16 (AMX, AVX512-BF16), so they train slower" if native is None else ""
         return BaseChoice(True, on_line + f": {where} holds bf16 runs of these modes, kept reusable{slower}; "
                                           "BF16_BASE=off for fp32)")
+    if native is None:
+        return fp32("this CPU has no native bf16 (AMX, AVX512-BF16)")
     return BaseChoice(True, on_line + f": this CPU has {native}; BF16_BASE=off for fp32)")
 
 
