@@ -20,6 +20,12 @@ def test_the_grid_is_the_one_docs_declare():
     assert trainings == 54 and all(cell.trained_as in search.GRID for cell in search.GRID)
     assert "30 settings, 90 runs' results, from 54 trainings" in declared
     assert f"within {search.TIE_POINTS} points" in declared and f"`--patience {search.PATIENCE}`" in declared
+    # Edge checks: declared beside the grid, each one step past a grid edge, trained and ranked with it.
+    assert search.CELLS == search.GRID + search.EDGE_CHECKS
+    for cell in search.EDGE_CHECKS:
+        assert f"`{cell.name}`" in declared and cell.name not in names and not cell.early_stop
+        assert cell.epochs > max(c.epochs for c in search.GRID if c.family == cell.family) or \
+            max(cell.lrs) > max(lr for c in search.GRID if c.family == cell.family for lr in c.lrs)
 
 
 def setting(family, epochs, lr, scores, updates, early_stop=False):
@@ -39,8 +45,8 @@ def test_the_best_mean_wins_and_ties_go_to_fewer_updates():
 
 def test_bad_flags_are_one_line(capsys):
     tiny.assert_one_line_error(tiny.run_main(search.main, capsys, "--parallel", "0"), "--parallel 0")
-    tiny.assert_one_line_error(tiny.run_main(search.main, capsys, "--cells", "bitfit-all-e30"),
-                               "--cells bitfit-all-e30: no such cell")
+    tiny.assert_one_line_error(tiny.run_main(search.main, capsys, "--cells", "bitfit-all-e40"),
+                               "--cells bitfit-all-e40: no such cell")
 
 
 def curve_row(scores, updates_per_epoch=10, metric="mcc", maximize=True):
@@ -72,7 +78,7 @@ def test_a_cell_trains_on_the_three_tasks_resumes_and_its_early_stopping_twin_is
     stopping on gives the same row; with equal scores the twin wins on fewer updates. A second invocation
     trains nothing and writes the same summary."""
     without, twin = search.Cell("bitfit-all", 6, False, (1e-9,)), search.Cell("bitfit-all", 6, True, (1e-9,))
-    monkeypatch.setattr(search, "GRID", (twin, without))
+    monkeypatch.setattr(search, "CELLS", (twin, without))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as tiny.run gives every training process beside the other worker
     glue = make_glue_dir(tmp_path / "glue", rows_per_split=24, train_rows=64)  # 2 updates an epoch
     out = tmp_path / "search"

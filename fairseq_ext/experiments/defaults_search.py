@@ -77,6 +77,11 @@ GRID: Tuple[Cell, ...] = (
       for epochs in (10, 20) for early_stop in (True, False)),
     *(Cell("full", epochs, False, FULL_LRS) for epochs in (4, 8)),
 )
+# Edge checks (docs/defaults_search.md, declared 2026-12-07 before any of their runs): where a family's
+# winner on GRID sits at the grid's largest epochs or learning rate, one step beyond it (epochs x1.5; lr by
+# the grid's own spacing), at the winner's other values, once. BitFit all's winner: 20 epochs, the largest.
+EDGE_CHECKS: Tuple[Cell, ...] = (Cell("bitfit-all", 30, False, (3e-3,)),)
+CELLS = GRID + EDGE_CHECKS  # what the search trains and ranks
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,7 @@ def runs_by_lr(root: Path, cell: Cell) -> Dict[float, List[dict]]:
             for lr in cell.lrs}
 
 
-def read_settings(root: Path, cells: Sequence[Cell] = GRID) -> List[Setting]:
+def read_settings(root: Path, cells: Sequence[Cell] = CELLS) -> List[Setting]:
     """Every finished setting under ``root``, from each cell's results.json (early stopping on: from the
     runs of the cell trained for it, cut where patience would have stopped them)."""
     settings = []
@@ -236,8 +241,8 @@ def main(argv=None) -> None:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--glue-dir", type=Path, default=Path("glue_data"))
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/defaults_search"))
-    parser.add_argument("--cells", nargs="+", metavar="NAME", help="only these cells (default: the whole grid): "
-                        + ", ".join(cell.name for cell in GRID))
+    parser.add_argument("--cells", nargs="+", metavar="NAME", help="only these cells (default: the whole grid "
+                        "and its edge checks): " + ", ".join(cell.name for cell in CELLS))
     parser.add_argument("--parallel", type=int, default=1, metavar="N",
                         help="runs trained at once, as the runner's PARALLEL (default 1). On a CPU each gets cores / N "
                         "threads; small models train faster as one-thread runs side by side")
@@ -245,11 +250,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(own)
     if args.parallel < 1:
         raise UserError(f"--parallel {args.parallel}: expected a positive integer")
-    by_name = {cell.name: cell for cell in GRID}
+    by_name = {cell.name: cell for cell in CELLS}
     unknown = [name for name in args.cells or () if name not in by_name]
     if unknown:
         raise UserError(f"--cells {unknown[0]}: no such cell; cells: {', '.join(by_name)}")
-    cells = [by_name[name] for name in args.cells] if args.cells else list(GRID)
+    cells = [by_name[name] for name in args.cells] if args.cells else list(CELLS)
     if not args.summarize:
         resume = shlex.join(["python", "-m", "fairseq_ext.experiments.defaults_search", *argv])
         run(args.glue_dir, args.output_dir, cells, passthrough, resume, args.parallel)
