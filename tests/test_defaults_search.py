@@ -24,6 +24,7 @@ def test_the_grid_is_the_one_docs_declare():
     assert search.CELLS == search.GRID + search.EDGE_CHECKS
     for cell in search.EDGE_CHECKS:
         assert f"`{cell.name}`" in declared and cell.name not in names and not cell.early_stop
+        assert cell.lr_edge == (cell.epochs in {c.epochs for c in search.GRID if c.family == cell.family})
         assert cell.epochs > max(c.epochs for c in search.GRID if c.family == cell.family) or \
             max(cell.lrs) > max(lr for c in search.GRID if c.family == cell.family for lr in c.lrs)
 

@@ -49,10 +49,14 @@ class Cell:
     epochs: int
     early_stop: bool
     lrs: Tuple[float, ...]
+    # An edge check past the grid's largest lr at a grid cell's epochs: its own name and runner job, so its
+    # runs never mix into the grid cell's ledger.
+    lr_edge: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.family}-e{self.epochs}{'-es' if self.early_stop else ''}"
+        name = f"{self.family}-e{self.epochs}{'-es' if self.early_stop else ''}"
+        return name + "".join(f"-lr{lr:g}" for lr in self.lrs) if self.lr_edge else name
 
     @property
     def trained_as(self) -> "Cell":
@@ -79,8 +83,9 @@ GRID: Tuple[Cell, ...] = (
 )
 # Edge checks (docs/defaults_search.md, declared 2026-12-07 before any of their runs): where a family's
 # winner on GRID sits at the grid's largest epochs or learning rate, one step beyond it (epochs x1.5; lr by
-# the grid's own spacing), at the winner's other values, once. BitFit all's winner: 20 epochs, the largest.
-EDGE_CHECKS: Tuple[Cell, ...] = (Cell("bitfit-all", 30, False, (3e-3,)),)
+# the grid's own spacing), at the winner's other values, once. BitFit all's winner: 20 epochs, the largest;
+# full fine-tuning's: lr 1e-4, the largest.
+EDGE_CHECKS: Tuple[Cell, ...] = (Cell("bitfit-all", 30, False, (3e-3,)), Cell("full", 4, False, (2e-4,), lr_edge=True))
 CELLS = GRID + EDGE_CHECKS  # what the search trains and ranks
 
 
