@@ -86,8 +86,9 @@ def default_recipe(mode: str, task: str, train_rows: int, model_params: int) -> 
 
 
 def _small_full(size: str) -> Recipe:
-    return Recipe((5e-5,), 32, 4, 0.1, None,
-                  f"{size}: the small-model recipe for full fine-tuning: lr 5e-5, batch 32, 4 epochs")
+    return Recipe((1e-4,), 32, 4, 0.1, None,
+                  f"{size}: the small-model recipe for full fine-tuning: lr 1e-4, batch 32, 4 epochs "
+                  "(full fine-tuning's winner in the defaults search, docs/defaults_search.md)")
 
 
 def _small_bias(size: str) -> Recipe:
