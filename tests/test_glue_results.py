@@ -81,3 +81,13 @@ def test_cost_says_what_one_seed_over_every_task_took():
     # Seeds 1 and 2 ran both tasks: 150 and 170 updates, 15 and 17 minutes.
     assert table_line(cost.split("|---|", 1)[1], "full").endswith("| 160 | 16.0 |")
     assert table_line(cost.split("|---|", 1)[1], "head").endswith("| – | – |")
+
+
+def test_defaults_name_every_rule_a_cell_s_runs_trained_at():
+    """A row reused from another job (REUSE_RESULTS) keeps that job's rule; the section lists it beside this job's."""
+    own = dict(row("full", 1e-4, 2, 28.0), recipe={"rule": "the small-model recipe: lr 1e-4"})
+    reused = dict(row("full", 1e-4, 1, 34.0), recipe={"rule": "the small-model recipe: lr 5e-5; LRS=1e-4"})
+    markdown = results_markdown([reused, own, dict(own, seed=3)], {"CoLA": get_task_spec("CoLA")})
+    defaults = markdown.split("## Defaults")[1].split("\n## ")[0]
+    assert [line for line in defaults.splitlines() if line.startswith("- ")] == [
+        "- full (CoLA): the small-model recipe: lr 5e-5; LRS=1e-4", "- full (CoLA): the small-model recipe: lr 1e-4"]

@@ -262,9 +262,9 @@ def summary_markdown(rows: List[dict], specs: dict) -> str:
     recipes = {}
     chosen = {**{key[:2]: runs for key, runs in best_rows(curve_rows(rows), by_size=True).items()}, **best}
     for (task, mode), runs in sorted(chosen.items(), key=lambda item: (_mode_order(item[0][1]), item[0][0])):
-        rule = (runs[0].get("recipe") or {}).get("rule")
-        if rule:
-            recipes.setdefault(mode, {}).setdefault(rule, []).append(task)
+        for rule in dict.fromkeys((run.get("recipe") or {}).get("rule") for run in runs):
+            if rule:  # every rule the cell's runs trained at: a row reused from another job keeps that job's
+                recipes.setdefault(mode, {}).setdefault(rule, []).append(task)
     if recipes:
         lines += ["", "## Defaults", ""]
         for mode, rules in recipes.items():
