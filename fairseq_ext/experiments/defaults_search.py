@@ -85,7 +85,8 @@ GRID: Tuple[Cell, ...] = (
 # winner on GRID sits at the grid's largest epochs or learning rate, one step beyond it (epochs x1.5; lr by
 # the grid's own spacing), at the winner's other values, once. BitFit all's winner: 20 epochs, the largest;
 # full fine-tuning's: lr 1e-4, the largest.
-EDGE_CHECKS: Tuple[Cell, ...] = (Cell("bitfit-all", 30, False, (3e-3,)), Cell("full", 4, False, (2e-4,), lr_edge=True))
+EDGE_CHECKS: Tuple[Cell, ...] = (Cell("bitfit-all", 30, False, (3e-3,)),
+                                  Cell("full", 4, False, (2e-4,), lr_edge=True))
 CELLS = GRID + EDGE_CHECKS  # what the search trains and ranks
 
 
