@@ -84,19 +84,32 @@ def test_bf16_bitfit_on_cpu_keeps_frozen_weights_and_fp32_masters(tiny_data, tin
 
 def test_two_nodes_on_one_machine_train_as_one_job(tiny_data, tiny_pretrained, tmp_path):
     """torchrun --nnodes 2: two launchers, one process each, one training."""
-    import subprocess
     import os
+    import subprocess
+    import time
 
     port = free_port()
     args = recipe(tiny_data, tiny_pretrained, tmp_path / "save", 8)
     script = [str(tiny.REPO / "tests" / "rank_dump.py"), *args[1:]]
     env = dict(os.environ, PYTHONPATH=str(tiny.REPO), OMP_NUM_THREADS="1", RANK_DUMP_DIR=str(tmp_path))
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     nodes = [subprocess.Popen([sys.executable, *torchrun(1, port, nnodes=2, node_rank=rank), *script], env=env,
-                              cwd=tiny.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    assert "torchrun: 2 workers" in outputs[0]
+                              cwd=tiny.REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+             for rank, log in zip((0, 1), logs)]
+    # Both at once: a node whose launcher fails leaves the other in torchrun's exit barrier for 300 s,
+    # so the first failure ends both and the report shows both nodes' output.
+    deadline = time.monotonic() + 300
+    while any(node.poll() is None for node in nodes) and time.monotonic() < deadline:
+        if any(node.poll() not in (None, 0) for node in nodes):
+            break
+        time.sleep(0.2)
+    for node in nodes:
+        if node.poll() is None:
+            node.kill()
+        node.wait()
+    outputs = [f"--- node {rank}:\n" + log.read_text()[-3000:] for rank, log in enumerate(logs)]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    assert "torchrun: 2 workers" in logs[0].read_text()
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
 
