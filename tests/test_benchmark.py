@@ -180,10 +180,13 @@ def test_quality_at_the_runner_s_defaults_on_its_training_sample(tmp_path, capsy
     common = ["--glue-dir", str(glue), "--task", "STS-B", "--modes", "full", "--recipe", "defaults"]
     tiny.assert_one_line_error(tiny.run_main(speed_vs_hf.main, capsys, *common, "--epochs", "2"),
                                "--epochs: not with --recipe defaults")
-    tiny.run(["-m", "fairseq_ext.experiments.speed_vs_hf", *common, "--train-subset", "24",
-              "--systems", "transformers", "train.py grouped", "--output-dir", str(tmp_path / "out")])
+    result = tiny.run(["-m", "fairseq_ext.experiments.speed_vs_hf", *common, "--train-subset", "24",
+                       "--systems", "transformers", "train.py grouped", "--output-dir", str(tmp_path / "out")])
     rows = json.loads((tmp_path / "out" / "speed_vs_hf.json").read_text())
     recipe = default_recipe("full", "STS-B", 24, 22_713_984)
+    for system in ("transformers", "train.py grouped"):  # each system's epochs, then how far it got
+        assert f"STS-B full {system}: {recipe.epochs} epochs ..." in result.stderr
+        assert f"  STS-B full {system}: {recipe.epochs}/{recipe.epochs} updates (100%)" in result.stderr
     primary = TASKS["STS-B"].primary_metric
     assert [r["system"] for r in rows] == ["transformers", "train.py grouped"]
     for row in rows:

@@ -41,7 +41,7 @@ import torch
 from ..core.errors import UserError, exit_on_user_error
 from ..core.files import write_report
 from ..core.glue_files import read_split
-from ..core.progress import format_duration
+from ..core.progress import ConsoleProgress, format_duration
 from ..core.run_record import RECORD_NAME, epoch_stats, read_run_record
 from ..core.timing_cli import glue_task, timing_parser
 from ..plugin.checkpoints import checkpoint_parameter_count
@@ -64,10 +64,14 @@ FLAG_RECIPE = (("--epochs", int, 3), ("--batch", int, 32), ("--lr-full", float, 
 
 
 def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe: Recipe, grouped: bool,
-                  train_rows: int, extra: Tuple[str, ...] = ()) -> Tuple[List[dict], int]:
+                  train_rows: int, extra: Tuple[str, ...] = (), label: str = "train.py") -> Tuple[List[dict], int]:
     """train.py in this process on prepared data; each epoch's update time and dev metrics, and the
-    parameters it trained."""
+    parameters it trained. Progress (updates, speed, ETA) goes to stderr under ``label``."""
     steps: List[tuple] = []  # (epoch, start, end) of every update
+    save_dir = workdir / f"{mode}-{'grouped' if grouped else 'random'}{''.join(extra)}"
+    command = train_command(spec, model, data_dir, save_dir, mode, recipe, recipe.lrs[0], 1, train_rows, 1,
+                            list(extra), 128)
+    progress = ConsoleProgress(label, command.total_updates, stream=sys.stderr)
 
     class EpochTimedTrainer(BitFitTrainer):
         def train_step(self, samples, raise_oom=False):
@@ -76,18 +80,18 @@ def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe:
             if self.cuda:
                 torch.cuda.synchronize()  # the update's device work belongs to its time
             steps.append((self._epoch_of_update, start, time.perf_counter()))
+            progress.update(len(steps), detail=f"epoch {self._epoch_of_update}/{recipe.epochs}")
             return output
 
         def begin_epoch(self, epoch):
             self._epoch_of_update = epoch
             return super().begin_epoch(epoch)
 
-    save_dir = workdir / f"{mode}-{'grouped' if grouped else 'random'}{''.join(extra)}"
-    argv = train_command(spec, model, data_dir, save_dir, mode, recipe, recipe.lrs[0], 1, train_rows, 1, list(extra),
-                         128).args
+    argv = command.args
     if not grouped:
         argv[argv.index("--group-by-length") + 1] = "0"
     cli_main(argv + ["--no-save", "--log-interval", "1000"], trainer_class=EpochTimedTrainer)
+    progress.close()
     record = read_run_record(save_dir / RECORD_NAME)
     dev = epoch_stats(record, "valid")
     epochs = []
@@ -99,15 +103,24 @@ def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe:
     return epochs, record["parameters"]["trainable"]
 
 
-def time_transformers(spec, glue_dir: Path, hf_folder: Path, mode: str, recipe: Recipe,
-                      grouped: bool, fp16: bool = False, train_subset: Optional[int] = None) -> Tuple[List[dict], int]:
+def time_transformers(spec, glue_dir: Path, hf_folder: Path, mode: str, recipe: Recipe, grouped: bool,
+                      fp16: bool = False, train_subset: Optional[int] = None,
+                      label: str = "transformers") -> Tuple[List[dict], int]:
+    """The transformers loop; each epoch's update time and dev metrics, and the parameters it trained.
+    Progress (updates, speed, ETA) goes to stderr under ``label``."""
     terms = FULL if mode == FULL else mode[len(BITFIT_PREFIX):]
     loop = ReferenceLoop(hf_folder, spec, terms, device="cuda" if torch.cuda.is_available() else "cpu", amp=fp16)
     train_rows = read_split(spec.name, glue_dir, "train")
     apply_train_subset(train_rows, train_subset, TRAIN_SUBSET_SEED)  # the rows train.py's prepared data holds
+    progress = ConsoleProgress(label, None, stream=sys.stderr)
+
+    def on_step(done: int, total: int) -> None:
+        progress.total = total
+        progress.update(done)
     results = loop.train(train_rows, read_split(spec.name, glue_dir, "valid"),
-                         recipe.epochs, recipe.batch, recipe.lrs[0], recipe.weight_decay,
+                         recipe.epochs, recipe.batch, recipe.lrs[0], recipe.weight_decay, on_step=on_step,
                          grouped_batches=LENGTH_GROUP_BATCHES if grouped else 0, fused_adamw=grouped)
+    progress.close()
     epochs = [{"epoch": r.epoch, "seconds": round(r.seconds, 2), "updates": r.updates,
                "dev": {k: v for k, v in r.dev.items() if k in spec.metrics}} for r in results]
     return epochs, loop.trainable
@@ -209,17 +222,15 @@ def main(argv=None) -> None:
                 args.bf16_base == "on" or (args.bf16_base == "auto" and cpu_native_bf16() is not None))
             for system in [name for name in SYSTEMS + ((BF16_BASE,) if bf16_row else ()) if name in args.systems]:
                 start = time.time()
-                print(f"{spec.name} {mode}: {system}, {args.epochs} epochs ...", file=sys.stderr, flush=True)
-                if system == "transformers":
-                    by_system[system], trained[system] = time_transformers(spec, glue_dir, hf_folder, mode, recipe,
-                                                                           False, args.fp16, args.train_subset)
-                elif system == PEER:
-                    by_system[system], trained[system] = time_transformers(spec, glue_dir, hf_folder, mode, recipe,
-                                                                           True, args.fp16, args.train_subset)
+                label = f"{spec.name} {mode} {system}"
+                print(f"{label}: {recipe.epochs} epochs ...", file=sys.stderr, flush=True)
+                if system in ("transformers", PEER):
+                    by_system[system], trained[system] = time_transformers(
+                        spec, glue_dir, hf_folder, mode, recipe, system == PEER, args.fp16, args.train_subset, label)
                 else:
                     by_system[system], trained[system] = time_train_py(
                         spec, model, workdir / "data", workdir, mode, recipe, "grouped" in system, train_rows,
-                        (("--bf16",) if system == BF16_BASE else precision) + tuple(args.train_py_args.split()))
+                        (("--bf16",) if system == BF16_BASE else precision) + tuple(args.train_py_args.split()), label)
                 gc.collect()
                 print(f"  done in {format_duration(time.time() - start)}: "
                       + json.dumps(by_system[system]), file=sys.stderr, flush=True)
