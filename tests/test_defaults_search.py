@@ -48,6 +48,8 @@ def test_bad_flags_are_one_line(capsys):
     tiny.assert_one_line_error(tiny.run_main(search.main, capsys, "--parallel", "0"), "--parallel 0")
     tiny.assert_one_line_error(tiny.run_main(search.main, capsys, "--cells", "bitfit-all-e40"),
                                "--cells bitfit-all-e40: no such cell")
+    tiny.assert_one_line_error(tiny.run_main(search.main, capsys, "--reuse-results", "/nonexistent/results.json"),
+                               "--reuse-results /nonexistent/results.json: no such file")
 
 
 def curve_row(scores, updates_per_epoch=10, metric="mcc", maximize=True):
@@ -113,3 +115,12 @@ def test_a_cell_trains_on_the_three_tasks_resumes_and_its_early_stopping_twin_is
     again = capfd.readouterr().out  # the runner jobs' output too: they inherit the file descriptors
     assert "training (" not in again and "(3 done earlier, 0 to go;" in again
     assert json.loads((out / "defaults_search.json").read_text()) == summary
+
+    # Another search folder taking this one's runs (--reuse-results) trains nothing and sums up the same.
+    elsewhere = tmp_path / "elsewhere"
+    search.main(["--glue-dir", str(glue), "--output-dir", str(elsewhere), "--cells", without.name,
+                 "--reuse-results", str(out / without.name / "results.json")])
+    taken = capfd.readouterr().out
+    assert "training (" not in taken and taken.count("done by another job") == 3
+    assert json.loads((elsewhere / "defaults_search.json").read_text())["settings"] == [
+        s for s in summary["settings"] if s["cell"] == without.name]

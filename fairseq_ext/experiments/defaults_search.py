@@ -65,14 +65,17 @@ class Cell:
         return replace(self, early_stop=False) if self.early_stop else self
 
     def runner_args(self, glue_dir: Path, output_dir: Path, passthrough: Sequence[str], parallel: int = 1,
-                    tasks: Sequence[str] = TASKS) -> List[str]:
-        """The runner's command line for the cell's job: every run of it, ``parallel`` at a time."""
+                    tasks: Sequence[str] = TASKS, reuse: Sequence[Path] = ()) -> List[str]:
+        """The runner's command line for the cell's job: every run of it, ``parallel`` at a time; a run whose
+        row in a ``reuse`` results.json has the same settings is taken from there (the runner's REUSE_RESULTS)."""
         subsets = " ".join(item for item in TRAIN_SUBSET.split() if item.split("=")[0] in tasks)
         args = ["--glue-dir", str(glue_dir), "--output-dir", str(output_dir / self.name), "--tasks", " ".join(tasks),
                 "--mode", self.family, "--seeds", str(SEED), "--lrs", " ".join(f"{lr:g}" for lr in self.lrs),
                 "--epochs", str(self.epochs), "--parallel", str(parallel)]
         if subsets:
             args += ["--train-subset", subsets]
+        if reuse:
+            args += ["--reuse-results", " ".join(str(path) for path in reuse)]
         return args + ["--", "--patience", str(PATIENCE) if self.early_stop else "-1", *passthrough]
 
 
@@ -209,7 +212,7 @@ def summary(settings: Sequence[Setting], planned: Sequence[Cell]) -> Tuple[dict,
 
 
 def run(glue_dir: Path, root: Path, cells: Sequence[Cell], passthrough: Sequence[str], resume: str,
-        parallel: int = 1) -> None:
+        parallel: int = 1, reuse: Sequence[Path] = ()) -> None:
     """Each cell's runner job in turn (finished runs are reused), the summary rewritten after each cell;
     ``resume``: the command a stopped search is continued with (the runner prints it when stopped)."""
     environment = dict(os.environ, GLUE_BITFIT_COMMAND=resume)
@@ -226,7 +229,7 @@ def run(glue_dir: Path, root: Path, cells: Sequence[Cell], passthrough: Sequence
               f"{PATIENCE} stops" if cut else "") + f"; {done[cell]} of {len(cell.lrs) * len(TASKS)} runs done earlier)",
               flush=True)
         command = [sys.executable, "-m", "fairseq_ext.experiments.glue_run",
-                   *cell.runner_args(glue_dir, root, passthrough, parallel)]
+                   *cell.runner_args(glue_dir, root, passthrough, parallel, reuse=reuse)]
         status = subprocess.call(command, env=environment)
         if status != 0:
             sys.exit(status)  # the runner said why, and how its job goes on; this search goes on the same way
@@ -252,10 +255,16 @@ def main(argv=None) -> None:
     parser.add_argument("--parallel", type=int, default=1, metavar="N",
                         help="runs trained at once, as the runner's PARALLEL (default 1). On a CPU each gets cores / N "
                         "threads; small models train faster as one-thread runs side by side")
+    parser.add_argument("--reuse-results", nargs="+", type=Path, default=[], metavar="RESULTS_JSON",
+                        help="other jobs' results.json files (a GLUE table's, another search's): a run there with the "
+                        "same settings (train.py arguments, data, base model) is taken, not trained")
     parser.add_argument("--summarize", action="store_true", help="write the summary of what has finished; train nothing")
     args = parser.parse_args(own)
     if args.parallel < 1:
         raise UserError(f"--parallel {args.parallel}: expected a positive integer")
+    missing = [path for path in args.reuse_results if not path.is_file()]
+    if missing:
+        raise UserError(f"--reuse-results {missing[0]}: no such file")
     by_name = {cell.name: cell for cell in CELLS}
     unknown = [name for name in args.cells or () if name not in by_name]
     if unknown:
@@ -263,7 +272,7 @@ def main(argv=None) -> None:
     cells = [by_name[name] for name in args.cells] if args.cells else list(CELLS)
     if not args.summarize:
         resume = shlex.join(["python", "-m", "fairseq_ext.experiments.defaults_search", *argv])
-        run(args.glue_dir, args.output_dir, cells, passthrough, resume, args.parallel)
+        run(args.glue_dir, args.output_dir, cells, passthrough, resume, args.parallel, args.reuse_results)
     print(write_summary(args.output_dir, cells))
 
 
