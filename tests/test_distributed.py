@@ -93,15 +93,16 @@ def test_two_nodes_on_one_machine_train_as_one_job(tiny_data, tiny_pretrained, t
     script = [str(tiny.REPO / "tests" / "rank_dump.py"), *args[1:]]
     env = dict(os.environ, PYTHONPATH=str(tiny.REPO), OMP_NUM_THREADS="1", RANK_DUMP_DIR=str(tmp_path))
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
-    nodes = [subprocess.Popen([sys.executable, *torchrun(1, port, nnodes=2, node_rank=rank), *script], env=env,
-                              cwd=tiny.REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
-             for rank, log in zip((0, 1), logs)]
+    nodes = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as output:  # the child keeps its own copy of the descriptor
+            nodes.append(subprocess.Popen([sys.executable, *torchrun(1, port, nnodes=2, node_rank=rank), *script],
+                                          env=env, cwd=tiny.REPO, stdout=output, stderr=subprocess.STDOUT))
     # Both at once: a node whose launcher fails leaves the other in torchrun's exit barrier for 300 s,
     # so the first failure ends both and the report shows both nodes' output.
     deadline = time.monotonic() + 300
-    while any(node.poll() is None for node in nodes) and time.monotonic() < deadline:
-        if any(node.poll() not in (None, 0) for node in nodes):
-            break
+    while (time.monotonic() < deadline and any(node.poll() is None for node in nodes)
+           and not any(node.poll() for node in nodes)):
         time.sleep(0.2)
     for node in nodes:
         if node.poll() is None:
