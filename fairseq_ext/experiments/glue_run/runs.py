@@ -75,8 +75,13 @@ class LocalTraining:
         self.log = TrainLog(self.process.stdout, log_path)
         self.start = time.monotonic()
 
-    def done(self) -> bool:
-        return self.process.poll() is not None
+    def wait(self, timeout_s: float) -> bool:
+        """Whether train.py has ended, waiting up to ``timeout_s`` for it (and no longer than it takes)."""
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def stop(self, signum: int) -> None:
         _stop_child(self.process, signum)
@@ -96,8 +101,8 @@ def launch_train_py_in_job(command: List[str], log_path: str, env: Dict[str, str
     training = LocalTraining(command, Path(log_path), env)
     with interrupts.handled():
         try:
-            while not training.done():
-                time.sleep(POLL_S)
+            while not training.wait(POLL_S):
+                pass
         except interrupts.Interrupted as stop:
             training.stop(stop.signum)
     return training.outcome()
@@ -113,7 +118,9 @@ class SubmititTraining:
             self.job = executor.submit(launch_train_py_in_job, command, str(log_path), dict(env or {}))
         self.log_path = log_path
 
-    def done(self) -> bool:
+    def wait(self, timeout_s: float) -> bool:
+        if not self.job.done():
+            time.sleep(timeout_s)
         return self.job.done()
 
     def stop(self, signum: int) -> None:
@@ -144,9 +151,9 @@ def _watch_launch(command: List[str], run: "PlannedRun", job: JobProgress, stage
     training = start(command, log_path)
     display = ConsoleProgress(run.label, run.planned_updates, interval_s=job.interval_s, bar=job.bar)
     start_time, updates_at_start = time.monotonic(), None
+    finished = False
     try:
         while True:
-            finished = training.done()
             for line in echo.poll():
                 display.write(job.echo_line(run, line))
             progress = echo.progress
@@ -160,7 +167,7 @@ def _watch_launch(command: List[str], run: "PlannedRun", job: JobProgress, stage
             if finished:
                 break
             stage.check_stop()
-            time.sleep(POLL_S)
+            finished = training.wait(POLL_S)
     except interrupts.Interrupted as stop:
         display.close(final_line=False)
         training.stop(stop.signum)
