@@ -428,15 +428,21 @@ def test_a_row_recorded_with_the_base_s_path_is_compared_by_the_file_s_digest(tm
 def test_runs_of_another_job_with_the_same_settings_are_taken_from_its_results(glue, cola_subset_run, tmp_path,
                                                                                runner_in_process):
     """REUSE_RESULTS: a run another job trained with the same settings is copied into this job's ledger,
-    not trained; one with other settings is trained (not refused); a missing file is one line."""
+    stating this job's recipe (not the rule that chose the settings there), not trained; one with other
+    settings is trained (not refused); a missing file is one line."""
     out = tmp_path / "out"
     shutil.copytree(cola_subset_run / "data", out / "data")
-    other = cola_subset_run / "results.json"
+    ours = json.loads((cola_subset_run / "results.json").read_text())
+    theirs = json.loads(json.dumps(ours))
+    theirs["runs"][0]["recipe"] = {"rule": "another job's rule, LRS=0.003 overriding it"}
+    other = tmp_path / "other" / "results.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps(theirs))
     env = dict(SUBSET_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(out), REUSE_RESULTS=str(other))
     again = glue_script(env, *SUBSET_ARGS)
     assert f"done by another job (its row in {other}, with the same settings)" in again.stdout
     assert ": training (" not in again.stdout and not (out / "runs").exists()
-    assert json.loads((out / "results.json").read_text()) == json.loads(other.read_text())
+    assert json.loads((out / "results.json").read_text()) == ours
 
     shutil.rmtree(out)
     changed = glue_script(dict(env, OUTPUT_DIR=str(out)), "--batch-size", "16", "--log-interval", "1")

@@ -90,13 +90,16 @@ def train_or_reuse(run: PlannedRun, args, job: JobProgress, stage: "JobStage", s
             return _train_and_collect(run, args, job, stage, start)
     if run.reused_from is None and run.result is None:  # its folder is gone, its row is kept
         say(f"  {run.label}: done earlier (its row in results.json)")
-        return run.recorded
-    if run.result is not None:
+        row = run.recorded
+    elif run.result is not None:
         say(f"  {run.label}: done earlier ({run.run_dir / RUN_FILE})")
         row = with_loss_curve(run.result, run.run_dir, run.spec)
     else:
         say(f"  {run.label}: done by another job (its row in {run.reused_from}, with the same settings)")
         row = run.recorded
+    # Trained with the same settings, the row is this job's run: it states this job's recipe, not the rule
+    # (or the LRS and EPOCHS overrides) that chose those settings in the job that trained it.
+    row = dict(row, recipe=run.recipe.describe())
     # The ledger holds every finished run the job knows of, whatever stops it later; a row it holds already
     # (planned as recorded) is not written again, so a resumed job does not rewrite it once per finished run.
     if args.node_rank == 0 and (run.reused_from is not None or row != run.recorded):
