@@ -34,9 +34,10 @@ def glue_script(env, *args, check=True):
 
 @pytest.fixture
 def runner_in_process(monkeypatch, capsys):
-    """The runner's checks without a new process: the main() the script execs, given the script's
-    environment; returns its exit status and stderr. The script's own boundary (exec, exit status, one
-    line) is tested through bash below; these cases test what the checks say, at no interpreter start."""
+    """The runner without a new process: the main() the script execs, given the script's environment;
+    returns (exit status, stdout, stderr). The script's own boundary (exec, exit status, one line) and
+    training are tested through bash; what the runner decides and says without training (a check's
+    line, a run done earlier or by another job) is tested here, at no interpreter start."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
 
@@ -46,8 +47,7 @@ def runner_in_process(monkeypatch, capsys):
         monkeypatch.setenv("GLUE_BITFIT_SCRIPT", str(SCRIPT))
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        status, _, stderr = tiny.run_main(glue_run.main, capsys, "--from-env", "--", *args)
-        return status, stderr
+        return tiny.run_main(glue_run.main, capsys, "--from-env", "--", *args)
 
     yield run
     root.handlers[:], root.level = handlers, level  # main() configures logging for its process
@@ -159,7 +159,7 @@ def test_bad_input_is_one_line_and_exit_2(glue, tmp_path, monkeypatch, runner_in
     out = tmp_path / "out"
     env = {name: value.format(glue=glue) for name, value in env.items()}
     monkeypatch.chdir(tmp_path)  # where no glue_data folder is
-    status, stderr = runner_in_process(dict(env, OUTPUT_DIR=str(out)))
+    status, _, stderr = runner_in_process(dict(env, OUTPUT_DIR=str(out)))
     assert status == 2, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("glue_bitfit: error: ") and needle in lines[0], stderr
@@ -258,7 +258,7 @@ def _latin1(task, split, lines):
 def test_a_bad_file_in_a_later_task_stops_before_any_training(tmp_path, runner_in_process, edit, needle):
     glue = small_glue_dir(tmp_path / "glue", edit=edit)
     out = tmp_path / "out"
-    status, stderr = runner_in_process({"GLUE_DIR": str(glue), "TASKS": "CoLA STS-B", "OUTPUT_DIR": str(out)})
+    status, _, stderr = runner_in_process({"GLUE_DIR": str(glue), "TASKS": "CoLA STS-B", "OUTPUT_DIR": str(out)})
     assert status == 2, stderr
     errors = [line for line in stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert len(errors) == 1 and needle in errors[0], stderr  # CoLA's preparation logs before it
@@ -284,7 +284,7 @@ def test_a_bad_file_in_a_later_task_stops_before_any_training(tmp_path, runner_i
 ])
 def test_bad_settings_are_one_line_before_anything_is_written(glue, tmp_path, runner_in_process, env, args, needle):
     out = tmp_path / "out"
-    status, stderr = runner_in_process(dict(env, GLUE_DIR=str(glue), TASKS="CoLA", OUTPUT_DIR=str(out)), *args)
+    status, _, stderr = runner_in_process(dict(env, GLUE_DIR=str(glue), TASKS="CoLA", OUTPUT_DIR=str(out)), *args)
     assert status == 2, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], stderr
@@ -347,18 +347,20 @@ def test_learning_rate_decays_over_the_updates_actually_run(cola_subset_run):
     assert len(lrs) == 6 and all(lr > 0 for lr in lrs[:-1])
 
 
-def test_a_run_folder_is_reused_only_with_the_same_settings(glue, cola_subset_run):
+def test_a_run_folder_is_reused_only_with_the_same_settings(glue, cola_subset_run, runner_in_process):
     env = dict(SUBSET_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(cola_subset_run))
     for changed_env, args, needle in (({"TRAIN_SUBSET": "40"}, SUBSET_ARGS, "the training data"),
                                       ({}, ("--batch-size", "4", "--log-interval", "1"), "--batch-size 8 -> 4")):
-        result = glue_script(dict(env, **changed_env), *args, check=False)
-        assert result.returncode == 2, result.stdout + result.stderr
-        errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-        assert len(errors) == 1 and "trained with other settings" in errors[0] and needle in errors[0], result.stderr
-    assert "done earlier" in glue_script(env, *SUBSET_ARGS).stdout
+        status, stdout, stderr = runner_in_process(dict(env, **changed_env), *args)
+        assert status == 2, stdout + stderr
+        errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and "trained with other settings" in errors[0] and needle in errors[0], stderr
+    status, stdout, _ = runner_in_process(env, *SUBSET_ARGS)
+    assert status == 0 and "done earlier" in stdout
 
 
-def test_a_run_whose_folder_was_deleted_is_done_by_its_row_in_results_json(glue, cola_subset_run, tmp_path):
+def test_a_run_whose_folder_was_deleted_is_done_by_its_row_in_results_json(glue, cola_subset_run, tmp_path,
+                                                                           runner_in_process):
     """results.json keeps the settings each run was trained with: with the run folders deleted (their
     checkpoints are what takes the disk) the same command trains nothing and writes the same results,
     and a row trained with other settings is refused in one line."""
@@ -366,8 +368,8 @@ def test_a_run_whose_folder_was_deleted_is_done_by_its_row_in_results_json(glue,
     shutil.copytree(cola_subset_run / "data", out / "data")
     shutil.copy(cola_subset_run / "results.json", out / "results.json")
     env = dict(SUBSET_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(out))
-    again = glue_script(env, *SUBSET_ARGS)
-    assert "done earlier (its row in results.json)" in again.stdout and ": training (" not in again.stdout
+    status, stdout, _ = runner_in_process(env, *SUBSET_ARGS)
+    assert status == 0 and "done earlier (its row in results.json)" in stdout and ": training (" not in stdout
     assert not (out / "runs").exists()
     assert (out / "results.json").read_text() == (cola_subset_run / "results.json").read_text()
     assert (out / "results.md").read_text() == (cola_subset_run / "results.md").read_text()
@@ -377,9 +379,9 @@ def test_a_run_whose_folder_was_deleted_is_done_by_its_row_in_results_json(glue,
     last_batch_size = len(recorded) - 1 - recorded[::-1].index("--batch-size")  # the one after the script
     recorded[last_batch_size + 1] = "16"
     (out / "results.json").write_text(json.dumps(results))
-    refused = glue_script(env, *SUBSET_ARGS, check=False)
-    assert refused.returncode == 2, refused.stdout + refused.stderr
-    errors = [line for line in refused.stderr.splitlines() if "error" in line.lower()]
+    status, stdout, stderr = runner_in_process(env, *SUBSET_ARGS)
+    assert status == 2, stdout + stderr
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "results.json holds a row" in errors[0] and "--batch-size 16 -> 8" in errors[0]
 
 
@@ -399,7 +401,7 @@ def test_a_ledger_is_reused_where_the_base_model_lives_elsewhere(glue, cola_subs
 
     settings_recorded["base"] = "sha256:" + "0" * 64
     (out / "results.json").write_text(json.dumps(results))
-    status, stderr = runner_in_process(elsewhere, *SUBSET_ARGS)
+    status, _, stderr = runner_in_process(elsewhere, *SUBSET_ARGS)
     errors = [line for line in stderr.splitlines() if "error" in line.lower()]
     assert status == 2 and len(errors) == 1, stderr
     assert "results.json holds a row" in errors[0] and "the base model (its checkpoint: sha256:000" in errors[0]
@@ -439,9 +441,9 @@ def test_runs_of_another_job_with_the_same_settings_are_taken_from_its_results(g
     other.parent.mkdir()
     other.write_text(json.dumps(theirs))
     env = dict(SUBSET_ENV, GLUE_DIR=str(glue), OUTPUT_DIR=str(out), REUSE_RESULTS=str(other))
-    again = glue_script(env, *SUBSET_ARGS)
-    assert f"done by another job (its row in {other}, with the same settings)" in again.stdout
-    assert ": training (" not in again.stdout and not (out / "runs").exists()
+    status, stdout, _ = runner_in_process(env, *SUBSET_ARGS)
+    assert status == 0 and f"done by another job (its row in {other}, with the same settings)" in stdout
+    assert ": training (" not in stdout and not (out / "runs").exists()
     assert json.loads((out / "results.json").read_text()) == ours
 
     shutil.rmtree(out)
@@ -449,7 +451,7 @@ def test_runs_of_another_job_with_the_same_settings_are_taken_from_its_results(g
     assert "done by another job" not in changed.stdout and ": training (" in changed.stdout
     assert json.loads((out / "results.json").read_text())["runs"][0]["updates"] == 3
 
-    status, stderr = runner_in_process(dict(env, REUSE_RESULTS=str(tmp_path / "none.json")), *SUBSET_ARGS)
+    status, _, stderr = runner_in_process(dict(env, REUSE_RESULTS=str(tmp_path / "none.json")), *SUBSET_ARGS)
     assert status == 2 and stderr.strip() == f"glue_bitfit: error: REUSE_RESULTS {tmp_path / 'none.json'}: no such file"
 
 
@@ -548,7 +550,7 @@ def test_a_job_stopped_after_a_validation_that_did_not_improve_resumes_to_the_sa
     assert tables[0] == tables[1]
 
 
-def test_line_endings_are_not_a_change_of_data_but_an_edited_row_is(glue, tmp_path):
+def test_line_endings_are_not_a_change_of_data_but_an_edited_row_is(glue, tmp_path, runner_in_process):
     """The same rows with CRLF line ends and a byte-order mark: the finished run is done, the prepared data
     is kept. A row edited: the job stops with the 'trained with other settings' line."""
     copy = tmp_path / "glue"
@@ -560,16 +562,16 @@ def test_line_endings_are_not_a_change_of_data_but_an_edited_row_is(glue, tmp_pa
     for split in ("train", "dev", "test"):
         path = copy / "CoLA" / f"{split}.tsv"
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
-    again = glue_script(env, "--batch-size", "8", "--max-update", "1")
-    assert "done earlier" in again.stdout and ": training (" not in again.stdout
+    status, stdout, _ = runner_in_process(env, "--batch-size", "8", "--max-update", "1")
+    assert status == 0 and "done earlier" in stdout and ": training (" not in stdout
     assert (out / "data" / "CoLA" / "manifest.json").read_text() == manifest  # not prepared again
 
     train = copy / "CoLA" / "train.tsv"
     train.write_bytes(train.read_bytes().replace(b"\t1\t\t", b"\t0\t*\t", 1))  # one row's label
-    changed = glue_script(env, "--batch-size", "8", "--max-update", "1", check=False)
-    assert changed.returncode == 2, changed.stdout + changed.stderr
-    errors = [line for line in changed.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and "trained with other settings: the training data" in errors[0], changed.stderr
+    status, stdout, stderr = runner_in_process(env, "--batch-size", "8", "--max-update", "1")
+    assert status == 2, stdout + stderr
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "trained with other settings: the training data" in errors[0], stderr
 
 
 def test_comparison_modes_run_beside_bitfit_with_their_cost(glue, glue_output, tmp_path):
