@@ -42,7 +42,7 @@ from ..plugin.deltas import merged_model
 from ..plugin.models.model_dir import load_model_dir
 from ..plugin.models.pretrained import default_model_dir
 from ..plugin.predictor import MultiTaskPredictor
-from ..training.synthetic_deltas import cpu_model, synthetic_sentences, task_deltas, trained_delta
+from ..training.synthetic_deltas import cpu_model, synthetic_sentences, task_deltas, trained_deltas
 
 # variant -> (the run mode whose delta it serves, merged into the weights)
 VARIANTS = {"base": ("head", True), "bitfit": ("bitfit-all", True), "lora-merged": ("lora", True),
@@ -98,8 +98,7 @@ def measure(rounds: int, tasks: int, length: int, device: str) -> dict:
         raise UserError("--rounds and --tasks must be at least 1, --length at least 3")
     folder = load_model_dir(default_model_dir())
     with tempfile.TemporaryDirectory(prefix="bitfit-inference-") as tmp:
-        deltas = {mode: trained_delta(Path(tmp) / mode, mode) for mode in dict.fromkeys(
-            mode for mode, _ in VARIANTS.values())}
+        deltas = trained_deltas(Path(tmp), list(dict.fromkeys(mode for mode, _ in VARIANTS.values())))
     models = {}
     for variant, (mode, merge) in VARIANTS.items():
         model, _ = merged_model(folder.checkpoint, deltas[mode], merge=merge)
