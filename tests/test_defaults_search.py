@@ -44,6 +44,33 @@ def test_the_best_mean_wins_and_ties_go_to_fewer_updates():
     assert chosen == {"bitfit-all": near, "full": full}  # `partial` has no mean: not a candidate
 
 
+def test_the_edge_rule_derives_the_declared_edge_checks_from_the_committed_results():
+    """docs/defaults_search.md's edge rule, as code, on the search's committed results: every edge check
+    declared in EDGE_CHECKS is one the rule calls for, and the summary names any it calls for that is not
+    declared yet."""
+    results = tiny.REPO / "docs" / "defaults_search_results"
+    due = search.edge_checks(search.read_settings(results))
+    assert set(search.EDGE_CHECKS) <= set(due)
+    _, markdown = search.summary(search.read_settings(results), search.CELLS)
+    for cell in due:
+        assert f"`{cell.name}` at lr {cell.lrs[0]:g}" in markdown
+        assert ("not declared in EDGE_CHECKS yet" in markdown) or cell in search.EDGE_CHECKS
+
+
+def test_the_edge_rule_steps_past_each_edge_the_winner_sits_on_once_its_family_has_finished():
+    full_grid = [(cell, lr) for cell in search.GRID if cell.family == "full" for lr in cell.lrs]  # 4 and 8 epochs
+
+    def full(best):
+        return [search.Setting(cell, lr, dict(zip(search.TASKS, (30.0, 86.0, 86.0) if (cell.epochs, lr) == best
+                                                   else (20.0, 85.0, 85.0))), 697 * cell.epochs)
+                for cell, lr in full_grid]
+
+    assert search.edge_checks(full((8, 1e-4))) == [search.Cell("full", 12, False, (1e-4,)),
+                                                   search.Cell("full", 8, False, (2e-4,), lr_edge=True)]
+    assert search.edge_checks(full((4, 5e-5))) == []  # inside the grid on both axes
+    assert search.edge_checks(full((8, 1e-4))[1:]) == []  # a setting still to finish could win
+
+
 def test_bad_flags_are_one_line(capsys):
     tiny.assert_one_line_error(tiny.run_main(search.main, capsys, "--parallel", "0"), "--parallel 0")
     tiny.assert_one_line_error(tiny.run_main(search.main, capsys, "--cells", "bitfit-all-e40"),

@@ -91,6 +91,8 @@ GRID: Tuple[Cell, ...] = (
 EDGE_CHECKS: Tuple[Cell, ...] = (Cell("bitfit-all", 30, False, (3e-3,)),
                                   Cell("full", 4, False, (2e-4,), lr_edge=True))
 CELLS = GRID + EDGE_CHECKS  # what the search trains and ranks
+EPOCHS_STEP = 1.5  # an edge check's epochs past the grid's largest
+NEXT_LR = {"bitfit-all": 3e-2, "bitfit-ofa": 3e-2, "full": 2e-4}  # one step past each grid's largest lr, by its spacing
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,24 @@ def winners(settings: Sequence[Setting]) -> Dict[str, Setting]:
     return chosen
 
 
+def edge_checks(settings: Sequence[Setting]) -> List[Cell]:
+    """The edge checks docs/defaults_search.md's rule calls for, from the grid's settings: for each family
+    whose grid settings have all finished, where its winner on the grid has the grid's largest epochs, the
+    same setting at EPOCHS_STEP times the epochs; where it has the grid's largest lr, the same setting at
+    the next lr (NEXT_LR)."""
+    checks = []
+    on_grid = [s for s in settings if s.cell in GRID and s.mean is not None]
+    for family, winner in winners(on_grid).items():
+        grid = [cell for cell in GRID if cell.family == family]
+        if sum(len(cell.lrs) for cell in grid) != sum(1 for s in on_grid if s.cell.family == family):
+            continue  # a setting still to finish could win
+        if winner.cell.epochs == max(cell.epochs for cell in grid):
+            checks.append(Cell(family, round(winner.cell.epochs * EPOCHS_STEP), winner.cell.early_stop, (winner.lr,)))
+        if winner.lr == max(lr for cell in grid for lr in cell.lrs):
+            checks.append(Cell(family, winner.cell.epochs, winner.cell.early_stop, (NEXT_LR[family],), lr_edge=True))
+    return checks
+
+
 def _fmt(value: Optional[float]) -> str:
     return "–" if value is None else f"{value:.1f}"
 
@@ -203,11 +223,17 @@ def summary(settings: Sequence[Setting], planned: Sequence[Cell]) -> Tuple[dict,
         won = "**yes**" if chosen.get(s.cell.family) == s else ""
         lines.append(f"| {s.cell.name} | {s.lr:g} | " + " | ".join(_fmt(s.scores.get(t)) for t in TASKS)
                      + f" | {_fmt(s.mean)} | {s.updates:,} | {won} |")
+    due = edge_checks(settings)
+    if due:
+        lines += ["", "Edge checks the rule calls for (docs/defaults_search.md): " + "; ".join(
+            f"`{cell.name}` at lr {cell.lrs[0]:g}" + ("" if cell in EDGE_CHECKS else ", not declared in EDGE_CHECKS yet")
+            for cell in due) + "."]
     data = {"tasks": list(TASKS), "seed": SEED, "tie_points": TIE_POINTS, "finished": len(done), "planned": total,
             "settings": [{"cell": s.cell.name, "family": s.cell.family, "epochs": s.cell.epochs,
                           "early_stop": s.cell.early_stop, "lr": s.lr, "scores": s.scores, "mean": s.mean,
                           "updates": s.updates} for s in settings],
-            "winners": {family: {"cell": s.cell.name, "lr": s.lr, "mean": s.mean} for family, s in chosen.items()}}
+            "winners": {family: {"cell": s.cell.name, "lr": s.lr, "mean": s.mean} for family, s in chosen.items()},
+            "edge_checks_due": [{"cell": cell.name, "lr": cell.lrs[0], "declared": cell in EDGE_CHECKS} for cell in due]}
     return data, "\n".join(lines) + "\n"
 
 
