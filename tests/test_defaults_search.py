@@ -71,6 +71,28 @@ def test_the_edge_rule_steps_past_each_edge_the_winner_sits_on_once_its_family_h
     assert search.edge_checks(full((8, 1e-4))[1:]) == []  # a setting still to finish could win
 
 
+def test_after_its_grid_a_family_s_edge_checks_are_trained_and_ranked(tmp_path, monkeypatch, capsys):
+    """run() trains the given cells, then each edge check the rule calls for in those cells' families
+    (here full fine-tuning's one-cell grid, won at its largest epochs and lr: both edges), not another
+    family's; the summary ranks them with the grid."""
+    grid_cell = search.Cell("full", 4, False, (1e-4,))
+    monkeypatch.setattr(search, "GRID", (grid_cell,))
+    finished = [search.Setting(grid_cell, 1e-4, dict(zip(search.TASKS, (30.0, 86.0, 86.0))), 2788)]
+    monkeypatch.setattr(search, "read_settings", lambda root, cells=(): finished)
+    trained = []
+    monkeypatch.setattr(search, "_train_cell", lambda cell, *args: trained.append(cell))
+    ranked = search.run(tmp_path / "glue", tmp_path / "search", [grid_cell], [], "RESUME")
+    edges = [search.Cell("full", 6, False, (1e-4,)), search.Cell("full", 4, False, (2e-4,), lr_edge=True)]
+    assert trained == [grid_cell, *edges] and ranked == [grid_cell, *edges]
+    out = capsys.readouterr().out
+    assert "defaults search: edge check full-e6 (lr 0.0001; 6 epochs, early stopping off): full's winner" in out
+    assert "defaults search: edge check full-e4-lr0.0002 (lr 0.0002; 4 epochs" in out
+    trained.clear()
+    other = search.Cell("bitfit-all", 10, False, (1e-3,))
+    assert search.run(tmp_path / "glue", tmp_path / "search", [other], [], "RESUME") == [other]
+    assert trained == [other]  # full's edges belong to a run of full's cells
+
+
 def test_bad_flags_are_one_line(capsys):
     tiny.assert_one_line_error(tiny.run_main(search.main, capsys, "--parallel", "0"), "--parallel 0")
     tiny.assert_one_line_error(tiny.run_main(search.main, capsys, "--cells", "bitfit-all-e40"),
@@ -109,6 +131,8 @@ def test_a_cell_trains_on_the_three_tasks_resumes_and_its_early_stopping_twin_is
     trains nothing and writes the same summary."""
     without, twin = search.Cell("bitfit-all", 6, False, (1e-9,)), search.Cell("bitfit-all", 6, True, (1e-9,))
     monkeypatch.setattr(search, "CELLS", (twin, without))
+    monkeypatch.setattr(search, "GRID", (twin, without))
+    monkeypatch.setattr(search, "edge_checks", lambda settings: [])  # the edge path: the test below
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as tiny.run gives every training process beside the other worker
     glue = make_glue_dir(tmp_path / "glue", rows_per_split=24, train_rows=64)  # 2 updates an epoch
     out = tmp_path / "search"

@@ -238,9 +238,11 @@ def summary(settings: Sequence[Setting], planned: Sequence[Cell]) -> Tuple[dict,
 
 
 def run(glue_dir: Path, root: Path, cells: Sequence[Cell], passthrough: Sequence[str], resume: str,
-        parallel: int = 1, reuse: Sequence[Path] = ()) -> None:
+        parallel: int = 1, reuse: Sequence[Path] = ()) -> List[Cell]:
     """Each cell's runner job in turn (finished runs are reused), the summary rewritten after each cell;
-    ``resume``: the command a stopped search is continued with (the runner prints it when stopped)."""
+    then, for the families of ``cells``, the edge checks the rule calls for once their grid has finished
+    (``edge_checks``).  ``resume``: the command a stopped search is continued with (the runner prints it
+    when stopped).  The cells the summary ranks: ``cells`` and those edge checks."""
     environment = dict(os.environ, GLUE_BITFIT_COMMAND=resume)
     trained = list(dict.fromkeys(cell.trained_as for cell in cells))
     done = {cell: sum(len({r["task"] for r in rows} & set(TASKS)) for rows in runs_by_lr(root, cell).values())
@@ -248,18 +250,37 @@ def run(glue_dir: Path, root: Path, cells: Sequence[Cell], passthrough: Sequence
     total = sum(len(cell.lrs) * len(TASKS) for cell in trained)
     print(f"defaults search: {len(trained)} cell{'s' if len(trained) != 1 else ''} to train, {total} runs ({sum(done.values())} done earlier, "
           f"{total - sum(done.values())} to go; each cell's runner job shows its progress and ETA)", flush=True)
+    ranked = list(cells)
     for number, cell in enumerate(trained, 1):
         cut = [other.name for other in cells if other.early_stop and other.trained_as == cell]
         print(f"defaults search: cell {number} of {len(trained)}: {cell.name} (lr {', '.join(f'{lr:g}' for lr in cell.lrs)};"
               f" {cell.epochs} epochs, early stopping off" + (f"; {', '.join(cut)}: these runs cut where --patience "
               f"{PATIENCE} stops" if cut else "") + f"; {done[cell]} of {len(cell.lrs) * len(TASKS)} runs done earlier)",
               flush=True)
-        command = [sys.executable, "-m", "fairseq_ext.experiments.glue_run",
-                   *cell.runner_args(glue_dir, root, passthrough, parallel, reuse=reuse)]
-        status = subprocess.call(command, env=environment)
-        if status != 0:
-            sys.exit(status)  # the runner said why, and how its job goes on; this search goes on the same way
-        write_summary(root, cells)
+        _train_cell(cell, glue_dir, root, passthrough, parallel, reuse, environment)
+        write_summary(root, ranked)
+    families = {cell.family for cell in cells}
+    for check in edge_checks(read_settings(root, GRID)):
+        if check.family not in families or check in ranked:
+            continue
+        print(f"defaults search: edge check {check.name} (lr {check.lrs[0]:g}; {check.epochs} epochs, early stopping "
+              f"{'on' if check.early_stop else 'off'}): {check.family}'s winner on the grid sits on the grid's edge "
+              "(docs/defaults_search.md)", flush=True)
+        ranked.append(check)
+        if check.trained_as not in trained:
+            trained.append(check.trained_as)
+            _train_cell(check.trained_as, glue_dir, root, passthrough, parallel, reuse, environment)
+        write_summary(root, ranked)
+    return ranked
+
+
+def _train_cell(cell: Cell, glue_dir: Path, root: Path, passthrough: Sequence[str], parallel: int,
+                reuse: Sequence[Path], environment: Dict[str, str]) -> None:
+    command = [sys.executable, "-m", "fairseq_ext.experiments.glue_run",
+               *cell.runner_args(glue_dir, root, passthrough, parallel, reuse=reuse)]
+    status = subprocess.call(command, env=environment)
+    if status != 0:
+        sys.exit(status)  # the runner said why, and how its job goes on; this search goes on the same way
 
 
 def write_summary(root: Path, cells: Sequence[Cell]) -> str:
@@ -295,11 +316,16 @@ def main(argv=None) -> None:
     unknown = [name for name in args.cells or () if name not in by_name]
     if unknown:
         raise UserError(f"--cells {unknown[0]}: no such cell; cells: {', '.join(by_name)}")
-    cells = [by_name[name] for name in args.cells] if args.cells else list(CELLS)
-    if not args.summarize:
-        resume = shlex.join(["python", "-m", "fairseq_ext.experiments.defaults_search", *argv])
-        run(args.glue_dir, args.output_dir, cells, passthrough, resume, args.parallel, args.reuse_results)
-    print(write_summary(args.output_dir, cells))
+    if args.summarize:
+        due = edge_checks(read_settings(args.output_dir, GRID))
+        print(write_summary(args.output_dir, list(dict.fromkeys([*CELLS, *due]))))
+        return
+    # Without --cells: the grid, then the edge checks its results call for (on this project's results
+    # they are EDGE_CHECKS; elsewhere they are what the rule gives there).
+    cells = [by_name[name] for name in args.cells] if args.cells else list(GRID)
+    resume = shlex.join(["python", "-m", "fairseq_ext.experiments.defaults_search", *argv])
+    ranked = run(args.glue_dir, args.output_dir, cells, passthrough, resume, args.parallel, args.reuse_results)
+    print(write_summary(args.output_dir, ranked))
 
 
 if __name__ == "__main__":
