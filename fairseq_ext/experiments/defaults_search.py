@@ -90,7 +90,7 @@ GRID: Tuple[Cell, ...] = (
 # full fine-tuning's: lr 1e-4, the largest.
 EDGE_CHECKS: Tuple[Cell, ...] = (Cell("bitfit-all", 30, False, (3e-3,)),
                                   Cell("full", 4, False, (2e-4,), lr_edge=True))
-CELLS = GRID + EDGE_CHECKS  # what the search trains and ranks
+CELLS = GRID + EDGE_CHECKS  # what --cells names and --summarize ranks (a run trains GRID, then edge_checks())
 EPOCHS_STEP = 1.5  # an edge check's epochs past the grid's largest
 NEXT_LR = {"bitfit-all": 3e-2, "bitfit-ofa": 3e-2, "full": 2e-4}  # one step past each grid's largest lr, by its spacing
 
