@@ -202,7 +202,7 @@ def markdown(rows: List[dict]) -> str:
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["minilm"])
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")

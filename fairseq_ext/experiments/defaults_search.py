@@ -293,8 +293,7 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python -m fairseq_ext.experiments.defaults_search",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--glue-dir", type=Path, default=Path("glue_data"))
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/defaults_search"))
     parser.add_argument("--cells", nargs="+", metavar="NAME", help="only these cells (default: the whole grid "
@@ -305,7 +304,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reuse-results", nargs="+", type=Path, default=[], metavar="RESULTS_JSON",
                         help="other jobs' results.json files (a GLUE table's, another search's): a run there with the "
                         "same settings (train.py arguments, data, base model) is taken, not trained")
-    parser.add_argument("--summarize", action="store_true", help="write the summary of what has finished; train nothing")
+    parser.add_argument("--summarize", action="store_true", help="write the summary of what has finished (every cell and the edge checks due, whatever --cells says); train nothing")
     args = parser.parse_args(own)
     if args.parallel < 1:
         raise UserError(f"--parallel {args.parallel}: expected a positive integer")

@@ -133,7 +133,7 @@ def check_ddp(model: str, device: str, steps: int, nproc: int) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default=None, help="default: roberta_base on cuda, bert_tiny on cpu")
     parser.add_argument("--steps", type=int, default=5)

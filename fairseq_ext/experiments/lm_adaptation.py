@@ -179,7 +179,7 @@ def render(results: dict) -> str:
 
 @exit_on_user_error
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fairseq_ext.experiments.lm_adaptation", description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("pretrain-train", "pretrain-valid", "adapt-train", "adapt-valid"):
         parser.add_argument(f"--{name}", metavar="FILE")

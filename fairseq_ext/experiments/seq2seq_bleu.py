@@ -184,7 +184,7 @@ def markdown(rows: List[dict]) -> str:
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="seq2seq_bleu", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--modes", nargs="+", default=list(MODES), help="full or bitfit-<any --bitfit-terms>")
     parser.add_argument("--pretrain-updates", type=int, default=2500)

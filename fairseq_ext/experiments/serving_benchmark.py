@@ -283,7 +283,7 @@ def load_markdown(result: dict) -> str:
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="serving_benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
