@@ -9,14 +9,15 @@ from .glue_files import check_glue_dir
 from .glue_tasks import get_task_spec
 
 
-def timing_parser(prog: str, doc: str, modes: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+def timing_parser(name: str, doc: str, modes: Sequence[str]) -> argparse.ArgumentParser:
+    """The shared flags; ``name`` gives the default output folder (errors name the file, as argparse does)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--glue-dir", default="glue_data")
     parser.add_argument("--task", default="STS-B")
     parser.add_argument("--modes", nargs="+", default=list(modes))
     parser.add_argument("--train-py-args", default="", help="extra train.py arguments for its runs, one string: "
                         "--train-py-args=--bf16 (or --fused-adam, ...)")
-    parser.add_argument("--output-dir", default=f"outputs/{prog}")
+    parser.add_argument("--output-dir", default=f"outputs/{name}")
     return parser
 
 
