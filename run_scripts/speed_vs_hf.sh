@@ -17,6 +17,7 @@
 #   RECIPE      flags (EPOCHS, batch 32, lr 5e-5 / 1e-3) or defaults (the GLUE runner's recipe)   [flags]
 #   TRAIN_SUBSET  train on the runner's seeded sample of N training rows (SST-2 8k: 8000)        [every row]
 #   SYSTEMS     comma-separated systems to train, e.g. "transformers,train.py grouped"          [all]
+#   SEED        every system's seed (head initialisation, batch order)                          [1]
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${here}${PYTHONPATH:+:${PYTHONPATH}}"
@@ -25,6 +26,7 @@ args=(--glue-dir "${GLUE_DIR:-glue_data}" --task "${TASK:-STS-B}" --modes ${MODE
 [[ "${RECIPE:-flags}" == defaults ]] || args+=(--epochs "${EPOCHS:-3}")
 [[ -z "${TRAIN_SUBSET:-}" ]] || args+=(--train-subset "${TRAIN_SUBSET}")
 [[ -z "${MODEL:-}" ]] || args+=(--model "${MODEL}")
+[[ -z "${SEED:-}" ]] || args+=(--seed "${SEED}")
 [[ -z "${FP16:-}" ]] || args+=(--fp16)
 if [[ -n "${SYSTEMS:-}" ]]; then
   IFS=, read -r -a systems <<< "${SYSTEMS}"

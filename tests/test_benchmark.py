@@ -180,7 +180,7 @@ def test_quality_at_the_runner_s_defaults_on_its_training_sample(tmp_path, capsy
     common = ["--glue-dir", str(glue), "--task", "STS-B", "--modes", "full", "--recipe", "defaults"]
     tiny.assert_one_line_error(tiny.run_main(speed_vs_hf.main, capsys, *common, "--epochs", "2"),
                                "--epochs: not with --recipe defaults")
-    result = tiny.run(["-m", "fairseq_ext.experiments.speed_vs_hf", *common, "--train-subset", "24",
+    result = tiny.run(["-m", "fairseq_ext.experiments.speed_vs_hf", *common, "--train-subset", "24", "--seed", "2",
                        "--systems", "transformers", "train.py grouped", "--output-dir", str(tmp_path / "out")])
     rows = json.loads((tmp_path / "out" / "speed_vs_hf.json").read_text())
     recipe = default_recipe("full", "STS-B", 24, 22_713_984)
@@ -190,13 +190,33 @@ def test_quality_at_the_runner_s_defaults_on_its_training_sample(tmp_path, capsy
     primary = TASKS["STS-B"].primary_metric
     assert [r["system"] for r in rows] == ["transformers", "train.py grouped"]
     for row in rows:
-        assert (row["lr"], row["batch"], row["weight_decay"], row["train_rows"]) == \
-            (recipe.lrs[0], recipe.batch, recipe.weight_decay, 24)
+        assert (row["lr"], row["batch"], row["weight_decay"], row["train_rows"], row["seed"]) == \
+            (recipe.lrs[0], recipe.batch, recipe.weight_decay, 24, 2)
         assert [e["updates"] for e in row["epochs"]] == [1] * recipe.epochs  # 24 rows: one batch an epoch
         assert row["ratio_to_transformers_grouped"] is None  # no peer trained
         best = max(row["epochs"], key=lambda e: (e["dev"][primary], -e["epoch"]))
         assert row["best_dev"] == {"epoch": best["epoch"], "metric": primary, "score": best["dev"][primary]}
     assert "| full | transformers |" in (tmp_path / "out" / "speed_vs_hf.md").read_text()
+    assert f"STS-B full: lr {recipe.lrs[0]:g}, batch {recipe.batch}, {recipe.epochs} epochs, weight decay " \
+           f"{recipe.weight_decay:g}, seed 2," in result.stderr
+
+
+def test_the_transformers_loop_s_seed_is_its_own(tmp_path):
+    """--seed reaches the transformers loop: the same seed trains the same numbers, another seed others
+    (the head's initialisation and the batch order)."""
+    from fairseq_ext.core.glue_tasks import TASKS
+    from fairseq_ext.experiments.speed_vs_hf import time_transformers
+    from fairseq_ext.training.glue_recipe import Recipe
+
+    glue = make_glue_dir(tmp_path / "glue", ("STS-B",), rows_per_split=24, train_rows=48)
+    recipe = Recipe((1e-3,), 8, 1, 0.0, None, "test")
+
+    def dev(seed):
+        (epoch,), _ = time_transformers(TASKS["STS-B"], glue, package_model_folder(), "bitfit-all", recipe, False,
+                                        seed=seed)
+        return epoch["dev"]
+    first = dev(1)
+    assert dev(1) == first and dev(2) != first
 
 
 def test_the_grouped_transformers_peer_draws_length_sorted_megabatches():

@@ -64,12 +64,13 @@ FLAG_RECIPE = (("--epochs", int, 3), ("--batch", int, 32), ("--lr-full", float, 
 
 
 def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe: Recipe, grouped: bool,
-                  train_rows: int, extra: Tuple[str, ...] = (), label: str = "train.py") -> Tuple[List[dict], int]:
+                  train_rows: int, extra: Tuple[str, ...] = (), label: str = "train.py",
+                  seed: int = 1) -> Tuple[List[dict], int]:
     """train.py in this process on prepared data; each epoch's update time and dev metrics, and the
     parameters it trained. Progress (updates, speed, ETA) goes to stderr under ``label``."""
     steps: List[tuple] = []  # (epoch, start, end) of every update
     save_dir = workdir / f"{mode}-{'grouped' if grouped else 'random'}{''.join(extra)}"
-    command = train_command(spec, model, data_dir, save_dir, mode, recipe, recipe.lrs[0], 1, train_rows, 1,
+    command = train_command(spec, model, data_dir, save_dir, mode, recipe, recipe.lrs[0], seed, train_rows, 1,
                             list(extra), 128)
     progress = ConsoleProgress(label, command.total_updates, stream=sys.stderr)
 
@@ -105,11 +106,12 @@ def time_train_py(spec, model, data_dir: Path, workdir: Path, mode: str, recipe:
 
 def time_transformers(spec, glue_dir: Path, hf_folder: Path, mode: str, recipe: Recipe, grouped: bool,
                       fp16: bool = False, train_subset: Optional[int] = None,
-                      label: str = "transformers") -> Tuple[List[dict], int]:
+                      label: str = "transformers", seed: int = 1) -> Tuple[List[dict], int]:
     """The transformers loop; each epoch's update time and dev metrics, and the parameters it trained.
     Progress (updates, speed, ETA) goes to stderr under ``label``."""
     terms = FULL if mode == FULL else mode[len(BITFIT_PREFIX):]
-    loop = ReferenceLoop(hf_folder, spec, terms, device="cuda" if torch.cuda.is_available() else "cpu", amp=fp16)
+    loop = ReferenceLoop(hf_folder, spec, terms, seed=seed, device="cuda" if torch.cuda.is_available() else "cpu",
+                         amp=fp16)
     train_rows = read_split(spec.name, glue_dir, "train")
     apply_train_subset(train_rows, train_subset, TRAIN_SUBSET_SEED)  # the rows train.py's prepared data holds
     progress = ConsoleProgress(label, None, stream=sys.stderr)
@@ -179,6 +181,8 @@ def build_parser():
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS + (BF16_BASE,), default=None, metavar="SYSTEM",
                         help="the systems to train (default: all; the speed claim needs the peer, "
                         "'transformers grouped')")
+    parser.add_argument("--seed", type=int, default=1, help="every system's seed (the head's initialisation, "
+                        "the batches' order); the training rows of --train-subset stay the runner's sample")
     parser.add_argument("--bf16-base", choices=("auto", "on", "off"), default="auto",
                         help="the BitFit row with --bf16: auto where the CPU has native bf16, as the GLUE runner")
     return parser
@@ -215,7 +219,8 @@ def main(argv=None) -> None:
             recipe = loop_recipe(args, mode, spec.name, train_rows, checkpoint_parameter_count(model.checkpoint))
             lr = recipe.lrs[0]
             print(f"{spec.name} {mode}: lr {lr:g}, batch {recipe.batch}, {recipe.epochs} epochs, weight decay "
-                  f"{recipe.weight_decay:g}, {train_rows:,} training rows ({recipe.rule})", file=sys.stderr, flush=True)
+                  f"{recipe.weight_decay:g}, seed {args.seed}, {train_rows:,} training rows ({recipe.rule})",
+                  file=sys.stderr, flush=True)
             by_system: Dict[str, List[dict]] = {}
             trained: Dict[str, int] = {}
             bf16_row = mode != FULL and not torch.cuda.is_available() and (
@@ -226,11 +231,13 @@ def main(argv=None) -> None:
                 print(f"{label}: {recipe.epochs} epochs ...", file=sys.stderr, flush=True)
                 if system in ("transformers", PEER):
                     by_system[system], trained[system] = time_transformers(
-                        spec, glue_dir, hf_folder, mode, recipe, system == PEER, args.fp16, args.train_subset, label)
+                        spec, glue_dir, hf_folder, mode, recipe, system == PEER, args.fp16, args.train_subset, label,
+                        args.seed)
                 else:
                     by_system[system], trained[system] = time_train_py(
                         spec, model, workdir / "data", workdir, mode, recipe, "grouped" in system, train_rows,
-                        (("--bf16",) if system == BF16_BASE else precision) + tuple(args.train_py_args.split()), label)
+                        (("--bf16",) if system == BF16_BASE else precision) + tuple(args.train_py_args.split()), label,
+                        args.seed)
                 gc.collect()
                 print(f"  done in {format_duration(time.time() - start)}: "
                       + json.dumps(by_system[system]), file=sys.stderr, flush=True)
@@ -239,6 +246,7 @@ def main(argv=None) -> None:
                 median = medians[system]
                 rows.append({"task": spec.name, "mode": mode, "system": system, "batch": recipe.batch, "lr": lr,
                              "weight_decay": recipe.weight_decay, "train_rows": train_rows, "recipe": recipe.rule,
+                             "seed": args.seed,
                              "trainable": trained[system], "epoch_seconds": round(median, 2), "epochs": epochs,
                              "best_dev": best_dev(epochs, spec),
                              "train_py_args": args.train_py_args if system.startswith("train.py") else "",
