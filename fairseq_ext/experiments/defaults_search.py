@@ -89,6 +89,7 @@ GRID: Tuple[Cell, ...] = (
 # the grid's own spacing), at the winner's other values, once. BitFit all's winner: 20 epochs, the largest;
 # full fine-tuning's: lr 1e-4, the largest.
 EDGE_CHECKS: Tuple[Cell, ...] = (Cell("bitfit-all", 30, False, (3e-3,)),
+                                  Cell("bitfit-ofa", 30, False, (3e-3,)),
                                   Cell("full", 4, False, (2e-4,), lr_edge=True))
 CELLS = GRID + EDGE_CHECKS  # what --cells names and --summarize ranks (a run trains GRID, then edge_checks())
 EPOCHS_STEP = 1.5  # an edge check's epochs past the grid's largest
