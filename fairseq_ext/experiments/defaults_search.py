@@ -305,7 +305,8 @@ def main(argv=None) -> None:
     parser.add_argument("--reuse-results", nargs="+", type=Path, default=[], metavar="RESULTS_JSON",
                         help="other jobs' results.json files (a GLUE table's, another search's): a run there with the "
                         "same settings (train.py arguments, data, base model) is taken, not trained")
-    parser.add_argument("--summarize", action="store_true", help="write the summary of what has finished (every cell and the edge checks due, whatever --cells says); train nothing")
+    parser.add_argument("--summarize", action="store_true", help="write the summary of what has finished (every "
+                        "cell and the edge checks due, whatever --cells says); train nothing")
     args = parser.parse_args(own)
     if args.parallel < 1:
         raise UserError(f"--parallel {args.parallel}: expected a positive integer")
