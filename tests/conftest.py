@@ -14,6 +14,21 @@ import tiny  # noqa: E402
 os.environ.setdefault("BF16_BASE", "off")
 
 
+# The files whose tests take longest, slowest first, as measured (pytest --durations, 2 workers,
+# 2026-12-08; seconds summed per file). pytest-xdist's loadfile hands out whole files in
+# collection order, so these go first and the many short files even out the two workers at the
+# end, instead of a long file starting last (pytest.ini turns off xdist's own order, by test count).
+SLOWEST_FILES = ("test_glue_run.py", "test_benchmark.py", "test_glue_parallel.py", "test_train.py",
+                 "test_hydra.py", "test_defaults_search.py", "test_task_families.py", "test_tuners.py",
+                 "test_export_hf.py", "test_seq2seq.py", "test_distributed.py", "test_inference_cost.py",
+                 "test_glue_bf16_base.py", "test_lm.py", "test_patches.py", "test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))  # stable: a file keeps its order
+
+
 def built_once(tmp_path_factory, name, build):
     """What ``build(folder)`` returns, built by one pytest-xdist worker of this session while the others
     wait, then read by all: the tiny base and runs take about 30 s of training, once, not once a worker."""
