@@ -1,3 +1,4 @@
+import logging
 import os
 import shutil
 import sys
@@ -27,6 +28,20 @@ SLOWEST_FILES = ("test_glue_run.py", "test_benchmark.py", "test_glue_parallel.py
 def pytest_collection_modifyitems(items):
     rank = {name: position for position, name in enumerate(SLOWEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))  # stable: a file keeps its order
+
+
+@pytest.fixture(autouse=True)
+def root_logger_as_it_was():
+    """A CLI's main() sets up the root logger for its process (logging.basicConfig(force=True) on the
+    stderr of that moment). Run in-process, that stderr is a test's capture, closed after the test: the
+    handler is taken off again, so a later test's log records do not land on a closed stream."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler and handler not in before:  # basicConfig's; not pytest's own
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def built_once(tmp_path_factory, name, build):

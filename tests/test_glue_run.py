@@ -1,7 +1,6 @@
 """run_scripts/glue_bitfit.sh end to end on the embedded MiniLM: on GLUE folders the tests write
 (synthetic_glue: every clone runs these), and on the real GLUE files where they exist (an extra layer)."""
 import json
-import logging
 import os
 import re
 import shutil
@@ -38,9 +37,6 @@ def runner_in_process(monkeypatch, capsys):
     returns (exit status, stdout, stderr). The script's own boundary (exec, exit status, one line) and
     training are tested through bash; what the runner decides and says without training (a check's
     line, a run done earlier or by another job) is tested here, at no interpreter start."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-
     def run(env, *args):
         for setting in settings.SETTINGS:
             monkeypatch.delenv(setting.env, raising=False)
@@ -49,8 +45,7 @@ def runner_in_process(monkeypatch, capsys):
             monkeypatch.setenv(name, value)
         return tiny.run_main(glue_run.main, capsys, "--from-env", "--", *args)
 
-    yield run
-    root.handlers[:], root.level = handlers, level  # main() configures logging for its process
+    return run  # the logging main() sets up for its process: conftest's root_logger_as_it_was
 
 
 @pytest.fixture(scope="module")
